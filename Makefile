@@ -1,0 +1,39 @@
+# session-worker — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+BIN := target/debug/session-worker
+SIM_LISTEN ?= 127.0.0.1:8089
+CONFIG ?= config/local.toml
+
+.PHONY: all build broker run sim test fmt lint bench clean
+
+all: build
+
+build:
+	cargo build
+
+## broker: make sure RabbitMQ answers on 127.0.0.1:5672 (starts it if installed)
+broker:
+	@scripts/ensure-broker.sh
+
+## run: broker + simulator + worker on config/local.toml, with sample traffic; Ctrl-C stops all
+run: broker build
+	@scripts/run-local.sh "$(BIN)" "$(CONFIG)" "$(SIM_LISTEN)"
+
+## sim: only the Genesys Cloud simulator
+sim: build
+	$(BIN) sim --listen $(SIM_LISTEN)
+
+## test: unit and integration tests (needs the broker; `make broker` starts it)
+test: broker
+	cargo test --all-targets -- --test-threads=4
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+clean:
+	cargo clean
+	rm -rf data/

@@ -1,0 +1,182 @@
+//! RabbitMQ plumbing: connecting (with a time limit and back-off), header helpers, and the
+//! topology in [`topology`].
+
+pub mod topology;
+
+use crate::config::AmqpSettings;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("cannot connect to RabbitMQ at {url}: {message}; is the broker running? (`make broker` starts a local one)")]
+    Connect { url: String, message: String },
+    #[error("RabbitMQ {operation} failed: {message}")]
+    Operation { operation: String, message: String },
+    #[error("RabbitMQ refused to confirm the publish to {exchange:?} (nack)")]
+    Nacked { exchange: String },
+}
+
+impl AmqpError {
+    pub fn op(operation: impl Into<String>, err: impl std::fmt::Display) -> Self {
+        AmqpError::Operation {
+            operation: operation.into(),
+            message: err.to_string(),
+        }
+    }
+}
+
+/// Connect once, within `settings.connect_timeout`.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
+    let shown = crate::secret::redact_url(&settings.url);
+    let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
+    match tokio::time::timeout(
+        settings.connect_timeout,
+        Connection::connect(&settings.url, props),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(AmqpError::Connect {
+            url: shown,
+            message: e.to_string(),
+        }),
+        Err(_) => Err(AmqpError::Connect {
+            url: shown,
+            message: format!("no answer within {:?}", settings.connect_timeout),
+        }),
+    }
+}
+
+/// A channel in publisher-confirm mode.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, AmqpError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::op("channel.open", e))?;
+    ch.confirm_select(Default::default())
+        .await
+        .map_err(|e| AmqpError::op("confirm.select", e))?;
+    Ok(ch)
+}
+
+/// Publish and wait for the broker's confirm.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), AmqpError> {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            Default::default(),
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| AmqpError::op(format!("publish to {exchange:?}"), e))?
+        .await
+        .map_err(|e| AmqpError::op(format!("confirm from {exchange:?}"), e))?;
+    if confirm.is_nack() {
+        return Err(AmqpError::Nacked {
+            exchange: exchange.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Persistent JSON properties.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+}
+
+/// A header as an integer, whatever integer type the producer used.
+pub fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// A header as text.
+pub fn header_string(props: &BasicProperties, name: &str) -> Option<String> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ByteArray(b) => Some(String::from_utf8_lossy(b.as_slice()).into_owned()),
+        other => header_i64(props, name)
+            .map(|v| v.to_string())
+            .or_else(|| Some(format!("{other:?}"))),
+    }
+}
+
+/// The properties with extra headers merged in (existing ones with the same name replaced).
+pub fn with_headers(props: &BasicProperties, extra: Vec<(&str, AMQPValue)>) -> BasicProperties {
+    let mut table = props.headers().clone().unwrap_or_default();
+    for (k, v) in extra {
+        table.insert(ShortString::from(k), v);
+    }
+    props.clone().with_headers(table)
+}
+
+pub fn text(value: impl Into<String>) -> AMQPValue {
+    AMQPValue::LongString(value.into().into())
+}
+
+pub fn int(value: i64) -> AMQPValue {
+    AMQPValue::LongLongInt(value)
+}
+
+/// A field table from pairs.
+pub fn table(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(k), v);
+    }
+    t
+}
+
+/// Delay before reconnect attempt `n`: 0.5 s doubling up to `max`, with full jitter.
+pub fn reconnect_delay(attempt: u32, max: Duration) -> Duration {
+    crate::backoff::full_jitter(attempt, Duration::from_millis(500), max)
+        .max(Duration::from_millis(100))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_across_integer_types() {
+        let props = BasicProperties::default().with_headers(table(vec![
+            ("a", AMQPValue::ShortShortUInt(3)),
+            ("b", AMQPValue::LongString("17".into())),
+            ("c", text("hello")),
+        ]));
+        assert_eq!(header_i64(&props, "a"), Some(3));
+        assert_eq!(header_i64(&props, "b"), Some(17));
+        assert_eq!(header_string(&props, "c").as_deref(), Some("hello"));
+        assert_eq!(header_i64(&props, "missing"), None);
+        let merged = with_headers(&props, vec![("a", int(4)), ("d", int(1))]);
+        assert_eq!(header_i64(&merged, "a"), Some(4));
+        assert_eq!(header_i64(&merged, "d"), Some(1));
+        assert_eq!(header_string(&merged, "c").as_deref(), Some("hello"));
+    }
+}

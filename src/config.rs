@@ -1,0 +1,635 @@
+//! Configuration: layered loading with the `config` crate, human durations, secrets from the
+//! environment, and validation right after loading.
+//!
+//! Layers (later wins): the compiled-in `config/default.toml`, the `--config` file,
+//! `SESSION_WORKER__SECTION__KEY` variables, then the named secret variables
+//! (`GENESYS_CLIENT_ID`, ...). Unknown keys are rejected by `deny_unknown_fields`.
+
+use crate::genesys::region;
+use crate::secret::{redact_url, Secret};
+use serde::{Deserialize, Serialize, Serializer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The defaults file, compiled in so the binary works from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment overrides: `SESSION_WORKER__AMQP__URL`.
+pub const ENV_PREFIX: &str = "SESSION_WORKER";
+
+/// Named environment variables and the key each one sets.
+pub const SECRET_ENV: &[(&str, &str)] = &[
+    ("GENESYS_CLIENT_ID", "genesys.client_id"),
+    ("GENESYS_CLIENT_SECRET", "genesys.client_secret"),
+    ("GENESYS_REGION", "genesys.region"),
+    ("GENESYS_ORGANIZATION_ID", "genesys.organization_id"),
+    ("ANALYTICS_WEBHOOK_URL", "webhook.url"),
+    ("ANALYTICS_WEBHOOK_SECRET", "webhook.secret"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(String),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub worker: WorkerSettings,
+    pub genesys: GenesysSettings,
+    pub rate_limit: RateLimitSettings,
+    pub store: StoreSettings,
+    pub webhook: WebhookSettings,
+    pub http: HttpSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    #[serde(serialize_with = "serialize_redacted_url")]
+    pub url: String,
+    pub inbound_exchange: String,
+    pub inbound_routing_key: String,
+    pub inbound_queue: String,
+    pub results_exchange: String,
+    pub webhook_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub webhook_dead_letter_queue: String,
+    #[serde(with = "durations")]
+    pub retry_delays: Vec<Duration>,
+    pub prefetch: u16,
+    pub queue_type: QueueType,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration")]
+    pub reconnect_max_delay: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    #[serde(with = "duration")]
+    pub backoff_base: Duration,
+    #[serde(with = "duration")]
+    pub backoff_max: Duration,
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GenesysApi {
+    Conversations,
+    OpenMessaging,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenesysSettings {
+    pub region: String,
+    pub api_base_url: String,
+    pub login_base_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub organization_id: String,
+    pub api: GenesysApi,
+    pub session_path: String,
+    pub integration_id: String,
+    pub open_messaging_text: String,
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    #[serde(with = "duration")]
+    pub token_refresh_margin: Duration,
+}
+
+impl GenesysSettings {
+    /// `api_base_url`, else `https://api.{region}`.
+    pub fn api_base(&self) -> String {
+        resolve_base(&self.api_base_url, &self.region, region::api_base_url)
+    }
+
+    /// `login_base_url`, else `https://login.{region}`.
+    pub fn login_base(&self) -> String {
+        resolve_base(&self.login_base_url, &self.region, region::login_base_url)
+    }
+}
+
+fn resolve_base(explicit: &str, region_name: &str, derive: fn(&str) -> String) -> String {
+    if !explicit.trim().is_empty() {
+        return explicit.trim().trim_end_matches('/').to_string();
+    }
+    // Validation guarantees a known region; an unknown one falls back to the name as a domain.
+    derive(region::domain_for(region_name).unwrap_or(region_name))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub requests_per_minute: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    pub path: PathBuf,
+    #[serde(with = "duration")]
+    pub idempotency_ttl: Duration,
+    #[serde(with = "duration")]
+    pub audit_retention: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub url: String,
+    pub secret: Secret,
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: String,
+}
+
+impl Settings {
+    /// Load from the process environment (after reading `.env` if present) and an optional file.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        // A missing .env is normal; a malformed one is worth knowing about.
+        if let Err(err) = dotenvy::dotenv() {
+            if !err.not_found() {
+                return Err(ConfigError::Load(format!(".env: {err}")));
+            }
+        }
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    /// Load from an explicit environment map; what tests and `load` call.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist; pass an existing file with --config",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let prefixed: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("amqp.retry_delays")
+                .try_parsing(true)
+                .source(Some(prefixed)),
+        );
+        for (var, key) in SECRET_ENV {
+            if let Some(value) = env.get(*var) {
+                builder = builder
+                    .set_override(*key, value.clone())
+                    .map_err(|e| ConfigError::Load(e.to_string()))?;
+            }
+        }
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(explain_deserialize_error(e.to_string())))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Every problem at once, each naming the key and how to fix it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut need = |ok: bool, msg: String| {
+            if !ok {
+                problems.push(msg);
+            }
+        };
+        let a = &self.amqp;
+        match url::Url::parse(&a.url) {
+            Ok(u) => need(
+                matches!(u.scheme(), "amqp" | "amqps"),
+                format!(
+                    "amqp.url: scheme must be amqp or amqps, got {:?}",
+                    u.scheme()
+                ),
+            ),
+            Err(e) => need(
+                false,
+                format!("amqp.url: not a URL ({e}); e.g. amqp://guest:guest@127.0.0.1:5672/%2f"),
+            ),
+        }
+        for (key, value) in [
+            ("amqp.inbound_exchange", &a.inbound_exchange),
+            ("amqp.inbound_routing_key", &a.inbound_routing_key),
+            ("amqp.inbound_queue", &a.inbound_queue),
+            ("amqp.results_exchange", &a.results_exchange),
+            ("amqp.webhook_queue", &a.webhook_queue),
+            ("amqp.dead_letter_exchange", &a.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &a.dead_letter_queue),
+            (
+                "amqp.webhook_dead_letter_queue",
+                &a.webhook_dead_letter_queue,
+            ),
+        ] {
+            need(
+                !value.trim().is_empty(),
+                format!("{key}: must not be empty"),
+            );
+            need(
+                value.len() <= 255,
+                format!("{key}: longer than AMQP's 255 bytes"),
+            );
+        }
+        need(
+            a.retry_delays.iter().all(|d| !d.is_zero()),
+            "amqp.retry_delays: every delay must be above zero".into(),
+        );
+        need(a.prefetch > 0, "amqp.prefetch: must be at least 1".into());
+        let w = &self.worker;
+        need(
+            w.concurrency > 0,
+            "worker.concurrency: must be at least 1".into(),
+        );
+        need(
+            w.max_attempts > 0,
+            "worker.max_attempts: must be at least 1".into(),
+        );
+        need(
+            w.backoff_base <= w.backoff_max,
+            "worker.backoff_base: must not exceed worker.backoff_max".into(),
+        );
+        let g = &self.genesys;
+        if g.api_base_url.trim().is_empty() || g.login_base_url.trim().is_empty() {
+            need(
+                region::domain_for(&g.region).is_some(),
+                format!(
+                    "genesys.region: unknown region {:?}; use one of {}",
+                    g.region,
+                    region::known_regions()
+                ),
+            );
+        }
+        for (key, value) in [
+            ("genesys.api_base_url", &g.api_base_url),
+            ("genesys.login_base_url", &g.login_base_url),
+        ] {
+            if !value.trim().is_empty() {
+                need(
+                    is_http_url(value),
+                    format!("{key}: not an http(s) URL: {value:?}"),
+                );
+            }
+        }
+        need(
+            g.session_path.starts_with('/'),
+            format!(
+                "genesys.session_path: must start with '/', got {:?}",
+                g.session_path
+            ),
+        );
+        if g.api == GenesysApi::OpenMessaging {
+            need(
+                !g.integration_id.trim().is_empty(),
+                "genesys.integration_id: required when genesys.api = \"open_messaging\"; set it to the id of your Open Messaging integration (Admin > Message > Platforms)".into(),
+            );
+            need(
+                !g.open_messaging_text.trim().is_empty(),
+                "genesys.open_messaging_text: must not be empty with genesys.api = \"open_messaging\"".into(),
+            );
+        }
+        need(
+            !g.request_timeout.is_zero(),
+            "genesys.request_timeout: must be above zero".into(),
+        );
+        let r = &self.rate_limit;
+        need(
+            r.requests_per_minute > 0,
+            "rate_limit.requests_per_minute: must be at least 1 (the org's API limit share for this pod)".into(),
+        );
+        need(r.burst > 0, "rate_limit.burst: must be at least 1".into());
+        need(
+            !self.store.path.as_os_str().is_empty(),
+            "store.path: must name a directory".into(),
+        );
+        need(
+            !self.store.idempotency_ttl.is_zero(),
+            "store.idempotency_ttl: must be above zero".into(),
+        );
+        need(
+            !self.store.audit_retention.is_zero(),
+            "store.audit_retention: must be above zero".into(),
+        );
+        let h = &self.webhook;
+        if !h.url.trim().is_empty() {
+            need(
+                is_http_url(&h.url),
+                format!("webhook.url: not an http(s) URL: {:?}", h.url),
+            );
+        }
+        need(
+            h.max_attempts > 0,
+            "webhook.max_attempts: must be at least 1".into(),
+        );
+        need(
+            h.concurrency > 0,
+            "webhook.concurrency: must be at least 1".into(),
+        );
+        need(
+            !h.timeout.is_zero(),
+            "webhook.timeout: must be above zero".into(),
+        );
+        need(
+            self.http.listen.parse::<SocketAddr>().is_ok(),
+            format!(
+                "http.listen: not an address like 127.0.0.1:9464: {:?}",
+                self.http.listen
+            ),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// `worker.id`, else the host name, else "session-worker".
+    pub fn worker_id(&self) -> String {
+        if !self.worker.id.trim().is_empty() {
+            return self.worker.id.trim().to_string();
+        }
+        host_name().unwrap_or_else(|| "session-worker".to_string())
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(self).map_err(|e| ConfigError::Load(e.to_string()))
+    }
+}
+
+fn is_http_url(value: &str) -> bool {
+    url::Url::parse(value)
+        .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .unwrap_or(false)
+}
+
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// serde's message for an unknown key lists the allowed ones; add what to do about it.
+fn explain_deserialize_error(message: String) -> String {
+    if message.contains("unknown field") {
+        format!("{message}; remove the key or fix its spelling (every key is listed in config/default.toml)")
+    } else {
+        message
+    }
+}
+
+fn serialize_redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// Parse a human duration ("30s", "5m", "250ms", "1h 30m").
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"24h\"")
+    })
+}
+
+/// Human form of a duration, the inverse of [`parse_duration`].
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod durations {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(list: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(list.iter().map(|d| super::format_duration(*d)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let texts = Vec::<String>::deserialize(d)?;
+        texts
+            .iter()
+            .map(|t| super::parse_duration(t).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(contents: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(contents.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load_from(None, &env(&[])).unwrap();
+        assert_eq!(s.amqp.inbound_queue, "session.init.requests");
+        assert_eq!(
+            s.amqp.retry_delays,
+            vec![
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+                Duration::from_secs(120),
+                Duration::from_secs(600)
+            ]
+        );
+        assert_eq!(s.amqp.queue_type, QueueType::Quorum);
+        assert_eq!(s.store.idempotency_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(s.genesys.api_base(), "https://api.mypurecloud.com");
+        assert_eq!(s.genesys.login_base(), "https://login.mypurecloud.com");
+        assert_eq!(s.genesys.api, GenesysApi::Conversations);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let f = file("[amqp]\nprefech = 10\n");
+        let err = Settings::load_from(Some(f.path()), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prefech"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let f = file("[amqpp]\nurl = \"amqp://x\"\n");
+        let err = Settings::load_from(Some(f.path()), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("amqpp"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_secrets_apply() {
+        let f = file("[amqp]\nprefetch = 10\n");
+        let s = Settings::load_from(
+            Some(f.path()),
+            &env(&[
+                ("SESSION_WORKER__AMQP__PREFETCH", "99"),
+                ("SESSION_WORKER__AMQP__RETRY_DELAYS", "1s,2s"),
+                ("SESSION_WORKER__WORKER__ID", "pod-7"),
+                ("GENESYS_CLIENT_SECRET", "s3cr3t"),
+                ("GENESYS_REGION", "eu-west-2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.amqp.prefetch, 99);
+        assert_eq!(
+            s.amqp.retry_delays,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        assert_eq!(s.worker_id(), "pod-7");
+        assert_eq!(s.genesys.client_secret.expose(), "s3cr3t");
+        assert_eq!(s.genesys.api_base(), "https://api.euw2.pure.cloud");
+    }
+
+    #[test]
+    fn redacted_output_hides_secrets() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("GENESYS_CLIENT_SECRET", "s3cr3t-value"),
+                ("ANALYTICS_WEBHOOK_SECRET", "whsec_c2VjcmV0"),
+                (
+                    "SESSION_WORKER__AMQP__URL",
+                    "amqp://u:topsecretpw@h:5672/%2f",
+                ),
+            ]),
+        )
+        .unwrap();
+        let out = s.to_redacted_toml().unwrap();
+        assert!(!out.contains("s3cr3t-value"));
+        assert!(!out.contains("c2VjcmV0"));
+        assert!(!out.contains("topsecretpw"));
+        assert!(out.contains("[REDACTED]"));
+        assert!(!format!("{s:?}").contains("s3cr3t-value"));
+    }
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let f = file(
+            "[rate_limit]\nrequests_per_minute = 0\n[amqp]\nurl = \"http://x\"\ninbound_queue = \"\"\n[genesys]\nregion = \"mars-1\"\n[webhook]\nurl = \"not a url\"\n",
+        );
+        let err = Settings::load_from(Some(f.path()), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "rate_limit.requests_per_minute",
+            "amqp.url",
+            "amqp.inbound_queue",
+            "genesys.region",
+            "us-east-1 (mypurecloud.com)",
+            "webhook.url",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_is_explained() {
+        let f = file("[worker]\nshutdown_grace = \"soon\"\n");
+        let err = Settings::load_from(Some(f.path()), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soon") && err.contains("30s"), "{err}");
+    }
+
+    #[test]
+    fn open_messaging_needs_integration_id() {
+        let f = file("[genesys]\napi = \"open_messaging\"\n");
+        let err = Settings::load_from(Some(f.path()), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("genesys.integration_id"), "{err}");
+        let f = file("[genesys]\napi = \"open_messaging\"\nintegration_id = \"abc\"\n");
+        assert!(Settings::load_from(Some(f.path()), &env(&[])).is_ok());
+    }
+
+    #[test]
+    fn base_url_override_skips_region_check() {
+        let f = file("[genesys]\nregion = \"\"\napi_base_url = \"http://127.0.0.1:1/\"\nlogin_base_url = \"http://127.0.0.1:2\"\n");
+        let s = Settings::load_from(Some(f.path()), &env(&[])).unwrap();
+        assert_eq!(s.genesys.api_base(), "http://127.0.0.1:1");
+        assert_eq!(s.genesys.login_base(), "http://127.0.0.1:2");
+    }
+
+    #[test]
+    fn shipped_local_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/local.toml");
+        let s = Settings::load_from(Some(&path), &env(&[])).unwrap();
+        assert_eq!(s.genesys.api_base(), "http://127.0.0.1:8089");
+    }
+}

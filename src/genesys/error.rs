@@ -1,0 +1,333 @@
+//! Every outcome of a Genesys Cloud call, classified once: retryable, permanent or auth.
+
+use reqwest::header::HeaderMap;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// What the caller should do about an error. Decided here and nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Try again later; `after` is the server's requested delay (429 `Retry-After`).
+    Retry { after: Option<Duration> },
+    /// The request itself is wrong; retrying cannot help. Dead-letter it.
+    Permanent,
+    /// Credentials or scopes are wrong; every request would fail. Pause, do not dead-letter.
+    Auth,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenesysError {
+    #[error("Genesys Cloud rate limit hit (429 {code}); retry after {}s", retry_after.as_secs_f64())]
+    RateLimited {
+        retry_after: Duration,
+        code: String,
+        correlation_id: Option<String>,
+    },
+    #[error("Genesys Cloud server error {status} {code}: {message}")]
+    Server {
+        status: u16,
+        code: String,
+        message: String,
+        correlation_id: Option<String>,
+    },
+    #[error("Genesys Cloud request timed out ({0})")]
+    Timeout(String),
+    #[error("cannot reach Genesys Cloud: {0}")]
+    Connection(String),
+    #[error("Genesys Cloud rejected the request: {status} {code}: {message}")]
+    Permanent {
+        status: u16,
+        code: String,
+        message: String,
+        correlation_id: Option<String>,
+    },
+    #[error("Genesys Cloud refused the credentials ({status}): {message}. Fix: {hint}")]
+    Auth {
+        status: u16,
+        message: String,
+        hint: String,
+    },
+    #[error("unexpected answer from Genesys Cloud ({status}): {message}")]
+    InvalidResponse {
+        status: u16,
+        message: String,
+        correlation_id: Option<String>,
+    },
+}
+
+impl GenesysError {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            GenesysError::RateLimited { retry_after, .. } => Disposition::Retry {
+                after: Some(*retry_after),
+            },
+            GenesysError::Server { .. }
+            | GenesysError::Timeout(_)
+            | GenesysError::Connection(_) => Disposition::Retry { after: None },
+            GenesysError::Permanent { .. } | GenesysError::InvalidResponse { .. } => {
+                Disposition::Permanent
+            }
+            GenesysError::Auth { .. } => Disposition::Auth,
+        }
+    }
+
+    /// The HTTP status, where one applies.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            GenesysError::RateLimited { .. } => Some(429),
+            GenesysError::Server { status, .. }
+            | GenesysError::Permanent { status, .. }
+            | GenesysError::Auth { status, .. }
+            | GenesysError::InvalidResponse { status, .. } => Some(*status),
+            GenesysError::Timeout(_) | GenesysError::Connection(_) => None,
+        }
+    }
+
+    /// The `inin-correlation-id` Genesys returned, for support tickets.
+    pub fn correlation_id(&self) -> Option<&str> {
+        match self {
+            GenesysError::RateLimited { correlation_id, .. }
+            | GenesysError::Server { correlation_id, .. }
+            | GenesysError::Permanent { correlation_id, .. }
+            | GenesysError::InvalidResponse { correlation_id, .. } => correlation_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub fn from_transport(err: &reqwest::Error) -> Self {
+        if err.is_timeout() {
+            GenesysError::Timeout(describe_chain(err))
+        } else {
+            GenesysError::Connection(describe_chain(err))
+        }
+    }
+}
+
+/// Genesys Cloud's error body: `{"message", "code", "status", "contextId", ...}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub context_id: Option<String>,
+}
+
+/// Longest error message kept from a response body.
+const MAX_MESSAGE: usize = 500;
+
+/// Classify a non-2xx answer of the session endpoint.
+/// `after_refresh` is true when a 401 comes after the token was already refreshed once.
+pub fn classify(status: u16, headers: &HeaderMap, body: &[u8], auth_hint: &str) -> GenesysError {
+    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let correlation_id = header_str(headers, "inin-correlation-id").or(parsed.context_id.clone());
+    let code = parsed
+        .code
+        .clone()
+        .unwrap_or_else(|| status_code_name(status).to_string());
+    let message = parsed
+        .message
+        .clone()
+        .unwrap_or_else(|| truncate(&String::from_utf8_lossy(body)));
+    match status {
+        429 => GenesysError::RateLimited {
+            retry_after: retry_after(headers).unwrap_or(Duration::from_secs(1)),
+            code,
+            correlation_id,
+        },
+        401 | 403 => GenesysError::Auth {
+            status,
+            message,
+            hint: auth_hint.to_string(),
+        },
+        408 => GenesysError::Server {
+            status,
+            code,
+            message,
+            correlation_id,
+        },
+        501 => GenesysError::Permanent {
+            status,
+            code,
+            message,
+            correlation_id,
+        },
+        500..=599 => GenesysError::Server {
+            status,
+            code,
+            message,
+            correlation_id,
+        },
+        _ => GenesysError::Permanent {
+            status,
+            code,
+            message,
+            correlation_id,
+        },
+    }
+}
+
+/// `Retry-After` (seconds or HTTP date), else `inin-ratelimit-reset` (seconds).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(value) = header_str(headers, "retry-after") {
+        if let Ok(secs) = value.trim().parse::<f64>() {
+            if secs.is_finite() && secs >= 0.0 {
+                return Some(Duration::from_secs_f64(secs.min(3600.0)));
+            }
+        }
+        if let Ok(when) = humantime::parse_rfc3339_weak(value.trim()) {
+            return Some(
+                when.duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    header_str(headers, "inin-ratelimit-reset")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|secs| Duration::from_secs(secs.min(3600)))
+}
+
+pub fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn status_code_name(status: u16) -> &'static str {
+    match status {
+        400 => "bad.request",
+        401 => "authentication.required",
+        403 => "missing.permissions",
+        404 => "not.found",
+        409 => "conflict",
+        422 => "unprocessable.entity",
+        429 => "too.many.requests",
+        500..=599 => "server.error",
+        _ => "http.error",
+    }
+}
+
+pub fn truncate(s: &str) -> String {
+    if s.len() <= MAX_MESSAGE {
+        return s.to_string();
+    }
+    let mut end = MAX_MESSAGE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// An error and its sources on one line ("error sending request: connection refused").
+pub fn describe_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderName, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_static(k),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn rate_limit_uses_retry_after() {
+        let body = br#"{"message":"Rate limit exceeded","code":"too.many.requests.retry.after","status":429}"#;
+        let e = classify(
+            429,
+            &headers(&[("retry-after", "7"), ("inin-correlation-id", "c-1")]),
+            body,
+            "",
+        );
+        assert_eq!(
+            e.disposition(),
+            Disposition::Retry {
+                after: Some(Duration::from_secs(7))
+            }
+        );
+        assert_eq!(e.correlation_id(), Some("c-1"));
+        assert_eq!(e.status(), Some(429));
+        assert!(e.to_string().contains("too.many.requests.retry.after"));
+    }
+
+    #[test]
+    fn rate_limit_falls_back_to_inin_reset() {
+        let e = classify(429, &headers(&[("inin-ratelimit-reset", "12")]), b"", "");
+        assert_eq!(
+            e.disposition(),
+            Disposition::Retry {
+                after: Some(Duration::from_secs(12))
+            }
+        );
+    }
+
+    #[test]
+    fn server_errors_retry_except_501() {
+        for status in [500, 502, 503, 504, 408] {
+            assert_eq!(
+                classify(status, &HeaderMap::new(), b"", "").disposition(),
+                Disposition::Retry { after: None }
+            );
+        }
+        assert_eq!(
+            classify(501, &HeaderMap::new(), b"", "").disposition(),
+            Disposition::Permanent
+        );
+    }
+
+    #[test]
+    fn client_errors_are_permanent_with_genesys_message() {
+        let body = br#"{"message":"The routing queue was not found","code":"not.found","status":404,"contextId":"ctx-9"}"#;
+        for status in [400, 404, 409, 422] {
+            let e = classify(status, &HeaderMap::new(), body, "");
+            assert_eq!(e.disposition(), Disposition::Permanent);
+            assert!(e.to_string().contains("The routing queue was not found"));
+            assert_eq!(e.correlation_id(), Some("ctx-9"));
+        }
+    }
+
+    #[test]
+    fn auth_errors_carry_the_fix() {
+        let e = classify(
+            403,
+            &HeaderMap::new(),
+            br#"{"message":"Missing permission"}"#,
+            "grant the scope",
+        );
+        assert_eq!(e.disposition(), Disposition::Auth);
+        assert!(e.to_string().contains("grant the scope"));
+        assert_eq!(
+            classify(401, &HeaderMap::new(), b"", "").disposition(),
+            Disposition::Auth
+        );
+    }
+
+    #[test]
+    fn non_json_body_is_truncated() {
+        let body = "x".repeat(2000);
+        let e = classify(400, &HeaderMap::new(), body.as_bytes(), "");
+        assert!(e.to_string().len() < 700);
+    }
+}

@@ -1,0 +1,61 @@
+//! Liveness and readiness state shared by the worker, the forwarder and the HTTP endpoints.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Health {
+    broker_connected: AtomicBool,
+    store_open: AtomicBool,
+    auth_paused: AtomicBool,
+}
+
+impl Health {
+    pub fn set_broker_connected(&self, v: bool) {
+        self.broker_connected.store(v, Ordering::Relaxed);
+    }
+    pub fn set_store_open(&self, v: bool) {
+        self.store_open.store(v, Ordering::Relaxed);
+    }
+    pub fn set_auth_paused(&self, v: bool) {
+        self.auth_paused.store(v, Ordering::Relaxed);
+    }
+    pub fn auth_paused(&self) -> bool {
+        self.auth_paused.load(Ordering::Relaxed)
+    }
+
+    /// Why the process is not ready; empty when it is.
+    pub fn not_ready_reasons(&self) -> Vec<&'static str> {
+        let mut reasons = Vec::new();
+        if !self.broker_connected.load(Ordering::Relaxed) {
+            reasons.push("broker not connected");
+        }
+        if !self.store_open.load(Ordering::Relaxed) {
+            reasons.push("store not open");
+        }
+        if self.auth_paused() {
+            reasons.push("paused: Genesys Cloud refused the credentials (see logs for the fix)");
+        }
+        reasons
+    }
+
+    pub fn ready(&self) -> bool {
+        self.not_ready_reasons().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_needs_everything() {
+        let h = Health::default();
+        assert!(!h.ready());
+        h.set_broker_connected(true);
+        h.set_store_open(true);
+        assert!(h.ready());
+        h.set_auth_paused(true);
+        assert_eq!(h.not_ready_reasons().len(), 1);
+        assert!(!h.ready());
+    }
+}

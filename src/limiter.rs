@@ -1,0 +1,126 @@
+//! One token bucket per process, shared by every consumer task, plus the adaptive pause:
+//! a 429 from Genesys stops every task until its `Retry-After` has passed.
+//!
+//! After a pause, tasks come back through the bucket with a little jitter, so the resumed
+//! traffic is spread out rather than a thundering herd.
+
+use governor::{Jitter, Quota, RateLimiter};
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+type Bucket = governor::DefaultDirectRateLimiter;
+
+pub struct Limiter {
+    bucket: Bucket,
+    /// Until when every task waits, set by a 429.
+    paused_until: Mutex<Option<Instant>>,
+    /// Spread of the jitter applied to tasks resuming after a pause.
+    resume_jitter: Duration,
+}
+
+impl Limiter {
+    /// `requests_per_minute` and `burst` must be above zero (config validation ensures it).
+    pub fn new(requests_per_minute: u32, burst: u32) -> Self {
+        let rpm = NonZeroU32::new(requests_per_minute).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_minute(rpm).allow_burst(burst);
+        // One token's worth of time, so resumed tasks spread over roughly one refill step.
+        let per_token = Duration::from_secs(60) / rpm.get();
+        Self {
+            bucket: RateLimiter::direct(quota),
+            paused_until: Mutex::new(None),
+            resume_jitter: per_token.clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        }
+    }
+
+    fn pause_deadline(&self) -> Option<Instant> {
+        let guard = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+        (*guard).filter(|t| *t > Instant::now())
+    }
+
+    /// Pause every task of the process for `delay` (extends, never shortens, a pause).
+    pub fn pause_for(&self, delay: Duration) {
+        let until = Instant::now() + delay;
+        let mut guard = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none_or(|t| t < until) {
+            *guard = Some(until);
+        }
+    }
+
+    /// Whether a 429 pause is in force.
+    pub fn is_paused(&self) -> bool {
+        self.pause_deadline().is_some()
+    }
+
+    /// Wait for a pause to end and for a token; returns how long this took.
+    pub async fn acquire(&self) -> Duration {
+        let started = Instant::now();
+        let mut resumed = false;
+        loop {
+            if let Some(until) = self.pause_deadline() {
+                tokio::time::sleep_until(until).await;
+                resumed = true;
+                continue;
+            }
+            if resumed {
+                self.bucket
+                    .until_ready_with_jitter(Jitter::up_to(self.resume_jitter))
+                    .await;
+            } else {
+                self.bucket.until_ready().await;
+            }
+            // A 429 may have arrived while this task waited for its token.
+            if self.pause_deadline().is_none() {
+                return started.elapsed();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn burst_is_immediate_then_rate_applies() {
+        let l = Limiter::new(600, 3); // one token per 100 ms
+        let t = std::time::Instant::now();
+        for _ in 0..3 {
+            l.acquire().await;
+        }
+        assert!(t.elapsed() < Duration::from_millis(50));
+        l.acquire().await;
+        assert!(t.elapsed() >= Duration::from_millis(80));
+    }
+
+    #[tokio::test]
+    async fn pause_holds_every_caller() {
+        let l = std::sync::Arc::new(Limiter::new(60_000, 100));
+        l.pause_for(Duration::from_millis(200));
+        assert!(l.is_paused());
+        let t = std::time::Instant::now();
+        let a = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire().await }
+        });
+        let b = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire().await }
+        });
+        let (wa, wb) = (a.await.unwrap(), b.await.unwrap());
+        assert!(t.elapsed() >= Duration::from_millis(190));
+        assert!(wa >= Duration::from_millis(190) && wb >= Duration::from_millis(190));
+        assert!(!l.is_paused());
+    }
+
+    #[test]
+    fn pause_never_shortens() {
+        let l = Limiter::new(60, 1);
+        l.pause_for(Duration::from_secs(10));
+        l.pause_for(Duration::from_secs(1));
+        let remaining = l.pause_deadline().unwrap() - Instant::now();
+        assert!(remaining > Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,426 @@
+//! The inbound session request (SPEC §4): parsing, validation and the idempotency key.
+//!
+//! The same code validates in the worker and in `session-worker publish`, so a producer learns
+//! about bad input before it ever reaches the queue.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+/// Longest `visitor_id`, `queue_id`, `visitor_name`, `source`, `external_id`, `idempotency_key`.
+pub const MAX_ID_BYTES: usize = 256;
+/// Largest serialized metadata (bot_score, source, external_id, attributes) sent to Genesys.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+/// Name used when the request has none.
+pub const DEFAULT_VISITOR_NAME: &str = "Anonymous Visitor";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    pub visitor_id: String,
+    pub queue_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visitor_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// Why a request was refused; `field` names the culprit where one is to blame.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ValidationError {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{field}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ValidationError {
+    ValidationError {
+        field: Some(field.to_string()),
+        message: message.into(),
+    }
+}
+
+/// A request that passed validation, with what the pipeline derives from it.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub request: SessionRequest,
+    /// Body's `idempotency_key`, else the AMQP `message_id`, else the body fingerprint.
+    pub idempotency_key: String,
+    /// SHA-256 (hex) of the canonical body without `idempotency_key`.
+    pub fingerprint: String,
+}
+
+impl SessionRequest {
+    /// Parse and validate raw message bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ValidationError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| ValidationError {
+            field: None,
+            message: format!(
+                "body is not UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
+        })?;
+        let value: Value = serde_json::from_str(text).map_err(|e| ValidationError {
+            field: None,
+            message: format!("body is not JSON: {e}"),
+        })?;
+        if !value.is_object() {
+            return Err(ValidationError {
+                field: None,
+                message: format!("body must be a JSON object, got {}", json_kind(&value)),
+            });
+        }
+        let request: SessionRequest =
+            serde_json::from_value(value).map_err(|e| schema_error(&e))?;
+        request.validate()?;
+        Ok(request)
+    }
+
+    /// Range and size checks beyond what the types enforce.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        required_id("visitor_id", &self.visitor_id)?;
+        required_id("queue_id", &self.queue_id)?;
+        for (field, value) in [
+            ("visitor_name", &self.visitor_name),
+            ("source", &self.source),
+            ("external_id", &self.external_id),
+        ] {
+            if let Some(v) = value {
+                if v.len() > MAX_ID_BYTES {
+                    return Err(invalid(
+                        field,
+                        format!("longer than {MAX_ID_BYTES} bytes ({})", v.len()),
+                    ));
+                }
+            }
+        }
+        if let Some(key) = &self.idempotency_key {
+            required_id("idempotency_key", key)?;
+        }
+        if let Some(score) = self.bot_score {
+            if !(0.0..=1.0).contains(&score) {
+                return Err(invalid(
+                    "bot_score",
+                    format!("must be between 0.0 and 1.0, got {score}"),
+                ));
+            }
+        }
+        let size = self.metadata_size();
+        if size > MAX_METADATA_BYTES {
+            return Err(invalid(
+                "attributes",
+                format!("metadata is {size} bytes serialized; the limit is {MAX_METADATA_BYTES} (64 KiB)"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Serialized size of the metadata that goes to Genesys.
+    pub fn metadata_size(&self) -> usize {
+        serde_json::to_vec(&self.metadata())
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX)
+    }
+
+    /// `{"bot_score", "source_channel", "external_session_id", "attributes"}`, absent values omitted.
+    pub fn metadata(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(score) = self.bot_score {
+            m.insert("bot_score".into(), Value::from(score));
+        }
+        if let Some(source) = &self.source {
+            m.insert("source_channel".into(), Value::from(source.as_str()));
+        }
+        if let Some(ext) = &self.external_id {
+            m.insert("external_session_id".into(), Value::from(ext.as_str()));
+        }
+        if let Some(attrs) = &self.attributes {
+            m.insert("attributes".into(), Value::Object(attrs.clone()));
+        }
+        Value::Object(m)
+    }
+
+    pub fn visitor_name(&self) -> &str {
+        self.visitor_name
+            .as_deref()
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or(DEFAULT_VISITOR_NAME)
+    }
+
+    /// Canonical JSON (sorted keys, no whitespace) without `idempotency_key`.
+    pub fn canonical_body(&self) -> Vec<u8> {
+        let mut copy = self.clone();
+        copy.idempotency_key = None;
+        let value = serde_json::to_value(&copy).unwrap_or(Value::Null);
+        let mut out = Vec::with_capacity(256);
+        write_canonical(&value, &mut out);
+        out
+    }
+
+    /// Validate and derive the idempotency key and fingerprint.
+    pub fn into_valid(self, message_id: Option<&str>) -> ValidRequest {
+        let fingerprint = sha256_hex(&self.canonical_body());
+        let idempotency_key = self
+            .idempotency_key
+            .clone()
+            .or_else(|| {
+                message_id
+                    .filter(|m| !m.trim().is_empty())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| fingerprint.clone());
+        ValidRequest {
+            request: self,
+            idempotency_key,
+            fingerprint,
+        }
+    }
+}
+
+/// Parse, validate and derive in one step: what the worker and `publish` call.
+pub fn validate_message(
+    bytes: &[u8],
+    message_id: Option<&str>,
+) -> Result<ValidRequest, ValidationError> {
+    SessionRequest::parse(bytes).map(|r| r.into_valid(message_id))
+}
+
+fn required_id(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.trim().is_empty() {
+        return Err(invalid(field, "must be a non-empty string"));
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(invalid(
+            field,
+            format!("longer than {MAX_ID_BYTES} bytes ({})", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Turn serde's message into one that names the field.
+fn schema_error(e: &serde_json::Error) -> ValidationError {
+    let msg = e.to_string();
+    // serde_json::from_value messages look like "missing field `visitor_id`",
+    // "unknown field `foo`, expected one of ...", "invalid type: integer `5`, expected a string".
+    let field = msg
+        .split('`')
+        .nth(1)
+        .filter(|_| msg.starts_with("missing field") || msg.starts_with("unknown field"))
+        .map(str::to_string);
+    let message = if msg.starts_with("unknown field") {
+        format!("unknown top-level field; {msg}")
+    } else {
+        msg
+    };
+    ValidationError { field, message }
+}
+
+/// Deterministic JSON: object keys sorted, no insignificant whitespace.
+pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Object(map) => {
+            out.push(b'{');
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                // Serializing a string to JSON cannot fail.
+                out.extend(serde_json::to_vec(key).unwrap_or_default());
+                out.push(b':');
+                if let Some(v) = map.get(key) {
+                    write_canonical(v, out);
+                }
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        other => out.extend(serde_json::to_vec(other).unwrap_or_default()),
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"visitor_id": "guest-88421-uuid", "queue_id": "routing-queue-id",
+ "visitor_name": "Anonymous Visitor", "bot_score": 0.12, "source": "marketing_landing",
+ "external_id": "ext-track-9921", "attributes": {"campaign": "spring"},
+ "idempotency_key": "optional-explicit-key"}"#;
+
+    fn err(body: &[u8]) -> ValidationError {
+        SessionRequest::parse(body).unwrap_err()
+    }
+
+    #[test]
+    fn spec_example_is_valid() {
+        let v = validate_message(GOOD.as_bytes(), Some("mid")).unwrap();
+        assert_eq!(v.idempotency_key, "optional-explicit-key");
+        assert_eq!(v.request.bot_score, Some(0.12));
+    }
+
+    #[test]
+    fn key_falls_back_to_message_id_then_fingerprint() {
+        let body = br#"{"visitor_id":"v","queue_id":"q"}"#;
+        assert_eq!(
+            validate_message(body, Some("m-1")).unwrap().idempotency_key,
+            "m-1"
+        );
+        let v = validate_message(body, None).unwrap();
+        assert_eq!(v.idempotency_key, v.fingerprint);
+        assert_eq!(v.fingerprint.len(), 64);
+    }
+
+    #[test]
+    fn fingerprint_ignores_key_order_and_whitespace() {
+        let a = validate_message(
+            br#"{"visitor_id":"v","queue_id":"q","attributes":{"a":1,"b":2}}"#,
+            None,
+        )
+        .unwrap();
+        let b = validate_message(
+            br#"{ "attributes":{"b":2,"a":1}, "queue_id":"q", "visitor_id":"v" }"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(a.fingerprint, b.fingerprint);
+        let c = validate_message(br#"{"visitor_id":"v","queue_id":"q2"}"#, None).unwrap();
+        assert_ne!(a.fingerprint, c.fingerprint);
+    }
+
+    #[test]
+    fn fingerprint_excludes_explicit_key() {
+        let a = validate_message(
+            br#"{"visitor_id":"v","queue_id":"q","idempotency_key":"k1"}"#,
+            None,
+        )
+        .unwrap();
+        let b = validate_message(br#"{"visitor_id":"v","queue_id":"q"}"#, None).unwrap();
+        assert_eq!(a.fingerprint, b.fingerprint);
+    }
+
+    #[test]
+    fn rejects_every_kind_of_bad_input() {
+        assert!(err(b"\xff\xfe").message.contains("UTF-8"));
+        assert!(err(b"{not json").message.contains("not JSON"));
+        assert!(err(b"[1,2]").message.contains("JSON object"));
+        assert_eq!(
+            err(br#"{"queue_id":"q"}"#).field.as_deref(),
+            Some("visitor_id")
+        );
+        assert_eq!(
+            err(br#"{"visitor_id":"","queue_id":"q"}"#).field.as_deref(),
+            Some("visitor_id")
+        );
+        assert_eq!(
+            err(br#"{"visitor_id":"v","queue_id":"  "}"#)
+                .field
+                .as_deref(),
+            Some("queue_id")
+        );
+        assert!(err(br#"{"visitor_id":5,"queue_id":"q"}"#)
+            .message
+            .contains("invalid type"));
+        assert_eq!(
+            err(br#"{"visitor_id":"v","queue_id":"q","bot_score":1.5}"#)
+                .field
+                .as_deref(),
+            Some("bot_score")
+        );
+        assert_eq!(
+            err(br#"{"visitor_id":"v","queue_id":"q","bot_score":-0.1}"#)
+                .field
+                .as_deref(),
+            Some("bot_score")
+        );
+        assert!(
+            err(br#"{"visitor_id":"v","queue_id":"q","bot_score":"high"}"#)
+                .message
+                .contains("invalid type")
+        );
+        let unknown = err(br#"{"visitor_id":"v","queue_id":"q","colour":"red"}"#);
+        assert_eq!(unknown.field.as_deref(), Some("colour"));
+        let long = format!(r#"{{"visitor_id":"{}","queue_id":"q"}}"#, "x".repeat(257));
+        assert_eq!(err(long.as_bytes()).field.as_deref(), Some("visitor_id"));
+        assert!(
+            err(br#"{"visitor_id":"v","queue_id":"q","attributes":[1]}"#)
+                .message
+                .contains("invalid type")
+        );
+    }
+
+    #[test]
+    fn metadata_limit_is_64_kib() {
+        let big = "x".repeat(MAX_METADATA_BYTES);
+        let body =
+            format!(r#"{{"visitor_id":"v","queue_id":"q","attributes":{{"blob":"{big}"}}}}"#);
+        let e = err(body.as_bytes());
+        assert_eq!(e.field.as_deref(), Some("attributes"));
+        assert!(e.to_string().contains("64 KiB"));
+        let fits = "x".repeat(MAX_METADATA_BYTES - 100);
+        let body =
+            format!(r#"{{"visitor_id":"v","queue_id":"q","attributes":{{"blob":"{fits}"}}}}"#);
+        assert!(SessionRequest::parse(body.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn metadata_omits_absent_values() {
+        let r =
+            SessionRequest::parse(br#"{"visitor_id":"v","queue_id":"q","source":"web"}"#).unwrap();
+        assert_eq!(r.metadata(), serde_json::json!({"source_channel": "web"}));
+        assert_eq!(r.visitor_name(), DEFAULT_VISITOR_NAME);
+    }
+}

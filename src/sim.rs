@@ -1,0 +1,745 @@
+//! A local Genesys Cloud API simulator (`session-worker sim`) for development, demos and tests.
+//!
+//! It serves the OAuth token endpoint, the conversations session endpoint and the Open Messaging
+//! inbound endpoint, with Genesys-style error bodies, `inin-correlation-id` and
+//! `inin-ratelimit-*` headers, a per-minute rate limit answering 429 with `Retry-After`, and
+//! fault injection (latency, 5xx rate, 429 rate, unknown queues, auth failures) set by flags or
+//! changed at run time through `POST /sim/faults`. `GET /sim/stats` counts what it saw, so tests
+//! can check for duplicate sessions. `POST /sim/webhook` is a sink that logs webhook deliveries.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("cannot listen on {addr}: {source}; pick a free address with --listen")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("simulator server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// How the simulator starts. Faults can be changed later through `POST /sim/faults`.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub listen: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub token_ttl: Duration,
+    pub session_path: String,
+    pub integration_ids: Vec<String>,
+    pub faults: Faults,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8089".into(),
+            client_id: "local-client".into(),
+            client_secret: "local-secret".into(),
+            token_ttl: Duration::from_secs(86_400),
+            session_path: "/api/v2/conversations/messaging".into(),
+            integration_ids: vec!["sim-integration".into()],
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// How the session endpoints answer 401/403.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Valid credentials and tokens work.
+    #[default]
+    Normal,
+    /// The token endpoint refuses every client (wrong client secret, deleted OAuth client).
+    RejectClients,
+    /// Every issued token is refused with 401 (revoked tokens).
+    RevokeTokens,
+    /// Session endpoints answer 403 (missing permission).
+    Forbidden,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added to every session request.
+    pub latency_ms: u64,
+    /// Fraction of session requests answered 503.
+    pub fail_rate: f64,
+    /// Fraction of session requests answered 429 (Retry-After: 1).
+    pub throttle_rate: f64,
+    /// Session requests allowed per minute (fixed window); 0 = unlimited.
+    pub rate_limit_per_minute: u32,
+    /// Queue ids answered with 404 (unknown routing queue): a permanent error.
+    pub reject_queues: Vec<String>,
+    pub auth: AuthMode,
+}
+
+/// Counts of what the simulator saw, served at `GET /sim/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimStats {
+    pub token_grants: u64,
+    pub token_rejections: u64,
+    pub session_requests: u64,
+    pub sessions_created: u64,
+    pub distinct_visitors: u64,
+    pub duplicate_sessions: u64,
+    pub bad_requests: u64,
+    pub not_found: u64,
+    pub unauthorized: u64,
+    pub forbidden: u64,
+    pub rate_limited: u64,
+    pub injected_errors: u64,
+    pub webhook_deliveries: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    token_grants: AtomicU64,
+    token_rejections: AtomicU64,
+    session_requests: AtomicU64,
+    sessions_created: AtomicU64,
+    bad_requests: AtomicU64,
+    not_found: AtomicU64,
+    unauthorized: AtomicU64,
+    forbidden: AtomicU64,
+    rate_limited: AtomicU64,
+    injected_errors: AtomicU64,
+    webhook_deliveries: AtomicU64,
+}
+
+struct Window {
+    started: Instant,
+    count: u32,
+}
+
+pub struct Sim {
+    opts: SimOptions,
+    faults: RwLock<Faults>,
+    tokens: Mutex<HashMap<String, Instant>>,
+    window: Mutex<Window>,
+    counters: Counters,
+    /// Sessions created per visitor id; more than one is a duplicate.
+    visitors: Mutex<HashMap<String, u32>>,
+    integrations: HashSet<String>,
+    webhooks: Mutex<Vec<Value>>,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the data inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Sim {
+    pub fn new(opts: SimOptions) -> Arc<Self> {
+        Arc::new(Self {
+            faults: RwLock::new(opts.faults.clone()),
+            integrations: opts.integration_ids.iter().cloned().collect(),
+            opts,
+            tokens: Mutex::new(HashMap::new()),
+            window: Mutex::new(Window {
+                started: Instant::now(),
+                count: 0,
+            }),
+            counters: Counters::default(),
+            visitors: Mutex::new(HashMap::new()),
+            webhooks: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn stats(&self) -> SimStats {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let visitors = lock(&self.visitors);
+        let distinct = visitors.len() as u64;
+        let created = load(&c.sessions_created);
+        SimStats {
+            token_grants: load(&c.token_grants),
+            token_rejections: load(&c.token_rejections),
+            session_requests: load(&c.session_requests),
+            sessions_created: created,
+            distinct_visitors: distinct,
+            duplicate_sessions: created.saturating_sub(distinct),
+            bad_requests: load(&c.bad_requests),
+            not_found: load(&c.not_found),
+            unauthorized: load(&c.unauthorized),
+            forbidden: load(&c.forbidden),
+            rate_limited: load(&c.rate_limited),
+            injected_errors: load(&c.injected_errors),
+            webhook_deliveries: load(&c.webhook_deliveries),
+        }
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.faults.read().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        if let Ok(mut f) = self.faults.write() {
+            *f = faults;
+        }
+    }
+
+    /// Sessions created for one visitor id.
+    pub fn sessions_for(&self, visitor_id: &str) -> u32 {
+        lock(&self.visitors).get(visitor_id).copied().unwrap_or(0)
+    }
+
+    /// Forget every issued token: the next session request with an old token gets 401.
+    pub fn revoke_tokens(&self) {
+        lock(&self.tokens).clear();
+    }
+
+    /// Webhook deliveries received at `/sim/webhook`, with their headers.
+    pub fn webhooks(&self) -> Vec<Value> {
+        lock(&self.webhooks).clone()
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        let session_path = if self.opts.session_path.starts_with('/') {
+            self.opts.session_path.clone()
+        } else {
+            format!("/{}", self.opts.session_path)
+        };
+        Router::new()
+            .route("/oauth/token", post(token))
+            .route(&session_path, post(create_conversation))
+            .route(
+                "/api/v2/conversations/messages/{integration_id}/inbound/open/message",
+                post(open_message),
+            )
+            .route("/sim/stats", get(stats))
+            .route("/sim/faults", get(get_faults).post(set_faults))
+            .route("/sim/webhook", post(webhook))
+            .route("/sim/revoke-tokens", post(revoke_tokens))
+            .route("/healthz", get(|| async { "ok" }))
+            .with_state(self.clone())
+    }
+}
+
+/// A running simulator.
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    pub sim: Arc<Sim>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SimHandle {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Bind and serve in the background (tests, benchmarks).
+pub async fn spawn(opts: SimOptions) -> Result<SimHandle, SimError> {
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|source| SimError::Bind {
+            addr: opts.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(SimError::Serve)?;
+    let sim = Sim::new(opts);
+    let app = sim.router();
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "simulator stopped");
+        }
+    });
+    Ok(SimHandle { addr, sim, task })
+}
+
+/// Serve until `shutdown` resolves (the `sim` command).
+pub async fn serve(
+    opts: SimOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), SimError> {
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|source| SimError::Bind {
+            addr: opts.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(SimError::Serve)?;
+    tracing::info!(%addr, faults = ?opts.faults, "Genesys Cloud simulator listening; stats at /sim/stats");
+    let sim = Sim::new(opts);
+    axum::serve(listener, sim.router())
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(SimError::Serve)
+}
+
+fn genesys_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({
+        "message": message,
+        "code": code,
+        "status": status.as_u16(),
+        "contextId": uuid::Uuid::new_v4().to_string(),
+        "details": [],
+        "errors": [],
+    });
+    (status, Json(body)).into_response()
+}
+
+fn with_headers(mut resp: Response, allowed: u32, count: u32, reset: u64) -> Response {
+    let h = resp.headers_mut();
+    let put = |h: &mut HeaderMap, name: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(name, v);
+        }
+    };
+    put(h, "inin-correlation-id", uuid::Uuid::new_v4().to_string());
+    if allowed > 0 {
+        put(h, "inin-ratelimit-allowed", allowed.to_string());
+        put(h, "inin-ratelimit-count", count.to_string());
+        put(h, "inin-ratelimit-reset", reset.to_string());
+    }
+    resp
+}
+
+async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
+    let faults = sim.faults();
+    let expected = format!("{}:{}", sim.opts.client_id, sim.opts.client_secret);
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok());
+    let grant_ok = String::from_utf8_lossy(&body)
+        .split('&')
+        .any(|kv| kv == "grant_type=client_credentials");
+    if !grant_ok {
+        bump(&sim.counters.token_rejections);
+        let body = json!({"error": "unsupported_grant_type", "description": "grant_type must be client_credentials"});
+        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    }
+    if given.as_deref() != Some(expected.as_str()) || faults.auth == AuthMode::RejectClients {
+        bump(&sim.counters.token_rejections);
+        let body =
+            json!({"error": "invalid_client", "description": "client credentials are invalid"});
+        return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+    }
+    let token = format!("sim-{}", uuid::Uuid::new_v4().simple());
+    lock(&sim.tokens).insert(token.clone(), Instant::now() + sim.opts.token_ttl);
+    bump(&sim.counters.token_grants);
+    Json(json!({"access_token": token, "token_type": "bearer", "expires_in": sim.opts.token_ttl.as_secs()})).into_response()
+}
+
+/// Checks every session endpoint shares: faults, auth, rate limit. `Err` is the answer to send.
+async fn admit(sim: &Sim, headers: &HeaderMap) -> Result<(u32, u32, u64), Response> {
+    bump(&sim.counters.session_requests);
+    let faults = sim.faults();
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let valid = bearer.is_some_and(|t| {
+        lock(&sim.tokens)
+            .get(t)
+            .is_some_and(|exp| *exp > Instant::now())
+    });
+    if !valid || faults.auth == AuthMode::RevokeTokens {
+        bump(&sim.counters.unauthorized);
+        return Err(with_headers(
+            genesys_error(
+                StatusCode::UNAUTHORIZED,
+                "authentication.required",
+                "No authentication bearer token specified in authorization header.",
+            ),
+            0,
+            0,
+            0,
+        ));
+    }
+    if faults.auth == AuthMode::Forbidden {
+        bump(&sim.counters.forbidden);
+        return Err(with_headers(
+            genesys_error(StatusCode::FORBIDDEN, "missing.any.permissions", "Unable to perform the requested action. You are missing the following permission(s): conversation:messaging:write"),
+            0, 0, 0,
+        ));
+    }
+    let limit = faults.rate_limit_per_minute;
+    let (count, reset) = {
+        let mut w = lock(&sim.window);
+        if w.started.elapsed() >= Duration::from_secs(60) {
+            w.started = Instant::now();
+            w.count = 0;
+        }
+        w.count = w.count.saturating_add(1);
+        let reset = 60u64.saturating_sub(w.started.elapsed().as_secs()).max(1);
+        (w.count, reset)
+    };
+    if limit > 0 && count > limit {
+        bump(&sim.counters.rate_limited);
+        return Err(too_many(limit, count, reset));
+    }
+    let (throttle, fail) = {
+        let mut rng = rand::rng();
+        (
+            rng.random::<f64>() < faults.throttle_rate,
+            rng.random::<f64>() < faults.fail_rate,
+        )
+    };
+    if throttle {
+        bump(&sim.counters.rate_limited);
+        return Err(too_many(limit, count, 1));
+    }
+    if fail {
+        bump(&sim.counters.injected_errors);
+        return Err(with_headers(
+            genesys_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service.unavailable",
+                "The service is currently unavailable (injected by the simulator).",
+            ),
+            limit,
+            count,
+            reset,
+        ));
+    }
+    Ok((limit, count, reset))
+}
+
+fn too_many(limit: u32, count: u32, reset: u64) -> Response {
+    let mut resp = with_headers(
+        genesys_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too.many.requests.retry.after",
+            &format!("Rate limit exceeded the maximum. Retry the request in [{reset}] seconds"),
+        ),
+        limit.max(1),
+        count,
+        reset,
+    );
+    if let Ok(v) = HeaderValue::from_str(&reset.to_string()) {
+        resp.headers_mut().insert("retry-after", v);
+    }
+    resp
+}
+
+fn bad_request(sim: &Sim, message: String, rl: (u32, u32, u64)) -> Response {
+    bump(&sim.counters.bad_requests);
+    with_headers(
+        genesys_error(StatusCode::BAD_REQUEST, "bad.request", &message),
+        rl.0,
+        rl.1,
+        rl.2,
+    )
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(*p)?;
+    }
+    cur.as_str().filter(|s| !s.is_empty())
+}
+
+fn record_session(sim: &Sim, visitor: &str) -> String {
+    bump(&sim.counters.sessions_created);
+    *lock(&sim.visitors).entry(visitor.to_string()).or_insert(0) += 1;
+    uuid::Uuid::new_v4().to_string()
+}
+
+async fn create_conversation(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let rl = match admit(&sim, &headers).await {
+        Ok(rl) => rl,
+        Err(resp) => return resp,
+    };
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad_request(&sim, format!("The request body is not valid JSON: {e}"), rl),
+    };
+    let checks: [(bool, &str); 6] = [
+        (
+            str_at(&v, &["type"]) == Some("messaging"),
+            "type must be \"messaging\"",
+        ),
+        (
+            str_at(&v, &["initiator", "type"]) == Some("external"),
+            "initiator.type must be \"external\"",
+        ),
+        (
+            str_at(&v, &["initiator", "id"]).is_some(),
+            "initiator.id is required",
+        ),
+        (
+            str_at(&v, &["to", "type"]) == Some("routingQueue"),
+            "to.type must be \"routingQueue\"",
+        ),
+        (str_at(&v, &["to", "id"]).is_some(), "to.id is required"),
+        (
+            v.get("metadata").is_none_or(Value::is_object),
+            "metadata must be an object",
+        ),
+    ];
+    if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
+        return bad_request(&sim, format!("Invalid request body: {msg}."), rl);
+    }
+    let queue = str_at(&v, &["to", "id"]).unwrap_or_default();
+    if sim.faults().reject_queues.iter().any(|q| q == queue) {
+        bump(&sim.counters.not_found);
+        return with_headers(
+            genesys_error(
+                StatusCode::NOT_FOUND,
+                "not.found",
+                &format!("The routing queue {queue} was not found."),
+            ),
+            rl.0,
+            rl.1,
+            rl.2,
+        );
+    }
+    let visitor = str_at(&v, &["initiator", "id"]).unwrap_or_default();
+    let id = record_session(&sim, visitor);
+    with_headers(
+        (
+            StatusCode::CREATED,
+            Json(json!({"id": id, "conversationId": id, "type": "messaging"})),
+        )
+            .into_response(),
+        rl.0,
+        rl.1,
+        rl.2,
+    )
+}
+
+async fn open_message(
+    State(sim): State<Arc<Sim>>,
+    Path(integration_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let rl = match admit(&sim, &headers).await {
+        Ok(rl) => rl,
+        Err(resp) => return resp,
+    };
+    if !sim.integrations.contains(&integration_id) {
+        bump(&sim.counters.not_found);
+        return with_headers(
+            genesys_error(
+                StatusCode::NOT_FOUND,
+                "not.found",
+                &format!("Open Messaging integration {integration_id} was not found."),
+            ),
+            rl.0,
+            rl.1,
+            rl.2,
+        );
+    }
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad_request(&sim, format!("The request body is not valid JSON: {e}"), rl),
+    };
+    let attrs = v.pointer("/channel/metadata/customAttributes");
+    let checks: [(bool, &str); 8] = [
+        (
+            str_at(&v, &["channel", "messageId"]).is_some(),
+            "channel.messageId is required",
+        ),
+        (
+            str_at(&v, &["channel", "time"])
+                .is_some_and(|t| humantime::parse_rfc3339_weak(t).is_ok()),
+            "channel.time must be an RFC 3339 time",
+        ),
+        (
+            str_at(&v, &["channel", "from", "id"]).is_some(),
+            "channel.from.id is required",
+        ),
+        (
+            str_at(&v, &["channel", "from", "idType"]).is_some(),
+            "channel.from.idType is required",
+        ),
+        (
+            str_at(&v, &["type"]) == Some("Text"),
+            "type must be \"Text\"",
+        ),
+        (
+            str_at(&v, &["direction"]) == Some("Inbound"),
+            "direction must be \"Inbound\"",
+        ),
+        (str_at(&v, &["text"]).is_some(), "text is required"),
+        (
+            attrs.is_none_or(|a| {
+                a.as_object()
+                    .is_some_and(|m| m.values().all(Value::is_string))
+            }),
+            "channel.metadata.customAttributes values must be strings",
+        ),
+    ];
+    if let Some((_, msg)) = checks.iter().find(|(ok, _)| !ok) {
+        return bad_request(&sim, format!("Invalid request body: {msg}."), rl);
+    }
+    let queue = attrs
+        .and_then(|a| a.get("queue_id"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if sim.faults().reject_queues.iter().any(|q| q == queue) {
+        bump(&sim.counters.not_found);
+        return with_headers(
+            genesys_error(
+                StatusCode::NOT_FOUND,
+                "not.found",
+                &format!("The routing queue {queue} was not found."),
+            ),
+            rl.0,
+            rl.1,
+            rl.2,
+        );
+    }
+    let visitor = str_at(&v, &["channel", "from", "id"]).unwrap_or_default();
+    let conversation = record_session(&sim, visitor);
+    let answer = json!({
+        "id": uuid::Uuid::new_v4().to_string(),
+        "channel": v.get("channel"),
+        "type": "Text",
+        "text": v.get("text"),
+        "direction": "Inbound",
+        "conversationId": conversation,
+    });
+    with_headers(
+        (StatusCode::ACCEPTED, Json(answer)).into_response(),
+        rl.0,
+        rl.1,
+        rl.2,
+    )
+}
+
+async fn stats(State(sim): State<Arc<Sim>>) -> Json<SimStats> {
+    Json(sim.stats())
+}
+
+async fn get_faults(State(sim): State<Arc<Sim>>) -> Json<Faults> {
+    Json(sim.faults())
+}
+
+async fn set_faults(State(sim): State<Arc<Sim>>, Json(faults): Json<Faults>) -> Json<Faults> {
+    tracing::info!(?faults, "simulator faults changed");
+    sim.set_faults(faults);
+    Json(sim.faults())
+}
+
+async fn revoke_tokens(State(sim): State<Arc<Sim>>) -> StatusCode {
+    sim.revoke_tokens();
+    StatusCode::NO_CONTENT
+}
+
+async fn webhook(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    bump(&sim.counters.webhook_deliveries);
+    let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let field = |k: &str| {
+        event
+            .get(k)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("-")
+            .to_string()
+    };
+    let (kind, visitor, conversation) = (
+        field("event"),
+        field("visitor_id"),
+        field("conversation_id"),
+    );
+    tracing::info!(
+        webhook_id = %header("webhook-id"),
+        event = %kind,
+        visitor_id = %visitor,
+        conversation_id = %conversation,
+        "webhook delivery received"
+    );
+    lock(&sim.webhooks).push(json!({
+        "webhook-id": header("webhook-id"),
+        "webhook-timestamp": header("webhook-timestamp"),
+        "webhook-signature": header("webhook-signature"),
+        "x-source": header("x-source"),
+        "body": String::from_utf8_lossy(&body),
+    }));
+    StatusCode::NO_CONTENT
+}
+
+/// Parse a fraction flag (0.0 to 1.0).
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0.0 and 1.0"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_flag_is_checked() {
+        assert_eq!(parse_rate("0.25"), Ok(0.25));
+        assert!(parse_rate("1.5").is_err());
+        assert!(parse_rate("x").is_err());
+    }
+
+    #[test]
+    fn stats_count_duplicates() {
+        let sim = Sim::new(SimOptions::default());
+        record_session(&sim, "a");
+        record_session(&sim, "a");
+        record_session(&sim, "b");
+        let s = sim.stats();
+        assert_eq!(
+            (
+                s.sessions_created,
+                s.distinct_visitors,
+                s.duplicate_sessions
+            ),
+            (3, 2, 1)
+        );
+    }
+}

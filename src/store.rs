@@ -1,0 +1,432 @@
+//! The sled store: idempotency records and the append-only audit trail.
+//!
+//! Writes go to sled's in-memory log at once; [`Store::durable`] waits until they are on disk.
+//! A single flusher task group-commits: every caller waiting while a flush runs is served by the
+//! next one, so the fsync rate stays flat while throughput grows. Nothing is acked by the worker
+//! before `durable` returns.
+//!
+//! sled allows one process per directory; a second opener gets [`StoreError::Locked`].
+
+use crate::event::ResultEvent;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+const IDEMPOTENCY_TREE: &str = "idempotency";
+const AUDIT_TREE: &str = "audit";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path} is in use by another process (sled allows one process per store); stop it, or use its HTTP endpoint")]
+    Locked { path: PathBuf },
+    #[error("cannot open store {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("corrupt record under key {key:?}: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdemState {
+    InProgress,
+    Completed,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdemRecord {
+    pub state: IdemState,
+    /// SHA-256 of the canonical request body; a different body under the same key is a conflict.
+    pub fingerprint: String,
+    /// API attempts made so far, over every delivery of this key.
+    pub attempts: u32,
+    pub conversation_id: Option<String>,
+    /// The result event, re-published when the key comes again.
+    pub event: Option<ResultEvent>,
+    pub worker_id: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// What [`Store::claim`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// Go ahead; the key is now `in_progress`. `attempts` were made by earlier deliveries
+    /// (a stale `in_progress` left by a crash, or a `failed` key published again).
+    Proceed { attempts: u32 },
+    /// Already done: re-publish the stored event, make no API call.
+    Completed(IdemRecord),
+    /// The key was used with another body.
+    Conflict(IdemRecord),
+}
+
+/// One audit entry (SPEC §6).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub timestamp: String,
+    pub event_type: String,
+    pub idempotency_key: Option<String>,
+    pub visitor_id: Option<String>,
+    pub queue_id: Option<String>,
+    pub bot_score: Option<f64>,
+    pub outcome: String,
+    pub http_status: Option<u16>,
+    pub conversation_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub latency_ms: Option<f64>,
+    pub attempts: Option<u32>,
+    pub worker_id: String,
+    /// Failure detail, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Operator tools: how many messages an operation touched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// Operator tools: who ran the operation (`$USER`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+}
+
+type FlushWaiter = oneshot::Sender<Result<(), String>>;
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    idem: sled::Tree,
+    audit: sled::Tree,
+    idempotency_ttl: Duration,
+    flush_tx: Option<mpsc::UnboundedSender<FlushWaiter>>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Open (creating if needed). Inside a tokio runtime this starts the group-commit flusher.
+    pub fn open(path: &Path, idempotency_ttl: Duration) -> Result<Self, StoreError> {
+        if let Err(e) = std::fs::create_dir_all(path) {
+            return Err(StoreError::Open {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            });
+        }
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(|e| match &e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    StoreError::Locked {
+                        path: path.to_path_buf(),
+                    }
+                }
+                _ => StoreError::Open {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                },
+            })?;
+        let idem = db.open_tree(IDEMPOTENCY_TREE)?;
+        let audit = db.open_tree(AUDIT_TREE)?;
+        let flush_tx = tokio::runtime::Handle::try_current().ok().map(|handle| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            handle.spawn(flusher(db.clone(), rx));
+            tx
+        });
+        Ok(Self {
+            db,
+            idem,
+            audit,
+            idempotency_ttl,
+            flush_tx,
+        })
+    }
+
+    /// Wait until every write made before this call is on disk (group commit).
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        if let Some(tx) = &self.flush_tx {
+            let (done_tx, done_rx) = oneshot::channel();
+            if tx.send(done_tx).is_ok() {
+                return match done_rx.await {
+                    Ok(result) => result.map_err(StoreError::Io),
+                    Err(_) => Err(StoreError::Io("store flusher stopped".into())),
+                };
+            }
+        }
+        self.flush_now()
+    }
+
+    /// Flush synchronously (shutdown, tools).
+    pub fn flush_now(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(StoreError::from)
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<IdemRecord>, StoreError> {
+        match self.idem.get(key.as_bytes())? {
+            Some(bytes) => decode(key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Take the key for processing. Callers serialize on the key in-process (see
+    /// `worker::KeyLocks`), so an `in_progress` record found here was left by a crash.
+    pub fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        worker_id: &str,
+    ) -> Result<Claim, StoreError> {
+        let now = now_ms();
+        let ttl_ms = self.idempotency_ttl.as_millis() as u64;
+        let existing = self
+            .get(key)?
+            .filter(|r| r.updated_at_ms.saturating_add(ttl_ms) >= now);
+        let attempts = match existing {
+            Some(rec) if rec.fingerprint != fingerprint => return Ok(Claim::Conflict(rec)),
+            Some(rec) if rec.state == IdemState::Completed => return Ok(Claim::Completed(rec)),
+            Some(rec) => {
+                if rec.state == IdemState::InProgress {
+                    tracing::info!(idempotency_key = key, previous_worker = %rec.worker_id, "resuming a key left in progress");
+                }
+                rec.attempts
+            }
+            None => 0,
+        };
+        let record = IdemRecord {
+            state: IdemState::InProgress,
+            fingerprint: fingerprint.to_string(),
+            attempts,
+            conversation_id: None,
+            event: None,
+            worker_id: worker_id.to_string(),
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        self.put(key, &record)?;
+        Ok(Claim::Proceed { attempts })
+    }
+
+    pub fn put(&self, key: &str, record: &IdemRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.idem.insert(key.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// Append an audit entry; its key orders entries by time.
+    pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let seq = self.db.generate_id()?;
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&micros.to_be_bytes());
+        key[8..].copy_from_slice(&seq.to_be_bytes());
+        let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.audit.insert(key, bytes)?;
+        Ok(())
+    }
+
+    /// Audit entries with timestamps in `[since, until)` (microseconds since the epoch), oldest first.
+    pub fn audit_range(
+        &self,
+        since_us: u64,
+        until_us: u64,
+    ) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+        let start = since_us.to_be_bytes();
+        let end = until_us.to_be_bytes();
+        self.audit.range(start..end).map(|item| {
+            let (k, v) = item?;
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: format!("audit/{}", crate::request::hex(&k)),
+                message: e.to_string(),
+            })
+        })
+    }
+
+    /// Every audit entry, oldest first.
+    pub fn audit_all(&self) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+        self.audit_range(0, u64::MAX)
+    }
+
+    /// Remove idempotency records idle longer than the TTL and audit entries older than
+    /// `audit_retention`. Returns (records removed, audit entries removed).
+    pub fn prune(&self, audit_retention: Duration) -> Result<(usize, usize), StoreError> {
+        let now = now_ms();
+        let ttl_ms = self.idempotency_ttl.as_millis() as u64;
+        let mut records = 0;
+        for item in self.idem.iter() {
+            let (k, v) = item?;
+            let expired = match serde_json::from_slice::<IdemRecord>(&v) {
+                Ok(r) => r.updated_at_ms.saturating_add(ttl_ms) < now,
+                Err(_) => true,
+            };
+            if expired {
+                self.idem.remove(k)?;
+                records += 1;
+            }
+        }
+        let cutoff_us = now
+            .saturating_mul(1000)
+            .saturating_sub(audit_retention.as_micros() as u64);
+        let mut entries = 0;
+        for item in self.audit.range(..cutoff_us.to_be_bytes()) {
+            let (k, _) = item?;
+            self.audit.remove(k)?;
+            entries += 1;
+        }
+        Ok((records, entries))
+    }
+
+    pub fn audit_len(&self) -> usize {
+        self.audit.len()
+    }
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<IdemRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+async fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<FlushWaiter>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let db = db.clone();
+        let result = tokio::task::spawn_blocking(move || db.flush().map(|_| ()))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn claim_states() {
+        let (_d, s) = open();
+        assert_eq!(
+            s.claim("k", "fp", "w").unwrap(),
+            Claim::Proceed { attempts: 0 }
+        );
+        // Left in progress (a crash): proceed again, keeping the attempts.
+        let mut rec = s.get("k").unwrap().unwrap();
+        rec.attempts = 2;
+        s.put("k", &rec).unwrap();
+        assert_eq!(
+            s.claim("k", "fp", "w").unwrap(),
+            Claim::Proceed { attempts: 2 }
+        );
+        assert!(matches!(
+            s.claim("k", "other", "w").unwrap(),
+            Claim::Conflict(_)
+        ));
+        let mut rec = s.get("k").unwrap().unwrap();
+        rec.state = IdemState::Completed;
+        rec.conversation_id = Some("c".into());
+        s.put("k", &rec).unwrap();
+        match s.claim("k", "fp", "w").unwrap() {
+            Claim::Completed(r) => assert_eq!(r.conversation_id.as_deref(), Some("c")),
+            other => panic!("{other:?}"),
+        }
+        s.durable().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn failed_key_is_retried() {
+        let (_d, s) = open();
+        s.claim("k", "fp", "w").unwrap();
+        let mut rec = s.get("k").unwrap().unwrap();
+        rec.state = IdemState::Failed;
+        rec.attempts = 5;
+        s.put("k", &rec).unwrap();
+        assert_eq!(
+            s.claim("k", "fp", "w").unwrap(),
+            Claim::Proceed { attempts: 5 }
+        );
+    }
+
+    #[tokio::test]
+    async fn group_commit_serves_concurrent_waiters() {
+        let (_d, s) = open();
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.claim(&format!("k{i}"), "fp", "w").unwrap();
+                s.durable().await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(s.idem.len(), 50);
+    }
+
+    #[tokio::test]
+    async fn audit_is_ordered_and_pruned() {
+        let (_d, s) = open();
+        for i in 0..3 {
+            s.append_audit(&AuditEntry {
+                outcome: format!("o{i}"),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let all: Vec<_> = s.audit_all().map(|e| e.unwrap().outcome).collect();
+        assert_eq!(all, vec!["o0", "o1", "o2"]);
+        // Nothing is older than a day.
+        assert_eq!(s.prune(Duration::from_secs(86_400)).unwrap(), (0, 0));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(s.prune(Duration::from_millis(1)).unwrap().1, 3);
+        assert_eq!(s.audit_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn expired_keys_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_millis(1)).unwrap();
+        s.claim("k", "fp", "w").unwrap();
+        let mut rec = s.get("k").unwrap().unwrap();
+        rec.state = IdemState::Completed;
+        s.put("k", &rec).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        // Past the TTL the key is new again, even with another body.
+        assert_eq!(
+            s.claim("k", "fp2", "w").unwrap(),
+            Claim::Proceed { attempts: 0 }
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(s.prune(Duration::from_secs(60)).unwrap().0, 1);
+    }
+}

@@ -1,0 +1,329 @@
+//! Shared harness for integration tests: a real RabbitMQ connection, uniquely named exchanges
+//! and queues per test (deleted afterwards, even when the test fails), an in-process Genesys
+//! simulator on port 0, and a temporary sled store.
+#![allow(dead_code)]
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use session_worker::amqp::topology;
+use session_worker::config::{QueueType, Settings};
+use session_worker::event::ResultEvent;
+use session_worker::health::Health;
+use session_worker::sim::{self, Faults, SimHandle, SimOptions};
+use session_worker::store::Store;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Connect to the test broker or fail with instructions; never skip silently.
+pub async fn broker() -> Connection {
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(AMQP_URL, ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            panic!("RabbitMQ is not reachable at 127.0.0.1:5672 ({e}); start it with `make broker`")
+        }
+        Err(_) => panic!(
+            "RabbitMQ did not answer at 127.0.0.1:5672 within 10 s; start it with `make broker`"
+        ),
+    }
+}
+
+/// Settings with every broker name prefixed, pointed at `sim`, with a temporary store.
+pub fn test_settings(prefix: &str, sim: &SimHandle, store_dir: &std::path::Path) -> Settings {
+    let mut s = Settings::load_from(None, &Default::default()).expect("defaults load");
+    let a = &mut s.amqp;
+    a.url = AMQP_URL.into();
+    for name in [
+        &mut a.inbound_exchange,
+        &mut a.inbound_queue,
+        &mut a.results_exchange,
+        &mut a.webhook_queue,
+        &mut a.dead_letter_exchange,
+        &mut a.dead_letter_queue,
+        &mut a.webhook_dead_letter_queue,
+    ] {
+        *name = format!("{prefix}.{name}");
+    }
+    a.retry_delays = vec![Duration::from_millis(500)];
+    a.prefetch = 32;
+    a.queue_type = QueueType::Quorum;
+    s.worker.concurrency = 8;
+    s.worker.max_attempts = 3;
+    s.worker.backoff_base = Duration::from_millis(10);
+    s.worker.backoff_max = Duration::from_millis(50);
+    s.worker.shutdown_grace = Duration::from_secs(5);
+    s.worker.id = format!("test-{prefix}");
+    s.genesys.api_base_url = sim.base_url();
+    s.genesys.login_base_url = sim.base_url();
+    s.genesys.client_id = "local-client".into();
+    s.genesys.client_secret = session_worker::secret::Secret::new("local-secret");
+    s.genesys.integration_id = "sim-integration".into();
+    s.genesys.request_timeout = Duration::from_secs(5);
+    s.rate_limit.requests_per_minute = 600_000;
+    s.rate_limit.burst = 1000;
+    s.store.path = store_dir.to_path_buf();
+    s.http.listen = "127.0.0.1:0".into();
+    s
+}
+
+pub struct TestEnv {
+    pub prefix: String,
+    pub settings: Settings,
+    pub sim: SimHandle,
+    pub store_dir: tempfile::TempDir,
+    pub conn: Connection,
+    pub ch: Channel,
+    cleanup: Cleanup,
+}
+
+/// Deletes the test's queues and exchanges on drop, from its own thread and runtime, so it
+/// also runs when the test panics.
+struct Cleanup {
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut self.queues);
+        let exchanges = std::mem::take(&mut self.exchanges);
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                for q in queues {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for x in exchanges {
+                    let _ = ch
+                        .exchange_delete(x.as_str().into(), Default::default())
+                        .await;
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+pub fn unique_prefix() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+impl TestEnv {
+    pub async fn new(faults: Faults, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let sim = sim::spawn(SimOptions {
+            listen: "127.0.0.1:0".into(),
+            faults,
+            ..Default::default()
+        })
+        .await
+        .expect("simulator starts");
+        let prefix = unique_prefix();
+        let store_dir = tempfile::tempdir().expect("tempdir");
+        let mut settings = test_settings(&prefix, &sim, store_dir.path());
+        tweak(&mut settings);
+        settings.validate().expect("test settings are valid");
+        let conn = broker().await;
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(Default::default())
+            .await
+            .expect("confirm mode");
+        topology::declare(&ch, &settings.amqp)
+            .await
+            .expect("topology declares");
+        let cleanup = Cleanup {
+            queues: topology::queue_names(&settings.amqp),
+            exchanges: topology::exchange_names(&settings.amqp),
+        };
+        Self {
+            prefix,
+            settings,
+            sim,
+            store_dir,
+            conn,
+            ch,
+            cleanup,
+        }
+    }
+
+    pub fn open_store(&self) -> Store {
+        Store::open(
+            &self.settings.store.path,
+            self.settings.store.idempotency_ttl,
+        )
+        .expect("store opens")
+    }
+
+    /// Run the worker in this process until the returned handle is stopped.
+    pub fn start_worker(&self, store: Store) -> WorkerHandle {
+        let (tx, rx) = watch::channel(false);
+        let health = Arc::new(Health::default());
+        let settings = Arc::new(self.settings.clone());
+        let task = tokio::spawn(session_worker::worker::run(
+            settings,
+            store,
+            health.clone(),
+            rx,
+        ));
+        WorkerHandle {
+            stop: tx,
+            task,
+            health,
+        }
+    }
+
+    /// Publish a request to the inbound exchange, with confirm.
+    pub async fn publish(&self, body: &[u8], message_id: Option<&str>) {
+        self.publish_with(body, message_id, FieldTable::default())
+            .await
+    }
+
+    pub async fn publish_with(&self, body: &[u8], message_id: Option<&str>, headers: FieldTable) {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        if let Some(id) = message_id {
+            props = props.with_message_id(id.into());
+        }
+        let a = &self.settings.amqp;
+        self.ch
+            .basic_publish(
+                a.inbound_exchange.as_str().into(),
+                a.inbound_routing_key.as_str().into(),
+                Default::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+
+    /// Take up to `n` messages from `queue`, waiting at most `timeout`.
+    pub async fn take(
+        &self,
+        queue: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<lapin::message::BasicGetMessage> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            match self
+                .ch
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .expect("basic.get")
+            {
+                Some(m) => {
+                    m.delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .expect("ack");
+                    out.push(m);
+                }
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        out
+    }
+
+    /// Result events from the webhook queue.
+    pub async fn events(&self, n: usize, timeout: Duration) -> Vec<ResultEvent> {
+        self.take(&self.settings.amqp.webhook_queue, n, timeout)
+            .await
+            .into_iter()
+            .map(|m| serde_json::from_slice(&m.delivery.data).expect("event is JSON"))
+            .collect()
+    }
+
+    pub async fn dead_letters(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<lapin::message::BasicGetMessage> {
+        self.take(&self.settings.amqp.dead_letter_queue, n, timeout)
+            .await
+    }
+
+    /// Messages in a queue (ready, not unacked).
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = ch.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    /// Wait until `cond` holds, polling; false on timeout.
+    pub async fn wait_for(&self, timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cond()
+    }
+}
+
+pub struct WorkerHandle {
+    stop: watch::Sender<bool>,
+    pub task: tokio::task::JoinHandle<Result<(), session_worker::worker::WorkerError>>,
+    pub health: Arc<Health>,
+}
+
+impl WorkerHandle {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(20), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("worker failed: {e}"),
+            Ok(Err(e)) => panic!("worker task panicked: {e}"),
+            Err(_) => panic!("worker did not stop within 20 s"),
+        }
+    }
+}
+
+pub fn request(visitor: &str) -> Vec<u8> {
+    format!(r#"{{"visitor_id":"{visitor}","queue_id":"queue-1","bot_score":0.1,"source":"test","external_id":"ext-{visitor}"}}"#).into_bytes()
+}
+
+pub fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref()?.inner().get(name)
+}

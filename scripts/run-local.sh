@@ -19,7 +19,7 @@ echo "==> configuration ($CONFIG), secrets redacted:"
 echo "    ... (run '$BIN --config $CONFIG check-config' for all of it)"
 
 echo "==> starting the Genesys Cloud simulator on $LISTEN"
-"$BIN" sim --listen "$LISTEN" &
+"$BIN" sim --listen "$LISTEN" --reject-queue unknown-queue --latency 50ms &
 pids+=($!)
 for _ in $(seq 1 50); do
   (exec 3<>"/dev/tcp/${LISTEN%:*}/${LISTEN##*:}") 2>/dev/null && break

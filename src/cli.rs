@@ -41,8 +41,9 @@ pub enum Command {
     Sim(SimArgs),
     /// Publish session requests from JSON Lines (a file or - for stdin).
     Publish {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// JSON Lines file of session requests; `-` (the default) reads standard input.
+        #[arg(default_value = "-")]
+        input: String,
     },
     /// Inspect, replay and purge the dead-letter queues.
     Dlq {
@@ -165,14 +166,18 @@ async fn dispatch(cli: Cli) -> i32 {
         },
         Command::Run { role } => match load() {
             Ok(settings) => {
-                if role == Role::Forwarder {
-                    return not_available("run --role forwarder", 4);
+                if role == Role::Forwarder && settings.webhook.url.trim().is_empty() {
+                    eprintln!("error: webhook.url is empty, so `run --role forwarder` has nothing to do; set ANALYTICS_WEBHOOK_URL or webhook.url");
+                    return EXIT_USAGE;
                 }
                 report(run_worker(settings, role).await)
             }
             Err(e) => config_error(&e),
         },
-        Command::Publish { .. } => not_available("publish", 4),
+        Command::Publish { input } => match load() {
+            Ok(settings) => run_publish(&settings, &input).await,
+            Err(e) => config_error(&e),
+        },
         Command::Dlq { .. } => not_available("dlq", 5),
         Command::Audit { .. } => not_available("audit", 5),
     }
@@ -251,6 +256,40 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_publish(settings: &Settings, input: &str) -> i32 {
+    let reader = match crate::publish::open_input(input) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    match crate::publish::publish(settings, reader, input).await {
+        Ok(summary) => {
+            println!("{}", summary.line());
+            if summary.invalid > 0 {
+                eprintln!(
+                    "error: {} invalid line(s) were not published: {}",
+                    summary.invalid,
+                    summary
+                        .invalid_lines
+                        .iter()
+                        .map(|(n, _)| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                EXIT_RUNTIME
+            } else {
+                EXIT_OK
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
 async fn declare_topology(settings: &Settings) -> anyhow::Result<()> {
     let conn = crate::amqp::connect(&settings.amqp, "session-worker topology").await?;
     let ch = conn
@@ -279,10 +318,23 @@ async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
             )
         })?;
     let health = Arc::new(Health::default());
-    if role == Role::All && !settings.webhook.url.trim().is_empty() {
-        tracing::warn!("the webhook forwarder is not available in this build yet; result events stay in the webhook queue");
-    }
+    health.set_store_open(true);
     let shutdown = shutdown_signal();
-    crate::worker::run(settings, store, health, shutdown).await?;
+    match role {
+        Role::Worker => crate::worker::run(settings, store, health, shutdown).await?,
+        Role::Forwarder => crate::webhook::run(settings, store, health, shutdown).await?,
+        Role::All => {
+            let forwarder = tokio::spawn(crate::webhook::run(
+                settings.clone(),
+                store.clone(),
+                health.clone(),
+                shutdown.clone(),
+            ));
+            let worker = crate::worker::run(settings, store, health, shutdown).await;
+            let forwarded = forwarder.await.context("webhook forwarder task failed")?;
+            worker?;
+            forwarded?;
+        }
+    }
     Ok(())
 }

@@ -11,6 +11,8 @@
 //! - [`genesys`]: OAuth2 tokens and session creation, behind one seam with two backends.
 //! - [`worker`]: the consumer pipeline tying all of the above together.
 //! - [`event`]: the result event published to `session.results`.
+//! - [`webhook`]: the forwarder delivering result events to the analytics endpoint, signed.
+//! - [`publish`]: the producer tool, validating with the worker's own code.
 //! - [`sim`]: a local Genesys Cloud simulator for development and tests.
 //! - [`cli`]: the command line (`run`, `sim`, `topology declare`, `check-config`, ...).
 //!
@@ -25,9 +27,11 @@ pub mod event;
 pub mod genesys;
 pub mod health;
 pub mod limiter;
+pub mod publish;
 pub mod request;
 pub mod secret;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;
 pub mod worker;

@@ -5,6 +5,7 @@
 //! `worker.concurrency` at once. A delivery is acked only after its outcome is flushed to sled
 //! and, where it produces one, its result event or dead letter is confirmed by the broker.
 
+use crate::amqp::consumer::{self, ConsumeEnd, ConsumeOptions};
 use crate::amqp::{self, header_i64, int, text, topology, AmqpError};
 use crate::config::Settings;
 use crate::event::{EventError, EventKind, ResultEvent};
@@ -13,19 +14,14 @@ use crate::health::Health;
 use crate::limiter::Limiter;
 use crate::request::{self, ValidRequest, ValidationError};
 use crate::store::{now_ms, AuditEntry, Claim, IdemRecord, IdemState, Store, StoreError};
-use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Channel, Connection};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Notify, OwnedMutexGuard, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{watch, Notify, OwnedMutexGuard};
 use tracing::{field::Empty, Instrument};
 
 /// Failure reasons, as written to `x-failure-reason` and result events.
@@ -132,11 +128,6 @@ enum Settle {
     Requeue,
 }
 
-enum SessionEnd {
-    Shutdown,
-    ConnectionLost(String),
-}
-
 pub struct Worker {
     settings: Arc<Settings>,
     worker_id: String,
@@ -148,14 +139,7 @@ pub struct Worker {
     auth: AuthGate,
 }
 
-/// Resolves once shutdown is requested (or its sender is gone).
-pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
-    while !*rx.borrow() {
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
-}
+pub use consumer::shutdown_requested;
 
 /// Run the session workers until `shutdown` turns true.
 pub async fn run(
@@ -208,47 +192,22 @@ impl Worker {
             self.store.clone(),
             self.settings.store.audit_retention,
         ));
-        let mut attempt = 0u32;
-        let result = loop {
-            if *shutdown.borrow() {
-                break Ok(());
-            }
-            let conn = match amqp::connect(
-                &self.settings.amqp,
-                &format!("session-worker {}", self.worker_id),
-            )
-            .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    let delay =
-                        amqp::reconnect_delay(attempt, self.settings.amqp.reconnect_max_delay);
-                    attempt = attempt.saturating_add(1);
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unavailable");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
-                        _ = shutdown_requested(&mut shutdown) => break Ok(()),
-                    }
+        let name = format!("session-worker {}", self.worker_id);
+        let health = self.health.clone();
+        let result = consumer::with_reconnect(
+            &self.settings.amqp,
+            &name,
+            &mut shutdown,
+            |up| health.set_broker_connected(up),
+            |conn, mut rx| {
+                let this = self.clone();
+                async move {
+                    let result = this.session(&conn, &mut rx).await;
+                    (conn, result)
                 }
-            };
-            match self.clone().session(&conn, &mut shutdown).await {
-                Ok(SessionEnd::Shutdown) => {
-                    let _ = conn.close(200, "shutdown".into()).await;
-                    break Ok(());
-                }
-                Ok(SessionEnd::ConnectionLost(why)) => {
-                    self.health.set_broker_connected(false);
-                    attempt = 1;
-                    tracing::warn!(reason = %why, "broker connection lost; reconnecting");
-                    let _ = conn.close(320, "reconnecting".into()).await;
-                }
-                Err(e) => {
-                    self.health.set_broker_connected(false);
-                    let _ = conn.close(200, "fatal error".into()).await;
-                    break Err(e);
-                }
-            }
-        };
+            },
+        )
+        .await;
         self.health.set_broker_connected(false);
         pruner.abort();
         self.store.flush_now()?;
@@ -256,12 +215,13 @@ impl Worker {
         result
     }
 
-    /// One broker connection's worth of consuming. `Err` only for problems reconnecting cannot fix.
+    /// One broker connection's worth of consuming: `Ok(true)` on shutdown, `Ok(false)` to
+    /// reconnect, `Err` only for problems reconnecting cannot fix.
     async fn session(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         conn: &Connection,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<SessionEnd, WorkerError> {
+    ) -> Result<bool, WorkerError> {
         let setup = async {
             let declare_ch = conn
                 .create_channel()
@@ -273,117 +233,46 @@ impl Worker {
         };
         let publish_ch = match setup.await {
             Ok(ch) => ch,
-            Err(AmqpError::Operation { operation, message })
-                if operation.starts_with("declare") =>
-            {
-                return Err(AmqpError::Operation { operation, message }.into());
+            Err(e @ AmqpError::Operation { .. }) if e.to_string().contains("declare") => {
+                return Err(e.into())
             }
-            Err(e) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
+            Err(e) => {
+                tracing::warn!(error = %e, "broker setup failed; reconnecting");
+                return Ok(false);
+            }
         };
         self.health.set_broker_connected(true);
-        let permits = Arc::new(Semaphore::new(self.settings.worker.concurrency));
-        let mut tasks: JoinSet<()> = JoinSet::new();
         loop {
-            let (consume_ch, mut consumer) = match self.start_consumer(conn).await {
-                Ok(pair) => pair,
-                Err(e) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
+            let opts = ConsumeOptions {
+                queue: &self.settings.amqp.inbound_queue,
+                consumer_tag: format!("{}-{}", self.worker_id, uuid::Uuid::new_v4().simple()),
+                prefetch: self.settings.amqp.prefetch,
+                concurrency: self.settings.worker.concurrency,
+                grace: self.settings.worker.shutdown_grace,
             };
-            tracing::info!(queue = %self.settings.amqp.inbound_queue, "consuming");
-            let end = loop {
-                tokio::select! {
-                    biased;
-                    _ = shutdown_requested(shutdown) => break Some(SessionEnd::Shutdown),
-                    _ = self.auth.notify.notified() => break None,
-                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                        if let Err(e) = joined {
-                            tracing::error!(error = %e, "delivery task failed");
-                        }
-                    }
-                    next = next_delivery(&permits, &mut consumer) => match next {
-                        Some((Ok(delivery), permit)) => {
-                            let this = self.clone();
-                            let ch = publish_ch.clone();
-                            tasks.spawn(async move {
-                                this.handle(delivery, &ch).await;
-                                drop(permit);
-                            });
-                        }
-                        Some((Err(e), _)) => break Some(SessionEnd::ConnectionLost(e.to_string())),
-                        None => break Some(SessionEnd::ConnectionLost("consumer cancelled by the broker".into())),
-                    },
-                }
-            };
-            let tag = consumer.tag();
-            let _ = consume_ch
-                .basic_cancel(tag, BasicCancelOptions::default())
+            let end =
+                consumer::consume(conn, opts, shutdown, Some(&self.auth.notify), |delivery| {
+                    let this = self.clone();
+                    let ch = publish_ch.clone();
+                    async move { this.handle(delivery, &ch).await }
+                })
                 .await;
             match end {
-                Some(SessionEnd::Shutdown) => {
-                    self.drain(&mut tasks).await;
-                    // Deliveries prefetched but not started go back to the queue.
-                    let _ = consume_ch.close(200, "shutdown".into()).await;
-                    return Ok(SessionEnd::Shutdown);
+                Ok(ConsumeEnd::Shutdown) => return Ok(true),
+                Ok(ConsumeEnd::Lost(why)) => {
+                    tracing::warn!(reason = %why, "broker connection lost; reconnecting");
+                    return Ok(false);
                 }
-                Some(lost) => {
-                    // Let in-flight work record its outcome; redelivery then finds it done.
-                    self.drain(&mut tasks).await;
-                    return Ok(lost);
+                Err(e) => {
+                    tracing::warn!(error = %e, "consuming failed; reconnecting");
+                    return Ok(false);
                 }
-                None => {
-                    // Auth pause: finish in-flight work (it requeues), release the prefetch, probe.
-                    while tasks.join_next().await.is_some() {}
-                    let _ = consume_ch.close(200, "auth pause".into()).await;
+                Ok(ConsumeEnd::Interrupted) => {
                     if !self.auth_pause(shutdown).await {
-                        return Ok(SessionEnd::Shutdown);
+                        return Ok(true);
                     }
                 }
             }
-        }
-    }
-
-    async fn start_consumer(
-        &self,
-        conn: &Connection,
-    ) -> Result<(Channel, lapin::Consumer), AmqpError> {
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| AmqpError::op("channel.open", e))?;
-        ch.basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| AmqpError::op("basic.qos", e))?;
-        let tag = format!("{}-{}", self.worker_id, uuid::Uuid::new_v4().simple());
-        let consumer = ch
-            .basic_consume(
-                self.settings.amqp.inbound_queue.as_str().into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| AmqpError::op("basic.consume", e))?;
-        Ok((ch, consumer))
-    }
-
-    /// Wait up to `shutdown_grace` for in-flight deliveries; the rest are requeued by the broker.
-    async fn drain(&self, tasks: &mut JoinSet<()>) {
-        let grace = self.settings.worker.shutdown_grace;
-        let inflight = tasks.len();
-        if inflight > 0 {
-            tracing::info!(
-                inflight,
-                grace_ms = grace.as_millis() as u64,
-                "finishing in-flight deliveries"
-            );
-        }
-        let all = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!(
-                left = tasks.len(),
-                "shutdown grace over; unfinished deliveries will be redelivered"
-            );
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
         }
     }
 
@@ -832,7 +721,7 @@ impl Worker {
                 (header::LAST_ERROR, text(truncate(&err.to_string()))),
             ],
         );
-        amqp::publish_confirmed(ch, "", &queue, &delivery.data, properties).await?;
+        amqp::publish_routed(ch, "", &queue, &delivery.data, properties).await?;
         tracing::info!(attempts, retry_queue = %queue, error = %err, "scheduled a delayed retry");
         Ok(Settle::Ack)
     }
@@ -888,19 +777,6 @@ impl Worker {
         )
         .await
     }
-}
-
-/// Acquire a concurrency permit, then the next delivery. Cancel-safe: dropping it loses nothing.
-async fn next_delivery(
-    permits: &Arc<Semaphore>,
-    consumer: &mut lapin::Consumer,
-) -> Option<(
-    Result<Delivery, lapin::Error>,
-    tokio::sync::OwnedSemaphorePermit,
-)> {
-    let permit = permits.clone().acquire_owned().await.ok()?;
-    let next = consumer.next().await?;
-    Some((next, permit))
 }
 
 async fn prune_loop(store: Store, audit_retention: Duration) {

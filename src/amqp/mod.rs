@@ -1,6 +1,7 @@
 //! RabbitMQ plumbing: connecting (with a time limit and back-off), header helpers, and the
 //! topology in [`topology`].
 
+pub mod consumer;
 pub mod topology;
 
 use crate::config::AmqpSettings;
@@ -16,6 +17,11 @@ pub enum AmqpError {
     Operation { operation: String, message: String },
     #[error("RabbitMQ refused to confirm the publish to {exchange:?} (nack)")]
     Nacked { exchange: String },
+    #[error("no queue took the message published to exchange {exchange:?} with routing key {routing_key:?}; run `session-worker topology declare`")]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
 }
 
 impl AmqpError {
@@ -69,11 +75,38 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), AmqpError> {
+    publish(channel, exchange, routing_key, body, properties, false).await
+}
+
+/// Publish with confirm to a destination that must exist (a retry queue, a DLQ): a message
+/// that no queue takes comes back as an error instead of being dropped.
+pub async fn publish_routed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), AmqpError> {
+    publish(channel, exchange, routing_key, body, properties, true).await
+}
+
+async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    mandatory: bool,
+) -> Result<(), AmqpError> {
+    let options = lapin::options::BasicPublishOptions {
+        mandatory,
+        ..Default::default()
+    };
     let confirm = channel
         .basic_publish(
             exchange.into(),
             routing_key.into(),
-            Default::default(),
+            options,
             body,
             properties,
         )
@@ -84,6 +117,12 @@ pub async fn publish_confirmed(
     if confirm.is_nack() {
         return Err(AmqpError::Nacked {
             exchange: exchange.to_string(),
+        });
+    }
+    if confirm.take_message().is_some() {
+        return Err(AmqpError::Unroutable {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
         });
     }
     Ok(())

@@ -25,6 +25,15 @@ pub fn retry_queue_name(settings: &AmqpSettings, delay: Duration) -> String {
     )
 }
 
+/// Name of the webhook delayed-retry queue for one delay: `session.results.webhook.retry.30s`.
+pub fn webhook_retry_queue_name(settings: &AmqpSettings, delay: Duration) -> String {
+    format!(
+        "{}.retry.{}",
+        settings.webhook_queue,
+        crate::config::format_duration(delay).replace(' ', "")
+    )
+}
+
 fn queue_type_arg(settings: &AmqpSettings) -> (&'static str, AMQPValue) {
     let kind = match settings.queue_type {
         QueueType::Quorum => "quorum",
@@ -132,26 +141,33 @@ pub async fn declare(ch: &Channel, s: &AmqpSettings) -> Result<(), AmqpError> {
     }
 
     for delay in &s.retry_delays {
-        let mut args = vec![
-            queue_type_arg(s),
-            (
-                "x-message-ttl",
-                int(delay.as_millis().min(i64::MAX as u128) as i64),
-            ),
-            ("x-dead-letter-exchange", text(s.inbound_exchange.clone())),
-            (
-                "x-dead-letter-routing-key",
-                text(s.inbound_routing_key.clone()),
-            ),
-        ];
-        if s.queue_type == QueueType::Quorum {
-            // Quorum queues dead-letter at most once unless asked otherwise.
-            args.push(("x-dead-letter-strategy", text("at-least-once")));
-            args.push(("x-overflow", text("reject-publish")));
-        }
-        queue(ch, &retry_queue_name(s, *delay), table(args)).await?;
+        // Session retries go back through the inbound exchange; webhook retries straight to
+        // the webhook queue (through the default exchange), so no other subscriber of the
+        // results exchange sees an event twice.
+        let to_inbound = retry_args(s, *delay, &s.inbound_exchange, &s.inbound_routing_key);
+        queue(ch, &retry_queue_name(s, *delay), to_inbound).await?;
+        let to_webhook = retry_args(s, *delay, "", &s.webhook_queue);
+        queue(ch, &webhook_retry_queue_name(s, *delay), to_webhook).await?;
     }
     Ok(())
+}
+
+fn retry_args(s: &AmqpSettings, delay: Duration, exchange: &str, routing_key: &str) -> FieldTable {
+    let mut args = vec![
+        queue_type_arg(s),
+        (
+            "x-message-ttl",
+            int(delay.as_millis().min(i64::MAX as u128) as i64),
+        ),
+        ("x-dead-letter-exchange", text(exchange)),
+        ("x-dead-letter-routing-key", text(routing_key)),
+    ];
+    if s.queue_type == QueueType::Quorum {
+        // Quorum queues dead-letter at most once unless asked otherwise.
+        args.push(("x-dead-letter-strategy", text("at-least-once")));
+        args.push(("x-overflow", text("reject-publish")));
+    }
+    table(args)
 }
 
 /// Every queue [`declare`] creates (for tests and teardown).
@@ -163,6 +179,11 @@ pub fn queue_names(s: &AmqpSettings) -> Vec<String> {
         s.webhook_dead_letter_queue.clone(),
     ];
     names.extend(s.retry_delays.iter().map(|d| retry_queue_name(s, *d)));
+    names.extend(
+        s.retry_delays
+            .iter()
+            .map(|d| webhook_retry_queue_name(s, *d)),
+    );
     names
 }
 

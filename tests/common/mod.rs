@@ -133,6 +133,9 @@ pub fn unique_prefix() -> String {
 
 impl TestEnv {
     pub async fn new(faults: Faults, tweak: impl FnOnce(&mut Settings)) -> Self {
+        if std::env::var_os("RUST_LOG").is_some() {
+            session_worker::telemetry::init();
+        }
         let sim = sim::spawn(SimOptions {
             listen: "127.0.0.1:0".into(),
             faults,
@@ -177,7 +180,7 @@ impl TestEnv {
     }
 
     /// Run the worker in this process until the returned handle is stopped.
-    pub fn start_worker(&self, store: Store) -> WorkerHandle {
+    pub fn start_worker(&self, store: Store) -> Running<session_worker::worker::WorkerError> {
         let (tx, rx) = watch::channel(false);
         let health = Arc::new(Health::default());
         let settings = Arc::new(self.settings.clone());
@@ -187,7 +190,28 @@ impl TestEnv {
             health.clone(),
             rx,
         ));
-        WorkerHandle {
+        Running {
+            stop: tx,
+            task,
+            health,
+        }
+    }
+
+    /// Run the webhook forwarder in this process until the returned handle is stopped.
+    pub fn start_forwarder(
+        &self,
+        store: Store,
+    ) -> Running<session_worker::webhook::ForwarderError> {
+        let (tx, rx) = watch::channel(false);
+        let health = Arc::new(Health::default());
+        let settings = Arc::new(self.settings.clone());
+        let task = tokio::spawn(session_worker::webhook::run(
+            settings,
+            store,
+            health.clone(),
+            rx,
+        ));
+        Running {
             stop: tx,
             task,
             health,
@@ -302,18 +326,19 @@ impl TestEnv {
     }
 }
 
-pub struct WorkerHandle {
+/// A worker or forwarder running in the test process.
+pub struct Running<E> {
     stop: watch::Sender<bool>,
-    pub task: tokio::task::JoinHandle<Result<(), session_worker::worker::WorkerError>>,
+    pub task: tokio::task::JoinHandle<Result<(), E>>,
     pub health: Arc<Health>,
 }
 
-impl WorkerHandle {
+impl<E: std::fmt::Display> Running<E> {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         match tokio::time::timeout(Duration::from_secs(20), self.task).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => panic!("worker failed: {e}"),
+            Ok(Ok(Err(e))) => panic!("task failed: {e}"),
             Ok(Err(e)) => panic!("worker task panicked: {e}"),
             Err(_) => panic!("worker did not stop within 20 s"),
         }

@@ -1,0 +1,210 @@
+//! The consume loop shared by the session worker and the webhook forwarder: manual acks,
+//! prefetch, at most `concurrency` deliveries in flight (one task each), and a drain that lets
+//! in-flight work finish before the loop returns.
+
+use super::AmqpError;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+/// Why [`consume`] returned.
+#[derive(Debug)]
+pub enum ConsumeEnd {
+    /// Shutdown was requested; in-flight work was given the grace period.
+    Shutdown,
+    /// The `interrupt` notification fired; in-flight work finished and the channel is closed,
+    /// so prefetched deliveries are back in the queue.
+    Interrupted,
+    /// The broker connection or channel went away.
+    Lost(String),
+}
+
+pub struct ConsumeOptions<'a> {
+    pub queue: &'a str,
+    pub consumer_tag: String,
+    pub prefetch: u16,
+    pub concurrency: usize,
+    /// How long in-flight work may take after shutdown or connection loss.
+    pub grace: Duration,
+}
+
+/// Resolves once shutdown is requested (or its sender is gone).
+pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Consume `opts.queue` on a new channel of `conn`, running `handle` for each delivery.
+/// `handle` settles (acks or nacks) the delivery itself.
+pub async fn consume<F, Fut>(
+    conn: &Connection,
+    opts: ConsumeOptions<'_>,
+    shutdown: &mut watch::Receiver<bool>,
+    interrupt: Option<&Notify>,
+    handle: F,
+) -> Result<ConsumeEnd, AmqpError>
+where
+    F: Fn(Delivery) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::op("channel.open", e))?;
+    ch.basic_qos(opts.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| AmqpError::op("basic.qos", e))?;
+    let mut consumer = ch
+        .basic_consume(
+            opts.queue.into(),
+            opts.consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| AmqpError::op(format!("basic.consume on {}", opts.queue), e))?;
+    tracing::info!(
+        queue = opts.queue,
+        prefetch = opts.prefetch,
+        concurrency = opts.concurrency,
+        "consuming"
+    );
+    let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let never = Notify::new();
+    let interrupt = interrupt.unwrap_or(&never);
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown_requested(shutdown) => break ConsumeEnd::Shutdown,
+            _ = interrupt.notified() => break ConsumeEnd::Interrupted,
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = joined {
+                    tracing::error!(error = %e, "delivery task failed");
+                }
+            }
+            next = next_delivery(&permits, &mut consumer) => match next {
+                Some((Ok(delivery), permit)) => {
+                    let work = handle(delivery);
+                    tasks.spawn(async move {
+                        work.await;
+                        drop(permit);
+                    });
+                }
+                Some((Err(e), _)) => break ConsumeEnd::Lost(e.to_string()),
+                None => break ConsumeEnd::Lost(format!("consumer on {} was cancelled by the broker", opts.queue)),
+            },
+        }
+    };
+    let _ = ch
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
+    match end {
+        ConsumeEnd::Interrupted => while tasks.join_next().await.is_some() {},
+        _ => drain(&mut tasks, opts.grace).await,
+    }
+    if !matches!(end, ConsumeEnd::Lost(_)) {
+        // Returns prefetched deliveries that were never started to the queue.
+        let _ = ch.close(200, "done".into()).await;
+    }
+    Ok(end)
+}
+
+/// Wait up to `grace` for in-flight deliveries; unfinished ones are redelivered by the broker.
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+    if tasks.is_empty() {
+        return;
+    }
+    tracing::info!(
+        inflight = tasks.len(),
+        grace_ms = grace.as_millis() as u64,
+        "finishing in-flight deliveries"
+    );
+    let all = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, all).await.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "grace period over; unfinished deliveries will be redelivered"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Acquire a concurrency permit, then the next delivery. Cancel-safe: dropping it loses nothing.
+async fn next_delivery(
+    permits: &Arc<Semaphore>,
+    consumer: &mut lapin::Consumer,
+) -> Option<(
+    Result<Delivery, lapin::Error>,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    let permit = permits.clone().acquire_owned().await.ok()?;
+    let next = consumer.next().await?;
+    Some((next, permit))
+}
+
+/// Run `session` on a fresh connection until it asks to stop, reconnecting with jittered
+/// back-off when the broker goes away. `session` returns `Ok(true)` to stop (shutdown),
+/// `Ok(false)` to reconnect, `Err` for what reconnecting cannot fix.
+pub async fn with_reconnect<S, Fut, E>(
+    settings: &crate::config::AmqpSettings,
+    name: &str,
+    shutdown: &mut watch::Receiver<bool>,
+    on_connected: impl Fn(bool),
+    mut session: S,
+) -> Result<(), E>
+where
+    S: FnMut(Connection, watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = (Connection, Result<bool, E>)>,
+{
+    let mut attempt = 0u32;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let conn = match super::connect(settings, name).await {
+            Ok(c) => c,
+            Err(e) => {
+                let delay = super::reconnect_delay(attempt, settings.reconnect_max_delay);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unavailable");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = shutdown_requested(shutdown) => return Ok(()),
+                }
+            }
+        };
+        attempt = 1;
+        let (conn, result) = session(conn, shutdown.clone()).await;
+        on_connected(false);
+        match result {
+            Ok(true) => {
+                let _ = conn.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
+            Ok(false) => {
+                let _ = conn.close(320, "reconnecting".into()).await;
+                let delay = super::reconnect_delay(0, settings.reconnect_max_delay);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown_requested(shutdown) => return Ok(()),
+                }
+            }
+            Err(e) => {
+                let _ = conn.close(200, "fatal error".into()).await;
+                return Err(e);
+            }
+        }
+    }
+}

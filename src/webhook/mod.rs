@@ -1,0 +1,485 @@
+//! The webhook forwarder: drains `session.results.webhook` to the analytics endpoint.
+//!
+//! Each event is POSTed with `x-source: genesys-messaging-init` and the Standard Webhooks
+//! headers (`webhook-id` = the event id, `webhook-timestamp`, and `webhook-signature` when a
+//! secret is set). 2xx acks. 408, 429, 5xx and transport errors are retried through the webhook
+//! delayed-retry queues (so an outage holds no consumer slot), honouring `Retry-After`, up to
+//! `webhook.max_attempts`; other 4xx and exhausted retries are dead-lettered to
+//! `session.results.webhook.dlq` with the failure headers. Every outcome is an audit entry.
+
+pub mod signature;
+
+use crate::amqp::consumer::{self, ConsumeEnd, ConsumeOptions};
+use crate::amqp::{self, header_i64, int, text, topology, AmqpError};
+use crate::config::Settings;
+use crate::health::Health;
+use crate::store::{AuditEntry, Store};
+use crate::worker::header;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::{Channel, Connection};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+/// `x-source` header value on every delivery.
+pub const SOURCE: &str = "genesys-messaging-init";
+
+/// Failure reasons of the webhook DLQ.
+pub mod reason {
+    pub const WEBHOOK_REJECTED: &str = "webhook_rejected";
+    pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwarderError {
+    #[error("webhook.secret: {0}")]
+    Secret(#[from] signature::VerifyError),
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Client(String),
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+}
+
+/// What one POST came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Delivered(u16),
+    /// Worth another try; `after` is the receiver's `Retry-After`.
+    Retry {
+        status: Option<u16>,
+        after: Option<Duration>,
+        detail: String,
+    },
+    /// The receiver refused it for good (4xx other than 408/429).
+    Rejected {
+        status: u16,
+        detail: String,
+    },
+}
+
+/// Classify a receiver's answer (the retry rules of SPEC §4).
+pub fn classify(status: u16, retry_after: Option<Duration>, body: &str) -> Outcome {
+    let detail = format!(
+        "receiver answered {status}: {}",
+        crate::genesys::error::truncate(body.trim())
+    );
+    match status {
+        200..=299 => Outcome::Delivered(status),
+        408 | 429 | 500..=599 => Outcome::Retry {
+            status: Some(status),
+            after: retry_after,
+            detail,
+        },
+        _ => Outcome::Rejected { status, detail },
+    }
+}
+
+pub struct Forwarder {
+    settings: Arc<Settings>,
+    http: reqwest::Client,
+    key: Option<Vec<u8>>,
+    store: Store,
+    health: Arc<Health>,
+    worker_id: String,
+}
+
+/// Run the forwarder until shutdown. With `webhook.url` empty it says so once and returns.
+pub async fn run(
+    settings: Arc<Settings>,
+    store: Store,
+    health: Arc<Health>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ForwarderError> {
+    if settings.webhook.url.trim().is_empty() {
+        tracing::info!("webhook.url is empty: the webhook forwarder is disabled; result events stay in the webhook queue");
+        return Ok(());
+    }
+    let f = Arc::new(Forwarder::new(settings, store, health)?);
+    f.run(shutdown).await
+}
+
+impl Forwarder {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        health: Arc<Health>,
+    ) -> Result<Self, ForwarderError> {
+        let secret = settings.webhook.secret.expose();
+        let key = if secret.is_empty() {
+            None
+        } else {
+            Some(signature::secret_bytes(secret)?)
+        };
+        let http = reqwest::Client::builder()
+            .timeout(settings.webhook.timeout)
+            .connect_timeout(settings.webhook.timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(settings.webhook.concurrency)
+            .user_agent(concat!("session-worker/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ForwarderError::Client(e.to_string()))?;
+        Ok(Self {
+            worker_id: settings.worker_id(),
+            settings,
+            http,
+            key,
+            store,
+            health,
+        })
+    }
+
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ForwarderError> {
+        tracing::info!(url = %self.settings.webhook.url, signed = self.key.is_some(), "webhook forwarder starting");
+        let name = format!("session-worker forwarder {}", self.worker_id);
+        let health = self.health.clone();
+        consumer::with_reconnect(
+            &self.settings.amqp,
+            &name,
+            &mut shutdown,
+            |up| health.set_broker_connected(up),
+            |conn, mut rx| {
+                let this = self.clone();
+                async move {
+                    let result = this.session(&conn, &mut rx).await;
+                    (conn, result)
+                }
+            },
+        )
+        .await?;
+        tracing::info!("webhook forwarder stopped");
+        Ok(())
+    }
+
+    async fn session(
+        self: &Arc<Self>,
+        conn: &Connection,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<bool, ForwarderError> {
+        let setup = async {
+            let declare_ch = conn
+                .create_channel()
+                .await
+                .map_err(|e| AmqpError::op("channel.open", e))?;
+            topology::declare(&declare_ch, &self.settings.amqp).await?;
+            let _ = declare_ch.close(200, "declared".into()).await;
+            amqp::confirm_channel(conn).await
+        };
+        let publish_ch = match setup.await {
+            Ok(ch) => ch,
+            Err(e @ AmqpError::Operation { .. }) if e.to_string().contains("declare") => {
+                return Err(e.into())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "broker setup failed; reconnecting");
+                return Ok(false);
+            }
+        };
+        self.health.set_broker_connected(true);
+        let w = &self.settings.webhook;
+        let opts = ConsumeOptions {
+            queue: &self.settings.amqp.webhook_queue,
+            consumer_tag: format!(
+                "{}-forwarder-{}",
+                self.worker_id,
+                uuid::Uuid::new_v4().simple()
+            ),
+            prefetch: u16::try_from(w.concurrency.saturating_mul(2)).unwrap_or(u16::MAX),
+            concurrency: w.concurrency,
+            grace: self.settings.worker.shutdown_grace,
+        };
+        let end = consumer::consume(conn, opts, shutdown, None, |delivery| {
+            let this = self.clone();
+            let ch = publish_ch.clone();
+            async move { this.handle(delivery, &ch).await }
+        })
+        .await;
+        match end {
+            Ok(ConsumeEnd::Shutdown) => Ok(true),
+            Ok(ConsumeEnd::Interrupted) => Ok(false),
+            Ok(ConsumeEnd::Lost(why)) => {
+                tracing::warn!(reason = %why, "broker connection lost; reconnecting");
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consuming failed; reconnecting");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn handle(&self, delivery: Delivery, ch: &Channel) {
+        let span = tracing::info_span!("webhook", webhook_id = tracing::field::Empty);
+        self.settle(delivery, ch).instrument(span).await
+    }
+
+    async fn settle(&self, delivery: Delivery, ch: &Channel) {
+        let requeue = match self.forward(&delivery, ch).await {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::error!(error = %e, "could not settle the webhook delivery; it will be retried");
+                true
+            }
+        };
+        let result = if requeue {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        } else {
+            delivery.acker.ack(BasicAckOptions::default()).await
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not settle the delivery; the broker will redeliver it");
+        }
+    }
+
+    /// The webhook id: the event's `event_id`, else the message id, else a hash of the body.
+    fn webhook_id(delivery: &Delivery, event: &Value) -> String {
+        event
+            .get("event_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| {
+                delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.as_str().to_string())
+            })
+            .unwrap_or_else(|| format!("evt_{}", &crate::request::sha256_hex(&delivery.data)[..32]))
+    }
+
+    /// POST one event. The signature is computed over the exact bytes sent.
+    pub async fn post(&self, id: &str, body: &[u8]) -> Outcome {
+        let timestamp = signature::unix_now();
+        let mut req = self
+            .http
+            .post(&self.settings.webhook.url)
+            .header("content-type", "application/json")
+            .header("x-source", SOURCE)
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string());
+        if let Some(key) = &self.key {
+            match signature::sign(key, id, timestamp, body) {
+                Ok(sig) => req = req.header("webhook-signature", sig),
+                Err(e) => {
+                    return Outcome::Rejected {
+                        status: 0,
+                        detail: e.to_string(),
+                    }
+                }
+            }
+        }
+        match req.body(body.to_vec()).send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = crate::genesys::error::retry_after(resp.headers());
+                let text = resp.text().await.unwrap_or_default();
+                classify(status, retry_after, &text)
+            }
+            Err(e) => Outcome::Retry {
+                status: None,
+                after: None,
+                detail: crate::genesys::error::describe_chain(&e),
+            },
+        }
+    }
+
+    async fn forward(&self, delivery: &Delivery, ch: &Channel) -> Result<(), ForwarderError> {
+        let event: Value = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
+        let id = Self::webhook_id(delivery, &event);
+        tracing::Span::current().record("webhook_id", id.as_str());
+        let attempts = header_i64(&delivery.properties, header::ATTEMPTS)
+            .unwrap_or(0)
+            .max(0) as u32
+            + 1;
+        let started = Instant::now();
+        let outcome = self.post(&id, &delivery.data).await;
+        let latency_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
+        let mut entry = AuditEntry {
+            timestamp: crate::event::now_rfc3339(),
+            event_type: "webhook_delivery".into(),
+            idempotency_key: field(&event, "idempotency_key"),
+            visitor_id: field(&event, "visitor_id"),
+            queue_id: field(&event, "queue_id"),
+            conversation_id: field(&event, "conversation_id"),
+            latency_ms: Some(latency_ms),
+            attempts: Some(attempts),
+            worker_id: self.worker_id.clone(),
+            detail: Some(format!("webhook-id {id}")),
+            ..Default::default()
+        };
+        let max = self.settings.webhook.max_attempts;
+        match outcome {
+            Outcome::Delivered(status) => {
+                entry.outcome = "delivered".into();
+                entry.http_status = Some(status);
+                self.store
+                    .append_audit(&entry)
+                    .map_err(|e| ForwarderError::Client(e.to_string()))?;
+                tracing::info!(attempts, status, "webhook delivered");
+            }
+            Outcome::Retry {
+                status,
+                after,
+                detail,
+            } if attempts < max && !self.settings.amqp.retry_delays.is_empty() => {
+                let delay = self.retry_delay(attempts, after);
+                let queue = topology::webhook_retry_queue_name(&self.settings.amqp, delay);
+                let props = amqp::with_headers(
+                    &delivery.properties,
+                    vec![
+                        (header::ATTEMPTS, int(i64::from(attempts))),
+                        (header::LAST_ERROR, text(detail.clone())),
+                    ],
+                );
+                amqp::publish_routed(ch, "", &queue, &delivery.data, props).await?;
+                entry.outcome = "retry_scheduled".into();
+                entry.http_status = status;
+                entry.detail = Some(format!(
+                    "{detail}; retry in {}",
+                    crate::config::format_duration(delay)
+                ));
+                self.store
+                    .append_audit(&entry)
+                    .map_err(|e| ForwarderError::Client(e.to_string()))?;
+                tracing::warn!(attempts, retry_queue = %queue, error = %detail, "webhook delivery failed; retrying later");
+            }
+            Outcome::Retry { status, detail, .. } => {
+                self.dead_letter(
+                    ch,
+                    delivery,
+                    reason::RETRIES_EXHAUSTED,
+                    &detail,
+                    status,
+                    attempts,
+                )
+                .await?;
+                entry.outcome = "dead_lettered".into();
+                entry.http_status = status;
+                entry.detail = Some(detail);
+                self.store
+                    .append_audit(&entry)
+                    .map_err(|e| ForwarderError::Client(e.to_string()))?;
+            }
+            Outcome::Rejected { status, detail } => {
+                self.dead_letter(
+                    ch,
+                    delivery,
+                    reason::WEBHOOK_REJECTED,
+                    &detail,
+                    Some(status),
+                    attempts,
+                )
+                .await?;
+                entry.outcome = "dead_lettered".into();
+                entry.http_status = Some(status);
+                entry.detail = Some(detail);
+                self.store
+                    .append_audit(&entry)
+                    .map_err(|e| ForwarderError::Client(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The delayed-retry queue for attempt `n`: the n-th configured delay (the last one
+    /// repeating), or the first one at least as long as the receiver's `Retry-After`.
+    fn retry_delay(&self, attempts: u32, retry_after: Option<Duration>) -> Duration {
+        let delays = &self.settings.amqp.retry_delays;
+        let by_attempt = delays
+            .get((attempts as usize).saturating_sub(1))
+            .or(delays.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(5));
+        match retry_after {
+            Some(after) if after > by_attempt => delays
+                .iter()
+                .copied()
+                .find(|d| *d >= after)
+                .or(delays.last().copied())
+                .unwrap_or(by_attempt),
+            _ => by_attempt,
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        ch: &Channel,
+        delivery: &Delivery,
+        why: &str,
+        detail: &str,
+        status: Option<u16>,
+        attempts: u32,
+    ) -> Result<(), AmqpError> {
+        let mut headers = vec![
+            (header::FAILURE_REASON, text(why)),
+            (
+                header::FAILURE_DETAIL,
+                text(crate::genesys::error::truncate(detail)),
+            ),
+            (header::ATTEMPTS, int(i64::from(attempts))),
+            (header::FAILED_AT, text(crate::event::now_rfc3339())),
+            (header::WORKER_ID, text(self.worker_id.clone())),
+            (header::ORIGINAL_EXCHANGE, text(delivery.exchange.as_str())),
+            (
+                header::ORIGINAL_ROUTING_KEY,
+                text(delivery.routing_key.as_str()),
+            ),
+        ];
+        if let Some(s) = status {
+            headers.push((header::FAILURE_STATUS, int(i64::from(s))));
+        }
+        let a = &self.settings.amqp;
+        let props = amqp::with_headers(&delivery.properties, headers);
+        amqp::publish_routed(
+            ch,
+            &a.dead_letter_exchange,
+            &a.webhook_dead_letter_queue,
+            &delivery.data,
+            props,
+        )
+        .await?;
+        tracing::warn!(
+            reason = why,
+            attempts,
+            detail,
+            "webhook event dead-lettered"
+        );
+        Ok(())
+    }
+}
+
+fn field(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_rules_follow_the_spec() {
+        assert_eq!(classify(204, None, ""), Outcome::Delivered(204));
+        for s in [408, 429, 500, 502, 503] {
+            assert!(
+                matches!(classify(s, None, ""), Outcome::Retry { .. }),
+                "{s}"
+            );
+        }
+        for s in [400, 401, 404, 410, 422] {
+            assert!(
+                matches!(classify(s, None, ""), Outcome::Rejected { .. }),
+                "{s}"
+            );
+        }
+    }
+}

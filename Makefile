@@ -27,6 +27,10 @@ sim: build
 test: broker
 	cargo test --all-targets -- --test-threads=4
 
+## bench: throughput against a bare-consumer baseline measured in the same run (release build)
+bench: broker
+	cargo bench --bench pipeline
+
 fmt:
 	cargo fmt --all
 

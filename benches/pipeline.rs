@@ -148,7 +148,8 @@ fn main() {
         .await;
         let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("bench-{i:08}"))).collect();
         let size = bodies[0].len();
-        eprintln!("measuring: {n} messages of {size} bytes, worker concurrency {concurrency} (release build, 2 cores)");
+        let profile = if cfg!(debug_assertions) { "debug build: figures not representative" } else { "release build" };
+        eprintln!("measuring: {n} messages of {size} bytes, worker concurrency {concurrency} ({profile})");
         let baseline = broker_baseline(&env, &bodies, (concurrency * 2) as u16).await;
         let (e2e, dups) = end_to_end(&env, &bodies).await;
         println!();

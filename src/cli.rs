@@ -2,6 +2,7 @@
 //! the outcome to an exit code: 0 ok, 1 runtime failure, 2 usage or configuration error.
 
 use crate::config::{self, Settings};
+use crate::dlq::DlqKind;
 use crate::health::Health;
 use crate::sim::{self, AuthMode, Faults, SimOptions};
 use crate::store::Store;
@@ -47,13 +48,13 @@ pub enum Command {
     },
     /// Inspect, replay and purge the dead-letter queues.
     Dlq {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(subcommand)]
+        action: DlqAction,
     },
     /// Read the audit trail.
     Audit {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(subcommand)]
+        action: AuditAction,
     },
     /// Manage the broker topology.
     Topology {
@@ -68,6 +69,94 @@ pub enum Command {
 pub enum TopologyAction {
     /// Declare exchanges, queues and bindings idempotently, then exit.
     Declare,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditAction {
+    /// The newest entries, oldest first.
+    Tail {
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Keep printing new entries as they are written.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Every entry for one idempotency key.
+    Show { key: String },
+    /// Entries as JSON Lines (all of them when no bound is given).
+    Export {
+        /// RFC 3339 time or a duration ago (`24h`).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Counts by outcome and latency percentiles.
+    Stats {
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DlqFilterArgs {
+    /// Which dead-letter queue.
+    #[arg(long, value_enum, default_value_t = DlqKind::Worker)]
+    pub queue: DlqKind,
+    /// Only messages with this x-failure-reason.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only the message with this message id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Only messages that failed at or after this time (RFC 3339, or a duration ago like `2h`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many messages.
+    #[arg(long)]
+    pub max: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqAction {
+    /// Show dead-lettered messages without consuming them.
+    List {
+        #[arg(long, value_enum, default_value_t = DlqKind::Worker)]
+        queue: DlqKind,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// One JSON object per message and line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one message in full.
+    Show {
+        id: String,
+        #[arg(long, value_enum, default_value_t = DlqKind::Worker)]
+        queue: DlqKind,
+    },
+    /// Move matching messages back to their source, each confirmed before removal.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Messages per second at most.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Print what would move; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove matching messages (needs --yes).
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,11 +227,6 @@ pub fn main() -> i32 {
     runtime.block_on(dispatch(cli))
 }
 
-fn not_available(what: &str, issue: u32) -> i32 {
-    eprintln!("error: `session-worker {what}` is not available yet (planned in issue #{issue})");
-    EXIT_USAGE
-}
-
 async fn dispatch(cli: Cli) -> i32 {
     let config_path = cli.config.clone();
     let load = || Settings::load(Some(&config_path));
@@ -178,8 +262,14 @@ async fn dispatch(cli: Cli) -> i32 {
             Ok(settings) => run_publish(&settings, &input).await,
             Err(e) => config_error(&e),
         },
-        Command::Dlq { .. } => not_available("dlq", 5),
-        Command::Audit { .. } => not_available("audit", 5),
+        Command::Dlq { action } => match load() {
+            Ok(settings) => crate::ops::dlq_command(&settings, action).await,
+            Err(e) => config_error(&e),
+        },
+        Command::Audit { action } => match load() {
+            Ok(settings) => crate::ops::audit_command(&settings, action).await,
+            Err(e) => config_error(&e),
+        },
     }
 }
 
@@ -319,7 +409,19 @@ async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
         })?;
     let health = Arc::new(Health::default());
     health.set_store_open(true);
+    let listener = crate::http::bind(&settings.http.listen).await?;
     let shutdown = shutdown_signal();
+    let http = {
+        let mut rx = shutdown.clone();
+        tokio::spawn(crate::http::serve(
+            listener,
+            health.clone(),
+            store.clone(),
+            async move {
+                crate::worker::shutdown_requested(&mut rx).await;
+            },
+        ))
+    };
     match role {
         Role::Worker => crate::worker::run(settings, store, health, shutdown).await?,
         Role::Forwarder => crate::webhook::run(settings, store, health, shutdown).await?,
@@ -336,5 +438,6 @@ async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
             forwarded?;
         }
     }
+    http.abort();
     Ok(())
 }

@@ -13,6 +13,8 @@
 //! - [`event`]: the result event published to `session.results`.
 //! - [`webhook`]: the forwarder delivering result events to the analytics endpoint, signed.
 //! - [`publish`]: the producer tool, validating with the worker's own code.
+//! - [`dlq`], [`audit`]: operator tools for dead letters and the audit trail.
+//! - [`http`], [`metrics`], [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`sim`]: a local Genesys Cloud simulator for development and tests.
 //! - [`cli`]: the command line (`run`, `sim`, `topology declare`, `check-config`, ...).
 //!
@@ -20,13 +22,18 @@
 //! [`telemetry`].
 
 pub mod amqp;
+pub mod audit;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod dlq;
 pub mod event;
 pub mod genesys;
 pub mod health;
+pub mod http;
 pub mod limiter;
+pub mod metrics;
+pub mod ops;
 pub mod publish;
 pub mod request;
 pub mod secret;

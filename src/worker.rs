@@ -12,6 +12,7 @@ use crate::event::{EventError, EventKind, ResultEvent};
 use crate::genesys::{Disposition, GenesysClient, GenesysError, SessionCreated};
 use crate::health::Health;
 use crate::limiter::Limiter;
+use crate::metrics::{metrics, InflightGuard};
 use crate::request::{self, ValidRequest, ValidationError};
 use crate::store::{now_ms, AuditEntry, Claim, IdemRecord, IdemState, Store, StoreError};
 use lapin::message::Delivery;
@@ -280,6 +281,7 @@ impl Worker {
     /// Returns false if shutdown was requested meanwhile.
     async fn auth_pause(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
         self.health.set_auth_paused(true);
+        metrics().auth_paused.set(1);
         let streak = self.auth.streak.fetch_add(1, Ordering::SeqCst);
         let delay =
             crate::backoff::ceiling(streak, Duration::from_secs(5), Duration::from_secs(300));
@@ -299,6 +301,7 @@ impl Worker {
                     tracing::info!("credentials accepted by the token endpoint; resuming");
                     self.auth.tripped.store(false, Ordering::SeqCst);
                     self.health.set_auth_paused(false);
+                    metrics().auth_paused.set(0);
                     return true;
                 }
                 Err(e) => {
@@ -310,6 +313,7 @@ impl Worker {
     }
 
     async fn handle(&self, delivery: Delivery, publish_ch: &Channel) {
+        let _inflight = InflightGuard::new();
         let span = tracing::info_span!(
             "message",
             delivery_tag = delivery.delivery_tag,
@@ -373,10 +377,16 @@ impl Worker {
         let outcome = loop {
             attempts_here += 1;
             let waited = self.limiter.acquire().await;
+            metrics().limiter_wait(waited);
             if waited > Duration::from_millis(100) {
                 tracing::debug!(waited_ms = waited.as_millis() as u64, "rate limiter wait");
             }
-            match self.client.create_session(&valid.request, &key).await {
+            let call_started = Instant::now();
+            let result = self.client.create_session(&valid.request, &key).await;
+            metrics()
+                .genesys_request_duration
+                .observe(call_started.elapsed().as_secs_f64());
+            match result {
                 Ok(created) => break Ok(created),
                 Err(e) => match e.disposition() {
                     Disposition::Retry { after } => {
@@ -396,12 +406,14 @@ impl Worker {
                             self.settings.worker.backoff_max,
                         );
                         tracing::info!(attempt = attempts_here, error = %e, backoff_ms = delay.as_millis() as u64, "retryable error");
+                        metrics().retry("in_process");
                         tokio::time::sleep(delay).await;
                     }
                     Disposition::Permanent => break Err(e),
                     Disposition::Auth => {
                         self.record_attempts(&key, &valid, attempts_before + attempts_here)?;
                         tracing::error!(error = %e, "auth failure: requeueing and pausing consumption");
+                        metrics().outcome("requeued_auth");
                         self.auth.trip();
                         return Ok(Settle::Requeue);
                     }
@@ -509,6 +521,14 @@ impl Worker {
         self.store.durable().await?;
         self.publish_event(ch, &event).await?;
         tracing::info!(attempts, latency_ms = event.latency_ms, "session created");
+        let m = metrics();
+        m.outcome("started");
+        if let Some(a) = created.rate_limit.allowed {
+            m.genesys_ratelimit_allowed.set(a as i64);
+        }
+        if let Some(c) = created.rate_limit.count {
+            m.genesys_ratelimit_count.set(c as i64);
+        }
         Ok(Settle::Ack)
     }
 
@@ -536,6 +556,8 @@ impl Worker {
         self.store.durable().await?;
         self.publish_event(ch, &event).await?;
         tracing::info!(conversation_id = ?event.conversation_id, "already completed: re-published the stored event, no API call");
+        metrics().outcome("duplicate");
+        metrics().idempotent_replays.inc();
         Ok(Settle::Ack)
     }
 
@@ -581,6 +603,8 @@ impl Worker {
         self.dead_letter(ch, delivery, reason::INVALID_REQUEST, &detail, None, 0)
             .await?;
         tracing::warn!(detail = %detail, "invalid request dead-lettered");
+        metrics().outcome(reason::INVALID_REQUEST);
+        metrics().dead_letter(reason::INVALID_REQUEST);
         Ok(Settle::Ack)
     }
 
@@ -614,6 +638,8 @@ impl Worker {
         self.dead_letter(ch, delivery, reason::IDEMPOTENCY_CONFLICT, &detail, None, 0)
             .await?;
         tracing::warn!("idempotency conflict dead-lettered");
+        metrics().outcome(reason::IDEMPOTENCY_CONFLICT);
+        metrics().dead_letter(reason::IDEMPOTENCY_CONFLICT);
         Ok(Settle::Ack)
     }
 
@@ -672,6 +698,8 @@ impl Worker {
         self.dead_letter(ch, delivery, why, &detail, err.status(), attempts)
             .await?;
         tracing::warn!(reason = why, attempts, error = %detail, "request dead-lettered");
+        metrics().outcome(why);
+        metrics().dead_letter(why);
         Ok(Settle::Ack)
     }
 
@@ -723,6 +751,8 @@ impl Worker {
         );
         amqp::publish_routed(ch, "", &queue, &delivery.data, properties).await?;
         tracing::info!(attempts, retry_queue = %queue, error = %err, "scheduled a delayed retry");
+        metrics().outcome("retry_scheduled");
+        metrics().retry("delayed");
         Ok(Settle::Ack)
     }
 

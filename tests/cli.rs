@@ -121,12 +121,21 @@ fn environment_overrides_apply() {
 }
 
 #[test]
-fn commands_not_built_yet_exit_2() {
-    for cmd in [&["audit", "tail"][..], &["dlq", "list"][..]] {
-        let out = bin().args(cmd).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{cmd:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("not available yet"));
-    }
+fn audit_on_an_empty_store_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["audit", "show", "missing-key"])
+        .env("SESSION_WORKER__STORE__PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no audit entries"));
+    let out = bin()
+        .args(["audit", "export", "--since", "last tuesday"])
+        .env("SESSION_WORKER__STORE__PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a bad time is a usage error");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use crate::amqp::consumer::{self, ConsumeEnd, ConsumeOptions};
 use crate::amqp::{self, header_i64, int, text, topology, AmqpError};
 use crate::config::Settings;
 use crate::health::Health;
+use crate::metrics::metrics;
 use crate::store::{AuditEntry, Store};
 use crate::worker::header;
 use lapin::message::Delivery;
@@ -326,6 +327,7 @@ impl Forwarder {
                     .append_audit(&entry)
                     .map_err(|e| ForwarderError::Client(e.to_string()))?;
                 tracing::info!(attempts, status, "webhook delivered");
+                metrics().webhook("delivered");
             }
             Outcome::Retry {
                 status,
@@ -352,6 +354,8 @@ impl Forwarder {
                     .append_audit(&entry)
                     .map_err(|e| ForwarderError::Client(e.to_string()))?;
                 tracing::warn!(attempts, retry_queue = %queue, error = %detail, "webhook delivery failed; retrying later");
+                metrics().webhook("retry_scheduled");
+                metrics().retry("webhook");
             }
             Outcome::Retry { status, detail, .. } => {
                 self.dead_letter(
@@ -454,6 +458,8 @@ impl Forwarder {
             detail,
             "webhook event dead-lettered"
         );
+        metrics().webhook("dead_lettered");
+        metrics().dead_letter(why);
         Ok(())
     }
 }

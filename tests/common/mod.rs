@@ -81,6 +81,7 @@ pub struct TestEnv {
     pub store_dir: tempfile::TempDir,
     pub conn: Connection,
     pub ch: Channel,
+    store: std::sync::Mutex<Option<Store>>,
     cleanup: Cleanup,
 }
 
@@ -167,16 +168,35 @@ impl TestEnv {
             store_dir,
             conn,
             ch,
+            store: std::sync::Mutex::new(None),
             cleanup,
         }
     }
 
     pub fn open_store(&self) -> Store {
-        Store::open(
+        self.open_store_shared()
+    }
+
+    /// The test's store, opened once and shared (sled allows one opener per process).
+    pub fn open_store_shared(&self) -> Store {
+        let mut slot = self.store.lock().unwrap();
+        if let Some(s) = slot.as_ref() {
+            return s.clone();
+        }
+        let s = Store::open(
             &self.settings.store.path,
             self.settings.store.idempotency_ttl,
         )
-        .expect("store opens")
+        .expect("store opens");
+        *slot = Some(s.clone());
+        s
+    }
+
+    /// Drop the shared handle so another process can open the store (every clone must be gone).
+    pub fn close_store(&self) {
+        if let Some(s) = self.store.lock().unwrap().take() {
+            let _ = s.flush_now();
+        }
     }
 
     /// Run the worker in this process until the returned handle is stopped.

@@ -1,0 +1,529 @@
+//! Operator tools for the dead-letter queues (SPEC §7): list, show, replay, purge.
+//!
+//! Inspection never consumes for good: messages are fetched with `basic.get` *without* ack on a
+//! dedicated channel, held until the pass is over, then the ones that stay are returned with
+//! `basic.nack(requeue)` in one go, which puts them back in their original order. A pass looks
+//! at no more messages than the queue held when it began, so nothing is seen twice.
+//! Replay publishes each matching message (with confirm, to a destination that must exist) to
+//! its source before acking it off the DLQ: a crash mid-replay can duplicate, never lose.
+
+use crate::amqp::{self, header_i64, header_string, int, AmqpError};
+use crate::config::Settings;
+use crate::worker::header;
+use base64::Engine;
+use lapin::message::BasicGetMessage;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use serde::Serialize;
+use std::time::Duration;
+
+/// Which dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DlqKind {
+    /// `amqp.dead_letter_queue`: session requests.
+    Worker,
+    /// `amqp.webhook_dead_letter_queue`: result events.
+    Webhook,
+}
+
+/// Which messages an operation applies to. Empty filters match everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub reason: Option<String>,
+    pub id: Option<String>,
+    /// Failed at or after this time (microseconds since the epoch).
+    pub since_us: Option<u64>,
+    pub max: Option<usize>,
+}
+
+/// One dead-lettered message as operators see it (`dlq list --json`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DlqMessage {
+    pub message_id: String,
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub status: Option<i64>,
+    pub failed_at: Option<String>,
+    pub attempts: Option<i64>,
+    pub replay_count: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+}
+
+impl DlqMessage {
+    pub fn from_parts(props: &BasicProperties, body: &[u8]) -> Self {
+        let (text, b64) = match std::str::from_utf8(body) {
+            Ok(s) => (Some(s.to_string()), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(body)),
+            ),
+        };
+        DlqMessage {
+            message_id: message_id(props, body),
+            reason: header_string(props, header::FAILURE_REASON),
+            detail: header_string(props, header::FAILURE_DETAIL),
+            status: header_i64(props, header::FAILURE_STATUS),
+            failed_at: header_string(props, header::FAILED_AT),
+            attempts: header_i64(props, header::ATTEMPTS),
+            replay_count: header_i64(props, header::REPLAY_COUNT).unwrap_or(0),
+            body: text,
+            body_base64: b64,
+        }
+    }
+
+    pub fn matches(&self, f: &Filter) -> bool {
+        if f.reason
+            .as_deref()
+            .is_some_and(|r| self.reason.as_deref() != Some(r))
+        {
+            return false;
+        }
+        if f.id.as_deref().is_some_and(|id| self.message_id != id) {
+            return false;
+        }
+        if let Some(since) = f.since_us {
+            let failed = self
+                .failed_at
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .map(crate::audit::micros);
+            if failed.is_none_or(|t| t < since) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The message id, or for messages without one a stable id derived from the body.
+pub fn message_id(props: &BasicProperties, body: &[u8]) -> String {
+    props
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| format!("sha256:{}", &crate::request::sha256_hex(body)[..16]))
+}
+
+/// An open pass over one DLQ.
+pub struct Pass {
+    ch: Channel,
+    queue: String,
+    /// Messages the queue held (ready) when the pass began.
+    pub depth: u32,
+    /// Messages fetched and not yet settled.
+    held: Vec<BasicGetMessage>,
+    /// Messages acked off the queue during this pass.
+    removed: u32,
+}
+
+impl Pass {
+    pub async fn open(conn: &Connection, queue: &str) -> Result<Self, AmqpError> {
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| AmqpError::op("channel.open", e))?;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                AmqpError::op(
+                    format!("look up queue {queue} (run `session-worker topology declare` first?)"),
+                    e,
+                )
+            })?;
+        Ok(Self {
+            ch,
+            queue: queue.to_string(),
+            depth: q.message_count(),
+            held: Vec::new(),
+            removed: 0,
+        })
+    }
+
+    /// The next message, up to the depth seen at the start; `None` when done.
+    pub async fn next(&mut self) -> Result<Option<&BasicGetMessage>, AmqpError> {
+        if self.held.len() as u32 >= self.depth {
+            return Ok(None);
+        }
+        let got = self
+            .ch
+            .basic_get(
+                self.queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(|e| AmqpError::op(format!("basic.get on {}", self.queue), e))?;
+        match got {
+            Some(m) => {
+                self.held.push(m);
+                Ok(self.held.last())
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Remove the most recently fetched message from the queue (after it was dealt with).
+    pub async fn remove_last(&mut self) -> Result<(), AmqpError> {
+        if let Some(m) = self.held.pop() {
+            m.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| AmqpError::op("basic.ack", e))?;
+            self.removed += 1;
+        }
+        Ok(())
+    }
+
+    /// Return every held message to the queue, in order, and close the channel.
+    pub async fn finish(mut self) -> Result<(), AmqpError> {
+        if let Some(last) = self.held.last() {
+            // One multiple-nack returns every held message at once, preserving their order.
+            self.ch
+                .basic_nack(
+                    last.delivery.delivery_tag,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                )
+                .await
+                .map_err(|e| AmqpError::op("basic.nack", e))?;
+        }
+        self.held.clear();
+        // Quorum queues apply returns asynchronously; wait until the queue shows them again so
+        // that a command run right after this one sees every message.
+        let expected = self.depth.saturating_sub(self.removed);
+        for _ in 0..250 {
+            let q = self
+                .ch
+                .queue_declare(
+                    self.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| AmqpError::op(format!("look up queue {}", self.queue), e))?;
+            if q.message_count() >= expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = self.ch.close(200, "done".into()).await;
+        Ok(())
+    }
+}
+
+pub fn queue_name(settings: &Settings, kind: DlqKind) -> &str {
+    match kind {
+        DlqKind::Worker => &settings.amqp.dead_letter_queue,
+        DlqKind::Webhook => &settings.amqp.webhook_dead_letter_queue,
+    }
+}
+
+/// Every message (matching the filter) without removing any. Returns (queue depth, messages).
+pub async fn list(
+    conn: &Connection,
+    queue: &str,
+    filter: &Filter,
+) -> Result<(u32, Vec<DlqMessage>), AmqpError> {
+    let mut pass = Pass::open(conn, queue).await?;
+    let mut out = Vec::new();
+    let max = filter.max.unwrap_or(usize::MAX);
+    while out.len() < max {
+        let Some(m) = pass.next().await? else { break };
+        let msg = DlqMessage::from_parts(&m.delivery.properties, &m.delivery.data);
+        if msg.matches(filter) {
+            out.push(msg);
+        }
+    }
+    let depth = pass.depth;
+    pass.finish().await?;
+    Ok((depth, out))
+}
+
+/// Full properties and headers of one message, for `dlq show`.
+pub async fn show(
+    conn: &Connection,
+    queue: &str,
+    id: &str,
+) -> Result<Option<serde_json::Value>, AmqpError> {
+    let mut pass = Pass::open(conn, queue).await?;
+    let mut found = None;
+    while let Some(m) = pass.next().await? {
+        let p = &m.delivery.properties;
+        if message_id(p, &m.delivery.data) == id {
+            let mut headers = serde_json::Map::new();
+            if let Some(table) = p.headers() {
+                for (k, v) in table.inner() {
+                    headers.insert(k.to_string(), amqp_value_json(v));
+                }
+            }
+            let summary = DlqMessage::from_parts(p, &m.delivery.data);
+            found = Some(serde_json::json!({
+                "message_id": summary.message_id,
+                "reason": summary.reason,
+                "detail": summary.detail,
+                "status": summary.status,
+                "failed_at": summary.failed_at,
+                "attempts": summary.attempts,
+                "replay_count": summary.replay_count,
+                "exchange": m.delivery.exchange.as_str(),
+                "routing_key": m.delivery.routing_key.as_str(),
+                "content_type": p.content_type().as_ref().map(|c| c.as_str().to_string()),
+                "delivery_mode": p.delivery_mode(),
+                "timestamp": p.timestamp(),
+                "headers": headers,
+                "body": summary.body,
+                "body_base64": summary.body_base64,
+            }));
+            break;
+        }
+    }
+    pass.finish().await?;
+    Ok(found)
+}
+
+fn amqp_value_json(v: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => Value::from(*n),
+        AMQPValue::ShortShortUInt(n) => Value::from(*n),
+        AMQPValue::ShortInt(n) => Value::from(*n),
+        AMQPValue::ShortUInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        AMQPValue::LongUInt(n) => Value::from(*n),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::Float(f) => Value::from(f64::from(*f)),
+        AMQPValue::Double(f) => Value::from(*f),
+        AMQPValue::Timestamp(t) => Value::from(*t),
+        AMQPValue::ShortString(s) => Value::from(s.as_str()),
+        AMQPValue::LongString(s) => Value::from(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::FieldArray(a) => {
+            Value::Array(a.as_slice().iter().map(amqp_value_json).collect())
+        }
+        AMQPValue::FieldTable(t) => Value::Object(
+            t.inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), amqp_value_json(v)))
+                .collect(),
+        ),
+        other => Value::from(format!("{other:?}")),
+    }
+}
+
+/// Where a dead-lettered message goes back to: its recorded source, else the queue's default.
+pub fn replay_target(
+    settings: &Settings,
+    kind: DlqKind,
+    props: &BasicProperties,
+) -> (String, String) {
+    let exchange = header_string(props, header::ORIGINAL_EXCHANGE);
+    let routing_key = header_string(props, header::ORIGINAL_ROUTING_KEY);
+    match (kind, exchange, routing_key) {
+        // Webhook events go straight back to the webhook queue, not through the results
+        // exchange, so no other subscriber sees them twice.
+        (DlqKind::Webhook, _, _) => (String::new(), settings.amqp.webhook_queue.clone()),
+        (DlqKind::Worker, Some(x), Some(k)) if !x.is_empty() => (x, k),
+        (DlqKind::Worker, _, _) => (
+            settings.amqp.inbound_exchange.clone(),
+            settings.amqp.inbound_routing_key.clone(),
+        ),
+    }
+}
+
+/// Headers for a replayed copy: failure and retry bookkeeping cleared, `x-replay-count` + 1.
+pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
+    let mut table = props.headers().clone().unwrap_or_default();
+    let replays = header_i64(props, header::REPLAY_COUNT).unwrap_or(0) + 1;
+    let cleared = [
+        header::FAILURE_REASON,
+        header::FAILURE_DETAIL,
+        header::FAILURE_STATUS,
+        header::FAILED_AT,
+        header::WORKER_ID,
+        header::ATTEMPTS,
+        header::DELAYED_RETRIES,
+        header::LAST_ERROR,
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-delivery-count",
+    ];
+    let kept: std::collections::BTreeMap<_, _> = table
+        .inner()
+        .iter()
+        .filter(|(k, _)| !cleared.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    table = FieldTable::from(kept);
+    table.insert(header::REPLAY_COUNT.into(), int(replays));
+    props.clone().with_headers(table)
+}
+
+/// What a replay or purge did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub depth: u32,
+    pub matched: usize,
+    pub moved: usize,
+}
+
+/// Replay (or, with `dry_run`, only list) matching messages. `on_each` sees every match.
+pub async fn replay(
+    conn: &Connection,
+    settings: &Settings,
+    kind: DlqKind,
+    filter: &Filter,
+    rate_per_sec: Option<f64>,
+    dry_run: bool,
+    mut on_each: impl FnMut(&DlqMessage),
+) -> Result<Moved, AmqpError> {
+    let publish_ch = amqp::confirm_channel(conn).await?;
+    let mut pass = Pass::open(conn, queue_name(settings, kind)).await?;
+    let mut result = Moved {
+        depth: pass.depth,
+        ..Default::default()
+    };
+    let max = filter.max.unwrap_or(usize::MAX);
+    let pause = rate_per_sec
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    while result.matched < max {
+        let Some(m) = pass.next().await? else { break };
+        let msg = DlqMessage::from_parts(&m.delivery.properties, &m.delivery.data);
+        if !msg.matches(filter) {
+            continue;
+        }
+        result.matched += 1;
+        on_each(&msg);
+        if dry_run {
+            continue;
+        }
+        let (exchange, routing_key) = replay_target(settings, kind, &m.delivery.properties);
+        let props = replay_properties(&m.delivery.properties);
+        let body = m.delivery.data.clone();
+        amqp::publish_routed(&publish_ch, &exchange, &routing_key, &body, props).await?;
+        pass.remove_last().await?;
+        result.moved += 1;
+        if let Some(p) = pause {
+            tokio::time::sleep(p).await;
+        }
+    }
+    pass.finish().await?;
+    let _ = publish_ch.close(200, "done".into()).await;
+    Ok(result)
+}
+
+/// Remove matching messages (only when `confirmed`); the rest stay in order.
+pub async fn purge(
+    conn: &Connection,
+    queue: &str,
+    filter: &Filter,
+    confirmed: bool,
+) -> Result<Moved, AmqpError> {
+    let mut pass = Pass::open(conn, queue).await?;
+    let mut result = Moved {
+        depth: pass.depth,
+        ..Default::default()
+    };
+    let max = filter.max.unwrap_or(usize::MAX);
+    while result.matched < max {
+        let Some(m) = pass.next().await? else { break };
+        let msg = DlqMessage::from_parts(&m.delivery.properties, &m.delivery.data);
+        if !msg.matches(filter) {
+            continue;
+        }
+        result.matched += 1;
+        if confirmed {
+            pass.remove_last().await?;
+            result.moved += 1;
+        }
+    }
+    pass.finish().await?;
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::amqp::{table, text};
+
+    fn props() -> BasicProperties {
+        BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_headers(table(vec![
+                (header::FAILURE_REASON, text("retries_exhausted")),
+                (header::FAILURE_DETAIL, text("503")),
+                (header::FAILED_AT, text("2026-11-24T10:00:00Z")),
+                (header::ATTEMPTS, int(7)),
+                (header::DELAYED_RETRIES, int(4)),
+                ("x-producer", text("site")),
+            ]))
+    }
+
+    #[test]
+    fn filters_match_reason_id_and_time() {
+        let m = DlqMessage::from_parts(&props(), b"{}");
+        assert!(m.matches(&Filter::default()));
+        assert!(m.matches(&Filter {
+            reason: Some("retries_exhausted".into()),
+            ..Default::default()
+        }));
+        assert!(!m.matches(&Filter {
+            reason: Some("invalid_request".into()),
+            ..Default::default()
+        }));
+        assert!(!m.matches(&Filter {
+            id: Some("other".into()),
+            ..Default::default()
+        }));
+        let at = crate::audit::parse_time("2026-11-24T09:00:00Z").unwrap();
+        assert!(m.matches(&Filter {
+            since_us: Some(at),
+            ..Default::default()
+        }));
+        let later = crate::audit::parse_time("2026-11-24T11:00:00Z").unwrap();
+        assert!(!m.matches(&Filter {
+            since_us: Some(later),
+            ..Default::default()
+        }));
+    }
+
+    #[test]
+    fn binary_bodies_are_base64() {
+        let m = DlqMessage::from_parts(&BasicProperties::default(), &[0xff, 0x00]);
+        assert_eq!(m.body, None);
+        assert_eq!(m.body_base64.as_deref(), Some("/wA="));
+        assert!(m.message_id.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn replay_clears_failure_headers_and_counts() {
+        let p = replay_properties(&props());
+        assert_eq!(header_i64(&p, header::REPLAY_COUNT), Some(1));
+        assert_eq!(header_string(&p, header::FAILURE_REASON), None);
+        assert_eq!(header_i64(&p, header::DELAYED_RETRIES), None);
+        assert_eq!(header_string(&p, "x-producer").as_deref(), Some("site"));
+        assert_eq!(
+            header_i64(&replay_properties(&p), header::REPLAY_COUNT),
+            Some(2)
+        );
+    }
+}

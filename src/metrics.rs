@@ -1,0 +1,226 @@
+//! Prometheus metrics (SPEC §8), one registry per process, served at `GET /metrics`.
+//!
+//! Each failure is counted where it is logged, from the same value, so logs and metrics agree.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Finished session requests by outcome: started, duplicate, invalid_request, ...
+    pub session_requests: Family<OutcomeLabel, Counter>,
+    pub genesys_request_duration: Histogram,
+    pub rate_limiter_wait: Histogram,
+    /// Retries by kind: in_process, delayed, webhook.
+    pub retries: Family<KindLabel, Counter>,
+    pub dead_lettered: Family<ReasonLabel, Counter>,
+    pub idempotent_replays: Counter,
+    pub webhook_deliveries: Family<OutcomeLabel, Counter>,
+    pub inflight_requests: Gauge,
+    /// Last `inin-ratelimit-allowed` / `-count` seen from Genesys Cloud.
+    pub genesys_ratelimit_allowed: Gauge,
+    pub genesys_ratelimit_count: Gauge,
+    /// 1 while consumption is paused by an auth failure.
+    pub auth_paused: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            session_requests: Family::default(),
+            genesys_request_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            rate_limiter_wait: Histogram::new(exponential_buckets(0.001, 2.5, 14)),
+            retries: Family::default(),
+            dead_lettered: Family::default(),
+            idempotent_replays: Counter::default(),
+            webhook_deliveries: Family::default(),
+            inflight_requests: Gauge::default(),
+            genesys_ratelimit_allowed: Gauge::default(),
+            genesys_ratelimit_count: Gauge::default(),
+            auth_paused: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "session_requests",
+            "Session requests finished, by outcome",
+            m.session_requests.clone(),
+        );
+        registry.register(
+            "genesys_request_duration_seconds",
+            "Duration of Genesys Cloud session-create calls",
+            m.genesys_request_duration.clone(),
+        );
+        registry.register(
+            "rate_limiter_wait_seconds",
+            "Time spent waiting for the token bucket or a 429 pause",
+            m.rate_limiter_wait.clone(),
+        );
+        registry.register(
+            "retries",
+            "Retries, by kind (in_process, delayed, webhook)",
+            m.retries.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Messages dead-lettered, by reason",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "idempotent_replays",
+            "Requests answered from the idempotency store without an API call",
+            m.idempotent_replays.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts, by outcome",
+            m.webhook_deliveries.clone(),
+        );
+        registry.register(
+            "inflight_requests",
+            "Deliveries being processed now",
+            m.inflight_requests.clone(),
+        );
+        registry.register(
+            "genesys_ratelimit_allowed",
+            "Last inin-ratelimit-allowed header from Genesys Cloud",
+            m.genesys_ratelimit_allowed.clone(),
+        );
+        registry.register(
+            "genesys_ratelimit_count",
+            "Last inin-ratelimit-count header from Genesys Cloud",
+            m.genesys_ratelimit_count.clone(),
+        );
+        registry.register(
+            "auth_paused",
+            "1 while consumption is paused by a Genesys auth failure",
+            m.auth_paused.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn outcome(&self, outcome: &str) {
+        self.session_requests
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn dead_letter(&self, reason: &str) {
+        self.dead_lettered
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn retry(&self, kind: &str) {
+        self.retries
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn webhook(&self, outcome: &str) {
+        self.webhook_deliveries
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn limiter_wait(&self, d: Duration) {
+        self.rate_limiter_wait.observe(d.as_secs_f64());
+    }
+
+    /// Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Counts a delivery as in flight for as long as it lives.
+pub struct InflightGuard;
+
+impl InflightGuard {
+    pub fn new() -> Self {
+        metrics().inflight_requests.inc();
+        InflightGuard
+    }
+}
+
+impl Default for InflightGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        metrics().inflight_requests.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_spec_names() {
+        let m = metrics();
+        m.outcome("started");
+        m.dead_letter("invalid_request");
+        m.retry("in_process");
+        m.webhook("delivered");
+        m.idempotent_replays.inc();
+        m.genesys_request_duration.observe(0.05);
+        m.limiter_wait(Duration::from_millis(3));
+        let _g = InflightGuard::new();
+        let text = m.encode();
+        for name in [
+            "session_requests_total{outcome=\"started\"}",
+            "genesys_request_duration_seconds_bucket",
+            "rate_limiter_wait_seconds_count",
+            "retries_total{kind=\"in_process\"}",
+            "dead_lettered_total{reason=\"invalid_request\"}",
+            "idempotent_replays_total",
+            "webhook_deliveries_total{outcome=\"delivered\"}",
+            "inflight_requests",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Operator tools against the real broker: DLQ list/replay/purge, audit reads, health and metrics.
+
+mod common;
+
+use common::{request, TestEnv};
+use session_worker::dlq::{self, DlqKind, Filter};
+use session_worker::sim::{AuthMode, Faults};
+use std::io::Write;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Dead-letter `n` invalid requests with message ids `bad-0`.. and `m` permanent errors `perm-0`..
+async fn fill_dlq(env: &TestEnv, n: usize, m: usize) {
+    let worker = env.start_worker(env.open_store_shared());
+    for i in 0..n {
+        env.publish(
+            br#"{"visitor_id":"v","queue_id":"q","bot_score":5}"#,
+            Some(&format!("bad-{i}")),
+        )
+        .await;
+    }
+    for i in 0..m {
+        let body = format!(r#"{{"visitor_id":"perm-{i}","queue_id":"missing-queue"}}"#);
+        env.publish(body.as_bytes(), Some(&format!("perm-{i}")))
+            .await;
+    }
+    let dlq_name = env.settings.amqp.dead_letter_queue.clone();
+    let mut depth = 0;
+    for _ in 0..300 {
+        depth = env.queue_len(&dlq_name).await;
+        if depth as usize == n + m {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.stop().await;
+    assert_eq!(depth as usize, n + m, "DLQ filled");
+}
+
+fn ids(messages: &[dlq::DlqMessage]) -> Vec<String> {
+    messages.iter().map(|m| m.message_id.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_leaves_the_dlq_unchanged_and_dry_run_moves_nothing() {
+    let env = TestEnv::new(
+        Faults {
+            reject_queues: vec!["missing-queue".into()],
+            ..Default::default()
+        },
+        |s| {
+            s.worker.concurrency = 1;
+        },
+    )
+    .await;
+    fill_dlq(&env, 3, 2).await;
+    let q = env.settings.amqp.dead_letter_queue.clone();
+    let (depth, first) = dlq::list(&env.conn, &q, &Filter::default()).await.unwrap();
+    let (_, second) = dlq::list(&env.conn, &q, &Filter::default()).await.unwrap();
+    assert_eq!(depth, 5);
+    assert_eq!(
+        ids(&first),
+        vec!["bad-0", "bad-1", "bad-2", "perm-0", "perm-1"]
+    );
+    assert_eq!(ids(&first), ids(&second), "same order after listing");
+    assert_eq!(first[0].reason.as_deref(), Some("invalid_request"));
+    assert!(first[0].body.is_some());
+    let (_, only_perm) = dlq::list(
+        &env.conn,
+        &q,
+        &Filter {
+            reason: Some("permanent_api_error".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(&only_perm), vec!["perm-0", "perm-1"]);
+
+    let moved = dlq::replay(
+        &env.conn,
+        &env.settings,
+        DlqKind::Worker,
+        &Filter::default(),
+        None,
+        true,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((moved.matched, moved.moved), (5, 0));
+    assert_eq!(env.queue_len(&q).await, 5, "dry run moves nothing");
+    let (_, after) = dlq::list(&env.conn, &q, &Filter::default()).await.unwrap();
+    assert_eq!(ids(&after), ids(&first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_by_reason_moves_only_matches_which_then_get_processed_even_with_the_worker_down() {
+    let env = TestEnv::new(
+        Faults {
+            reject_queues: vec!["missing-queue".into()],
+            ..Default::default()
+        },
+        |s| {
+            s.worker.concurrency = 1;
+        },
+    )
+    .await;
+    fill_dlq(&env, 2, 3).await;
+    // The routing queue now exists: the permanent errors can succeed.
+    env.sim.sim.set_faults(Faults::default());
+    let filter = Filter {
+        reason: Some("permanent_api_error".into()),
+        ..Default::default()
+    };
+    let moved = dlq::replay(
+        &env.conn,
+        &env.settings,
+        DlqKind::Worker,
+        &filter,
+        Some(100.0),
+        false,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((moved.depth, moved.matched, moved.moved), (5, 3, 3));
+    // The worker is down: the replayed messages wait in the inbound queue.
+    assert_eq!(env.queue_len(&env.settings.amqp.inbound_queue).await, 3);
+    let (_, left) = dlq::list(
+        &env.conn,
+        &env.settings.amqp.dead_letter_queue,
+        &Filter::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ids(&left),
+        vec!["bad-0", "bad-1"],
+        "non-matching messages stay, in order"
+    );
+
+    let store = env.open_store_shared();
+    let worker = env.start_worker(store.clone());
+    let ok = env
+        .wait_for(WAIT, || {
+            (0..3).all(|i| env.sim.sim.sessions_for(&format!("perm-{i}")) == 1)
+        })
+        .await;
+    worker.stop().await;
+    assert!(ok, "replayed requests were processed");
+    assert_eq!(env.queue_len(&env.settings.amqp.dead_letter_queue).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_needs_confirmation_and_removes_only_matches() {
+    let env = TestEnv::new(
+        Faults {
+            reject_queues: vec!["missing-queue".into()],
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    fill_dlq(&env, 2, 1).await;
+    let q = env.settings.amqp.dead_letter_queue.clone();
+    let filter = Filter {
+        reason: Some("invalid_request".into()),
+        ..Default::default()
+    };
+    let unconfirmed = dlq::purge(&env.conn, &q, &filter, false).await.unwrap();
+    assert_eq!((unconfirmed.matched, unconfirmed.moved), (2, 0));
+    assert_eq!(env.queue_len(&q).await, 3);
+    let done = dlq::purge(&env.conn, &q, &filter, true).await.unwrap();
+    assert_eq!(done.moved, 2);
+    let (_, left) = dlq::list(&env.conn, &q, &Filter::default()).await.unwrap();
+    assert_eq!(ids(&left), vec!["perm-0"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_flips_under_auth_failure_and_metrics_move_with_traffic() {
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let store = env.open_store_shared();
+    let worker = env.start_worker(store.clone());
+    let listener = session_worker::http::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let health = worker.health.clone();
+    let server = tokio::spawn(session_worker::http::serve(
+        listener,
+        health,
+        store,
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert!(env.wait_for(WAIT, || worker.health.ready()).await);
+    assert_eq!(get("/readyz").await.0, 200);
+    assert_eq!(get("/healthz").await.0, 200);
+    let count = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = count(
+        &get("/metrics").await.1,
+        "session_requests_total{outcome=\"started\"}",
+    );
+    for i in 0..3 {
+        env.publish(&request(&format!("m{i}")), None).await;
+    }
+    assert_eq!(env.events(3, WAIT).await.len(), 3);
+    let (_, text) = get("/metrics").await;
+    assert!(
+        count(&text, "session_requests_total{outcome=\"started\"}") >= before + 3.0,
+        "{text}"
+    );
+    assert!(text.contains("genesys_request_duration_seconds_bucket"));
+
+    env.sim.sim.set_faults(Faults {
+        auth: AuthMode::Forbidden,
+        ..Default::default()
+    });
+    env.publish(&request("forbidden"), None).await;
+    assert!(env.wait_for(WAIT, || worker.health.auth_paused()).await);
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("paused"), "{body}");
+    worker.stop().await;
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_commands_read_a_stopped_workers_store() {
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    {
+        let store = env.open_store_shared();
+        let worker = env.start_worker(store);
+        env.publish(&request("audited"), Some("audit-key")).await;
+        assert_eq!(env.events(1, WAIT).await.len(), 1);
+        worker.stop().await;
+    }
+    env.close_store();
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(env.settings.to_redacted_toml().unwrap().as_bytes())
+        .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+            .arg("--config")
+            .arg(file.path())
+            .args(args)
+            .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
+            .output()
+            .unwrap()
+    };
+    let show = run(&["audit", "show", "audit-key"]);
+    assert_eq!(
+        show.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let line = String::from_utf8_lossy(&show.stdout).to_string();
+    let entry: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["visitor_id"], "audited");
+    assert_eq!(entry["outcome"], "started");
+    let export = run(&["audit", "export", "--since", "1h"]);
+    assert_eq!(String::from_utf8_lossy(&export.stdout).lines().count(), 1);
+    let none = run(&["audit", "export", "--until", "2000-01-01T00:00:00Z"]);
+    assert_eq!(String::from_utf8_lossy(&none.stdout).lines().count(), 0);
+    let stats = run(&["audit", "stats"]);
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("started"));
+    assert_eq!(
+        run(&["audit", "show", "no-such-key"]).status.code(),
+        Some(1)
+    );
+}

@@ -25,7 +25,7 @@ sim: build
 
 ## test: unit and integration tests (needs the broker; `make broker` starts it)
 test: broker
-	cargo test --all-targets -- --test-threads=4
+	cargo test --lib --bins --tests -- --test-threads=4
 
 ## bench: throughput against a bare-consumer baseline measured in the same run (release build)
 bench: broker

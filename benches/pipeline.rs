@@ -148,15 +148,24 @@ fn main() {
         .await;
         let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("bench-{i:08}"))).collect();
         let size = bodies[0].len();
-        let profile = if cfg!(debug_assertions) { "debug build: figures not representative" } else { "release build" };
-        eprintln!("measuring: {n} messages of {size} bytes, worker concurrency {concurrency} ({profile})");
+        let profile = if cfg!(debug_assertions) {
+            "debug build: figures not representative"
+        } else {
+            "release build"
+        };
+        eprintln!(
+            "measuring: {n} messages of {size} bytes, worker concurrency {concurrency} ({profile})"
+        );
         let baseline = broker_baseline(&env, &bodies, (concurrency * 2) as u16).await;
         let (e2e, dups) = end_to_end(&env, &bodies).await;
         println!();
         println!("| scenario | messages | msg/s | ratio to baseline |");
         println!("|---|---:|---:|---:|");
         println!("| broker baseline (bare consumer, ack only) | {n} | {baseline:.0} | 1.00 |");
-        println!("| end to end (worker + simulator, no latency, no limit) | {n} | {e2e:.0} | {:.2} |", e2e / baseline);
+        println!(
+            "| end to end (worker + simulator, no latency, no limit) | {n} | {e2e:.0} | {:.2} |",
+            e2e / baseline
+        );
         println!();
         println!("duplicate sessions: {dups}");
     });

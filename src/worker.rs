@@ -33,20 +33,7 @@ pub mod reason {
     pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
 }
 
-/// Headers the worker reads and writes.
-pub mod header {
-    pub const ATTEMPTS: &str = "x-attempts";
-    pub const DELAYED_RETRIES: &str = "x-delayed-retries";
-    pub const LAST_ERROR: &str = "x-last-error";
-    pub const FAILURE_REASON: &str = "x-failure-reason";
-    pub const FAILURE_DETAIL: &str = "x-failure-detail";
-    pub const FAILURE_STATUS: &str = "x-failure-status";
-    pub const FAILED_AT: &str = "x-failed-at";
-    pub const WORKER_ID: &str = "x-worker-id";
-    pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
-    pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
-    pub const REPLAY_COUNT: &str = "x-replay-count";
-}
+pub use crate::amqp::header;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -223,24 +210,9 @@ impl Worker {
         conn: &Connection,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, WorkerError> {
-        let setup = async {
-            let declare_ch = conn
-                .create_channel()
-                .await
-                .map_err(|e| AmqpError::op("channel.open", e))?;
-            topology::declare(&declare_ch, &self.settings.amqp).await?;
-            let _ = declare_ch.close(200, "declared".into()).await;
-            amqp::confirm_channel(conn).await
-        };
-        let publish_ch = match setup.await {
-            Ok(ch) => ch,
-            Err(e @ AmqpError::Operation { .. }) if e.to_string().contains("declare") => {
-                return Err(e.into())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "broker setup failed; reconnecting");
-                return Ok(false);
-            }
+        let publish_ch = match consumer::prepare(conn, &self.settings.amqp).await? {
+            Some(ch) => ch,
+            None => return Ok(false),
         };
         self.health.set_broker_connected(true);
         loop {
@@ -600,7 +572,7 @@ impl Worker {
         self.store.append_audit(&entry)?;
         self.store.durable().await?;
         self.publish_event(ch, &event).await?;
-        self.dead_letter(ch, delivery, reason::INVALID_REQUEST, &detail, None, 0)
+        self.dead_letter_request(ch, delivery, reason::INVALID_REQUEST, &detail, None, 0)
             .await?;
         tracing::warn!(detail = %detail, "invalid request dead-lettered");
         metrics().outcome(reason::INVALID_REQUEST);
@@ -635,7 +607,7 @@ impl Worker {
         self.store.append_audit(&entry)?;
         self.store.durable().await?;
         self.publish_event(ch, &event).await?;
-        self.dead_letter(ch, delivery, reason::IDEMPOTENCY_CONFLICT, &detail, None, 0)
+        self.dead_letter_request(ch, delivery, reason::IDEMPOTENCY_CONFLICT, &detail, None, 0)
             .await?;
         tracing::warn!("idempotency conflict dead-lettered");
         metrics().outcome(reason::IDEMPOTENCY_CONFLICT);
@@ -695,7 +667,7 @@ impl Worker {
         self.store.append_audit(&entry)?;
         self.store.durable().await?;
         self.publish_event(ch, &event).await?;
-        self.dead_letter(ch, delivery, why, &detail, err.status(), attempts)
+        self.dead_letter_request(ch, delivery, why, &detail, err.status(), attempts)
             .await?;
         tracing::warn!(reason = why, attempts, error = %detail, "request dead-lettered");
         metrics().outcome(why);
@@ -770,9 +742,11 @@ impl Worker {
         )
         .await
     }
+}
 
-    /// Publish the original message, with failure headers added, to the dead-letter exchange.
-    async fn dead_letter(
+impl Worker {
+    /// Dead-letter a session request to `amqp.dead_letter_queue`.
+    async fn dead_letter_request(
         &self,
         ch: &Channel,
         delivery: &Delivery,
@@ -781,29 +755,20 @@ impl Worker {
         status: Option<u16>,
         attempts: u32,
     ) -> Result<(), AmqpError> {
-        let mut headers = vec![
-            (header::FAILURE_REASON, text(why)),
-            (header::FAILURE_DETAIL, text(truncate(detail))),
-            (header::ATTEMPTS, int(i64::from(attempts))),
-            (header::FAILED_AT, text(crate::event::now_rfc3339())),
-            (header::WORKER_ID, text(self.worker_id.clone())),
-            (header::ORIGINAL_EXCHANGE, text(delivery.exchange.as_str())),
-            (
-                header::ORIGINAL_ROUTING_KEY,
-                text(delivery.routing_key.as_str()),
-            ),
-        ];
-        if let Some(s) = status {
-            headers.push((header::FAILURE_STATUS, int(i64::from(s))));
-        }
-        let props = amqp::with_headers(&delivery.properties, headers);
         let a = &self.settings.amqp;
-        amqp::publish_confirmed(
+        let failure = amqp::Failure {
+            reason: why,
+            detail,
+            status,
+            attempts,
+            worker_id: &self.worker_id,
+        };
+        amqp::dead_letter(
             ch,
             &a.dead_letter_exchange,
             &a.dead_letter_queue,
-            &delivery.data,
-            props,
+            delivery,
+            &failure,
         )
         .await
     }

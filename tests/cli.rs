@@ -166,7 +166,7 @@ fn sim_serves_tokens_sessions_and_429_headers() {
     let result = rt.block_on(async {
         let http = reqwest::Client::new();
         let base = format!("http://127.0.0.1:{port}");
-        for _ in 0..100 {
+        for _ in 0..300 {
             if http.get(format!("{base}/healthz")).send().await.is_ok() {
                 break;
             }

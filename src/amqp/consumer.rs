@@ -154,6 +154,32 @@ async fn next_delivery(
     Some((next, permit))
 }
 
+/// Declare the topology and open a confirm channel for publishing. `Ok(None)`: a transient
+/// broker problem, reconnect; `Err`: a declaration the broker refuses (arguments changed),
+/// which reconnecting cannot fix.
+pub async fn prepare(
+    conn: &Connection,
+    settings: &crate::config::AmqpSettings,
+) -> Result<Option<lapin::Channel>, AmqpError> {
+    let setup = async {
+        let declare_ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| AmqpError::op("channel.open", e))?;
+        super::topology::declare(&declare_ch, settings).await?;
+        let _ = declare_ch.close(200, "declared".into()).await;
+        super::confirm_channel(conn).await
+    };
+    match setup.await {
+        Ok(ch) => Ok(Some(ch)),
+        Err(e @ AmqpError::Operation { .. }) if e.to_string().contains("declare") => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "broker setup failed; reconnecting");
+            Ok(None)
+        }
+    }
+}
+
 /// Run `session` on a fresh connection until it asks to stop, reconnecting with jittered
 /// back-off when the broker goes away. `session` returns `Ok(true)` to stop (shutdown),
 /// `Ok(false)` to reconnect, `Err` for what reconnecting cannot fix.

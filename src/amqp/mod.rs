@@ -4,6 +4,21 @@
 pub mod consumer;
 pub mod topology;
 
+/// Headers the worker, the forwarder and the DLQ tools read and write.
+pub mod header {
+    pub const ATTEMPTS: &str = "x-attempts";
+    pub const DELAYED_RETRIES: &str = "x-delayed-retries";
+    pub const LAST_ERROR: &str = "x-last-error";
+    pub const FAILURE_REASON: &str = "x-failure-reason";
+    pub const FAILURE_DETAIL: &str = "x-failure-detail";
+    pub const FAILURE_STATUS: &str = "x-failure-status";
+    pub const FAILED_AT: &str = "x-failed-at";
+    pub const WORKER_ID: &str = "x-worker-id";
+    pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+    pub const REPLAY_COUNT: &str = "x-replay-count";
+}
+
 use crate::config::AmqpSettings;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -126,6 +141,46 @@ async fn publish(
         });
     }
     Ok(())
+}
+
+/// Why a message is dead-lettered.
+pub struct Failure<'a> {
+    pub reason: &'a str,
+    pub detail: &'a str,
+    pub status: Option<u16>,
+    pub attempts: u32,
+    pub worker_id: &'a str,
+}
+
+/// Publish the original message (body and properties kept) with the failure headers added to
+/// `exchange`, routing key `dlq`, with confirm; a DLQ that does not exist is an error.
+pub async fn dead_letter(
+    ch: &Channel,
+    exchange: &str,
+    dlq: &str,
+    delivery: &lapin::message::Delivery,
+    f: &Failure<'_>,
+) -> Result<(), AmqpError> {
+    let mut headers = vec![
+        (header::FAILURE_REASON, text(f.reason)),
+        (
+            header::FAILURE_DETAIL,
+            text(crate::genesys::error::truncate(f.detail)),
+        ),
+        (header::ATTEMPTS, int(i64::from(f.attempts))),
+        (header::FAILED_AT, text(crate::event::now_rfc3339())),
+        (header::WORKER_ID, text(f.worker_id)),
+        (header::ORIGINAL_EXCHANGE, text(delivery.exchange.as_str())),
+        (
+            header::ORIGINAL_ROUTING_KEY,
+            text(delivery.routing_key.as_str()),
+        ),
+    ];
+    if let Some(s) = f.status {
+        headers.push((header::FAILURE_STATUS, int(i64::from(s))));
+    }
+    let props = with_headers(&delivery.properties, headers);
+    publish_routed(ch, exchange, dlq, &delivery.data, props).await
 }
 
 /// Persistent JSON properties.

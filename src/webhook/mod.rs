@@ -161,24 +161,9 @@ impl Forwarder {
         conn: &Connection,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, ForwarderError> {
-        let setup = async {
-            let declare_ch = conn
-                .create_channel()
-                .await
-                .map_err(|e| AmqpError::op("channel.open", e))?;
-            topology::declare(&declare_ch, &self.settings.amqp).await?;
-            let _ = declare_ch.close(200, "declared".into()).await;
-            amqp::confirm_channel(conn).await
-        };
-        let publish_ch = match setup.await {
-            Ok(ch) => ch,
-            Err(e @ AmqpError::Operation { .. }) if e.to_string().contains("declare") => {
-                return Err(e.into())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "broker setup failed; reconnecting");
-                return Ok(false);
-            }
+        let publish_ch = match consumer::prepare(conn, &self.settings.amqp).await? {
+            Some(ch) => ch,
+            None => return Ok(false),
         };
         self.health.set_broker_connected(true);
         let w = &self.settings.webhook;
@@ -424,32 +409,20 @@ impl Forwarder {
         status: Option<u16>,
         attempts: u32,
     ) -> Result<(), AmqpError> {
-        let mut headers = vec![
-            (header::FAILURE_REASON, text(why)),
-            (
-                header::FAILURE_DETAIL,
-                text(crate::genesys::error::truncate(detail)),
-            ),
-            (header::ATTEMPTS, int(i64::from(attempts))),
-            (header::FAILED_AT, text(crate::event::now_rfc3339())),
-            (header::WORKER_ID, text(self.worker_id.clone())),
-            (header::ORIGINAL_EXCHANGE, text(delivery.exchange.as_str())),
-            (
-                header::ORIGINAL_ROUTING_KEY,
-                text(delivery.routing_key.as_str()),
-            ),
-        ];
-        if let Some(s) = status {
-            headers.push((header::FAILURE_STATUS, int(i64::from(s))));
-        }
         let a = &self.settings.amqp;
-        let props = amqp::with_headers(&delivery.properties, headers);
-        amqp::publish_routed(
+        let failure = amqp::Failure {
+            reason: why,
+            detail,
+            status,
+            attempts,
+            worker_id: &self.worker_id,
+        };
+        amqp::dead_letter(
             ch,
             &a.dead_letter_exchange,
             &a.webhook_dead_letter_queue,
-            &delivery.data,
-            props,
+            delivery,
+            &failure,
         )
         .await?;
         tracing::warn!(

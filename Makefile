@@ -4,7 +4,7 @@ BIN := target/debug/session-worker
 SIM_LISTEN ?= 127.0.0.1:8089
 CONFIG ?= config/local.toml
 
-.PHONY: all build broker run sim test fmt lint bench deploy-check clean
+.PHONY: all build broker run sim test fmt lint bench chaos deploy-check clean
 
 all: build
 
@@ -30,6 +30,10 @@ test: broker
 ## bench: throughput against a bare-consumer baseline measured in the same run (release build)
 bench: broker
 	cargo bench --bench pipeline
+
+## chaos: fault drills (SIGKILL, broker restart, faulty API, malformed input, webhook outage)
+chaos: broker
+	cargo bench --bench chaos
 
 ## deploy-check: manifests and compose parse and reference existing config keys and ports
 deploy-check:

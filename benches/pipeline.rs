@@ -131,14 +131,139 @@ async fn end_to_end(env: &TestEnv, bodies: &[Vec<u8>]) -> (f64, u64) {
     (rate, env.sim.sim.stats().duplicate_sessions)
 }
 
+/// Latency-bound: the simulator answers after `latency`; ideal throughput = concurrency / latency.
+async fn latency_bound(n: usize, concurrency: usize, latency: Duration) -> (f64, f64) {
+    let faults = Faults {
+        latency_ms: latency.as_millis() as u64,
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| {
+        s.worker.concurrency = concurrency;
+        s.amqp.prefetch = (concurrency * 2) as u16;
+        s.rate_limit.requests_per_minute = 100_000_000;
+        s.rate_limit.burst = 100_000;
+    })
+    .await;
+    let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("lat-{i:08}"))).collect();
+    let (rate, _) = end_to_end(&env, &bodies).await;
+    (rate, concurrency as f64 / latency.as_secs_f64())
+}
+
+/// Limiter precision: worker and simulator both at `per_minute`; a backlog larger than the
+/// window; sessions created over `window`, and 429s received.
+async fn limiter_precision(per_minute: u32, window: Duration) -> (f64, f64, u64) {
+    let faults = Faults {
+        rate_limit_per_minute: per_minute,
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| {
+        s.worker.concurrency = 32;
+        s.rate_limit.requests_per_minute = per_minute;
+        s.rate_limit.burst = 1;
+    })
+    .await;
+    let configured = f64::from(per_minute) / 60.0;
+    let backlog = (configured * window.as_secs_f64() * 1.5) as usize;
+    let bodies: Vec<Vec<u8>> = (0..backlog)
+        .map(|i| request(&format!("lim-{i:08}")))
+        .collect();
+    let a = env.settings.amqp.clone();
+    publish_many(&env, &a.inbound_exchange, &a.inbound_routing_key, &bodies).await;
+    let worker = env.start_worker(env.open_store());
+    // Measure from the first session on, so connection set-up is not counted.
+    while env.sim.sim.stats().sessions_created == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let start_count = env.sim.sim.stats().sessions_created;
+    tokio::time::sleep(window).await;
+    let stats = env.sim.sim.stats();
+    worker.stop().await;
+    let achieved = (stats.sessions_created - start_count) as f64 / window.as_secs_f64();
+    (achieved, configured, stats.rate_limited)
+}
+
+/// Peak RSS (VmHWM) of the worker binary draining a backlog of `n` messages.
+async fn peak_rss(n: usize) -> (u64, Duration) {
+    let env = TestEnv::new(Faults::default(), |s| {
+        s.worker.concurrency = 64;
+        s.amqp.prefetch = 128;
+        s.rate_limit.requests_per_minute = 100_000_000;
+        s.rate_limit.burst = 100_000;
+    })
+    .await;
+    let a = env.settings.amqp.clone();
+    let chunk: Vec<Vec<u8>> = (0..10_000)
+        .map(|i| request(&format!("rss-{i:08}")))
+        .collect();
+    let mut sent = 0;
+    while sent < n {
+        let take = chunk.len().min(n - sent);
+        let bodies: Vec<Vec<u8>> = chunk[..take]
+            .iter()
+            .enumerate()
+            .map(|(i, _)| request(&format!("rss-{:08}", sent + i)))
+            .collect();
+        publish_many(&env, &a.inbound_exchange, &a.inbound_routing_key, &bodies).await;
+        sent += take;
+    }
+    let mut file = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp config");
+    std::io::Write::write_all(
+        &mut file,
+        env.settings.to_redacted_toml().expect("toml").as_bytes(),
+    )
+    .expect("write config");
+    let started = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .arg("--config")
+        .arg(file.path())
+        .args(["run", "--role", "worker"])
+        .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
+        .env("GENESYS_CLIENT_SECRET", "local-secret")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("worker binary starts");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status_path) {
+            if let Some(v) = text
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+            {
+                peak_kib = peak_kib.max(v);
+            }
+        }
+        if env.queue_len(&a.webhook_queue).await as usize >= n
+            || started.elapsed() > Duration::from_secs(600)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = started.elapsed();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    (peak_kib, elapsed)
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let n = count_from_env("BENCH_REQUESTS", 5000);
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        let run = |name: &str| only.is_empty() || only.split(',').any(|s| s == name);
+        let n = count_from_env("BENCH_REQUESTS", 20_000);
         let concurrency = count_from_env("BENCH_CONCURRENCY", 64);
+        let rss_backlog = count_from_env("BENCH_RSS_BACKLOG", 100_000);
         let env = TestEnv::new(Faults::default(), |s| {
             s.worker.concurrency = concurrency;
             s.amqp.prefetch = (concurrency * 2) as u16;
@@ -148,25 +273,46 @@ fn main() {
         .await;
         let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("bench-{i:08}"))).collect();
         let size = bodies[0].len();
-        let profile = if cfg!(debug_assertions) {
-            "debug build: figures not representative"
-        } else {
-            "release build"
-        };
-        eprintln!(
-            "measuring: {n} messages of {size} bytes, worker concurrency {concurrency} ({profile})"
-        );
-        let baseline = broker_baseline(&env, &bodies, (concurrency * 2) as u16).await;
-        let (e2e, dups) = end_to_end(&env, &bodies).await;
+        let profile = if cfg!(debug_assertions) { "debug build: figures not representative" } else { "release build" };
+        eprintln!("measuring: {n} messages of {size} bytes, worker concurrency {concurrency} ({profile})");
+        let mut rows: Vec<String> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
+        if run("e2e") {
+            let baseline = broker_baseline(&env, &bodies, (concurrency * 2) as u16).await;
+            let (e2e, dups) = end_to_end(&env, &bodies).await;
+            rows.push(format!("| broker baseline: bare consumer, ack only, {n} msgs | {baseline:.0} msg/s | — | 1.00 | — |"));
+            rows.push(format!("| end to end: {n} requests, no latency, no limit | {e2e:.0} msg/s | {baseline:.0} msg/s (baseline) | {:.2} | ≥ 0.5 |", e2e / baseline));
+            notes.push(format!("duplicate sessions (end to end): {dups}"));
+            eprintln!("  end to end done");
+        }
+        drop(env);
+        if run("latency") {
+            let latency = Duration::from_millis(200);
+            let (lat_rate, lat_ideal) = latency_bound(concurrency * 25, concurrency, latency).await;
+            rows.push(format!("| latency-bound: simulator at 200 ms, concurrency {concurrency} | {lat_rate:.1} msg/s | {lat_ideal:.1} msg/s (concurrency / latency) | {:.2} | ≥ 0.9 |", lat_rate / lat_ideal));
+            eprintln!("  latency-bound done");
+        }
+        if run("limiter") {
+            let (lim_rate, lim_cfg, lim_429) = limiter_precision(600, Duration::from_secs(20)).await;
+            rows.push(format!("| limiter precision: 600/min in worker and simulator, 20 s | {lim_rate:.2} req/s, {lim_429} × 429 | {lim_cfg:.2} req/s | {:.3} | ≥ 0.98, 0 × 429 |", lim_rate / lim_cfg));
+            eprintln!("  limiter done");
+        }
+        if run("rss") {
+            let (rss_kib, rss_time) = peak_rss(rss_backlog).await;
+            let mib = rss_kib as f64 / 1024.0;
+            rows.push(format!("| peak RSS of the worker draining {rss_backlog} messages | {mib:.1} MiB | 64 MiB | {:.2} | ≤ 1.0 |", mib / 64.0));
+            notes.push(format!("backlog of {rss_backlog} drained in {:.1} s", rss_time.as_secs_f64()));
+            eprintln!("  peak RSS done");
+        }
         println!();
-        println!("| scenario | messages | msg/s | ratio to baseline |");
-        println!("|---|---:|---:|---:|");
-        println!("| broker baseline (bare consumer, ack only) | {n} | {baseline:.0} | 1.00 |");
-        println!(
-            "| end to end (worker + simulator, no latency, no limit) | {n} | {e2e:.0} | {:.2} |",
-            e2e / baseline
-        );
+        println!("| scenario | measured | reference | ratio | goal |");
+        println!("|---|---:|---:|---:|---|");
+        for r in &rows {
+            println!("{r}");
+        }
         println!();
-        println!("duplicate sessions: {dups}");
+        for n in &notes {
+            println!("{n}");
+        }
     });
 }

@@ -15,6 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 const IDEMPOTENCY_TREE: &str = "idempotency";
 const AUDIT_TREE: &str = "audit";
+/// sled page cache; bounds the worker's memory with a large backlog.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -125,6 +127,8 @@ impl Store {
         }
         let db = sled::Config::new()
             .path(path)
+            // sled caches up to 1 GiB by default; the working set here is the recent keys.
+            .cache_capacity(CACHE_BYTES)
             .flush_every_ms(Some(1000))
             .open()
             .map_err(|e| match &e {

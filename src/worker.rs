@@ -231,7 +231,11 @@ impl Worker {
                 })
                 .await;
             match end {
-                Ok(ConsumeEnd::Shutdown) => return Ok(true),
+                Ok(ConsumeEnd::Shutdown) => {
+                    // Closed here, before the connection, so lapin does not close it twice.
+                    let _ = publish_ch.close(200, "shutdown".into()).await;
+                    return Ok(true);
+                }
                 Ok(ConsumeEnd::Lost(why)) => {
                     tracing::warn!(reason = %why, "broker connection lost; reconnecting");
                     return Ok(false);

@@ -113,9 +113,8 @@ where
         ConsumeEnd::Interrupted => while tasks.join_next().await.is_some() {},
         _ => drain(&mut tasks, opts.grace).await,
     }
-    if matches!(end, ConsumeEnd::Interrupted) {
-        // Returns prefetched deliveries that were never started to the queue. On shutdown the
-        // connection's close does the same.
+    if !matches!(end, ConsumeEnd::Lost(_)) {
+        // Returns prefetched deliveries that were never started to the queue.
         let _ = ch.close(200, "done".into()).await;
     }
     Ok(end)

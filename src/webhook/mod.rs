@@ -185,7 +185,10 @@ impl Forwarder {
         })
         .await;
         match end {
-            Ok(ConsumeEnd::Shutdown) => Ok(true),
+            Ok(ConsumeEnd::Shutdown) => {
+                let _ = publish_ch.close(200, "shutdown".into()).await;
+                Ok(true)
+            }
             Ok(ConsumeEnd::Interrupted) => Ok(false),
             Ok(ConsumeEnd::Lost(why)) => {
                 tracing::warn!(reason = %why, "broker connection lost; reconnecting");

@@ -12,6 +12,11 @@ use std::fmt;
 pub const MAX_ID_BYTES: usize = 256;
 /// Largest serialized metadata (bot_score, source, external_id, attributes) sent to Genesys.
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+/// Largest body looked at; anything bigger cannot hold a valid request (64 KiB of metadata plus
+/// a few ids) and is refused before parsing, so a huge message cannot balloon memory.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Longest `idempotency_key`: it travels as the AMQP `message_id`, a 255-byte short string.
+pub const MAX_KEY_BYTES: usize = 255;
 /// Name used when the request has none.
 pub const DEFAULT_VISITOR_NAME: &str = "Anonymous Visitor";
 
@@ -70,6 +75,15 @@ pub struct ValidRequest {
 impl SessionRequest {
     /// Parse and validate raw message bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, ValidationError> {
+        if bytes.len() > MAX_BODY_BYTES {
+            return Err(ValidationError {
+                field: None,
+                message: format!(
+                    "body is {} bytes; a session request is at most {MAX_BODY_BYTES} bytes",
+                    bytes.len()
+                ),
+            });
+        }
         let text = std::str::from_utf8(bytes).map_err(|e| ValidationError {
             field: None,
             message: format!(
@@ -113,6 +127,12 @@ impl SessionRequest {
         }
         if let Some(key) = &self.idempotency_key {
             required_id("idempotency_key", key)?;
+            if key.len() > MAX_KEY_BYTES {
+                return Err(invalid(
+                    "idempotency_key",
+                    format!("longer than {MAX_KEY_BYTES} bytes ({})", key.len()),
+                ));
+            }
         }
         if let Some(score) = self.bot_score {
             if !(0.0..=1.0).contains(&score) {
@@ -414,6 +434,18 @@ mod tests {
         let body =
             format!(r#"{{"visitor_id":"v","queue_id":"q","attributes":{{"blob":"{fits}"}}}}"#);
         assert!(SessionRequest::parse(body.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn huge_bodies_and_keys_are_refused() {
+        let huge = vec![b' '; MAX_BODY_BYTES + 1];
+        assert!(err(&huge).message.contains("at most"));
+        let key = "k".repeat(256);
+        let body = format!(r#"{{"visitor_id":"v","queue_id":"q","idempotency_key":"{key}"}}"#);
+        assert_eq!(
+            err(body.as_bytes()).field.as_deref(),
+            Some("idempotency_key")
+        );
     }
 
     #[test]

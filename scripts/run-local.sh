@@ -40,5 +40,8 @@ if command -v curl >/dev/null 2>&1; then
   echo "==> simulator stats ($SIM_URL/sim/stats):"
   curl -s "$SIM_URL/sim/stats"; echo
 fi
+echo "==> latest audit entries (session-worker audit tail, read through the worker's HTTP endpoint):"
+"$BIN" --config "$CONFIG" audit tail -n 6 || true
+echo "==> metrics: curl -s http://127.0.0.1:9464/metrics | grep session_requests_total"
 echo "==> running; Ctrl-C to stop. Publish more with: $BIN --config $CONFIG publish FILE"
 wait "${pids[1]}"

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use common::{request, TestEnv};
 use rand::Rng;
 use session_worker::sim::Faults;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,60 +22,6 @@ struct Row {
     dead_lettered: u64,
     lost: i64,
     note: String,
-}
-
-async fn publish_all(env: &TestEnv, bodies: &[Vec<u8>]) {
-    let a = env.settings.amqp.clone();
-    let mut pending = Vec::with_capacity(256);
-    for body in bodies {
-        let props = lapin::BasicProperties::default().with_delivery_mode(2);
-        let c = env
-            .ch
-            .basic_publish(
-                a.inbound_exchange.as_str().into(),
-                a.inbound_routing_key.as_str().into(),
-                Default::default(),
-                body,
-                props,
-            )
-            .await
-            .expect("publish");
-        pending.push(c);
-        if pending.len() == 256 {
-            for c in pending.drain(..) {
-                c.await.expect("confirm");
-            }
-        }
-    }
-    for c in pending.drain(..) {
-        c.await.expect("confirm");
-    }
-}
-
-fn spawn_worker(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_session-worker"))
-        .arg("--config")
-        .arg(config)
-        .args(["run", "--role", "worker"])
-        .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
-        .env("GENESYS_CLIENT_SECRET", "local-secret")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("worker binary starts")
-}
-
-fn config_file(env: &TestEnv) -> tempfile::NamedTempFile {
-    let mut f = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("temp file");
-    std::io::Write::write_all(
-        &mut f,
-        env.settings.to_redacted_toml().expect("toml").as_bytes(),
-    )
-    .expect("write");
-    f
 }
 
 async fn dlq_len(env: &TestEnv) -> u64 {
@@ -134,11 +80,11 @@ async fn sigkill_drill(n: u64, kills: u64) -> Row {
         |s| s.worker.concurrency = 32,
     )
     .await;
-    let cfg = config_file(&env);
+    let cfg = env.config_file();
     let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("kill-{i}"))).collect();
-    publish_all(&env, &bodies).await;
+    env.publish_requests(&bodies).await;
     for k in 1..=kills {
-        let mut child = spawn_worker(cfg.path());
+        let mut child = common::spawn_worker_binary(cfg.path(), "error");
         let target = k * n / (kills + 1);
         wait_until(Duration::from_secs(120), || {
             env.sim.sim.stats().sessions_created >= target
@@ -147,7 +93,7 @@ async fn sigkill_drill(n: u64, kills: u64) -> Row {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let mut child = spawn_worker(cfg.path());
+    let mut child = common::spawn_worker_binary(cfg.path(), "error");
     wait_until(Duration::from_secs(300), || {
         env.sim.sim.stats().distinct_visitors >= n
     })
@@ -179,7 +125,7 @@ async fn broker_restart_drill(n: u64) -> Row {
     )
     .await;
     let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("restart-{i}"))).collect();
-    publish_all(&env, &bodies).await;
+    env.publish_requests(&bodies).await;
     let worker = env.start_worker(env.open_store());
     wait_until(Duration::from_secs(60), || {
         env.sim.sim.stats().sessions_created >= n / 3
@@ -230,7 +176,7 @@ async fn faulty_api_drill(n: u64) -> Row {
     )
     .await;
     let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("faulty-{i}"))).collect();
-    publish_all(&env, &bodies).await;
+    env.publish_requests(&bodies).await;
     let worker = env.start_worker(env.open_store());
     let dead_q = env.settings.amqp.dead_letter_queue.clone();
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -287,7 +233,7 @@ async fn malformed_drill(n: usize) -> Row {
     let env = TestEnv::new(Faults::default(), |s| s.worker.concurrency = 32).await;
     let mut rng = rand::rng();
     let bodies: Vec<Vec<u8>> = (0..n).map(|i| malformed(i, &mut rng)).collect();
-    publish_all(&env, &bodies).await;
+    env.publish_requests(&bodies).await;
     let worker = env.start_worker(env.open_store());
     let q = env.settings.amqp.dead_letter_queue.clone();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -353,7 +299,7 @@ async fn webhook_outage_drill(n: u64, outage: Duration) -> Row {
     let worker = env.start_worker(store.clone());
     let forwarder = env.start_forwarder(store);
     let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("hook-{i}"))).collect();
-    publish_all(&env, &bodies).await;
+    env.publish_requests(&bodies).await;
     tokio::time::sleep(outage).await;
     down.store(false, Ordering::SeqCst);
     let back = Instant::now();

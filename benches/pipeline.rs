@@ -14,7 +14,6 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use session_worker::sim::Faults;
 use std::time::{Duration, Instant};
 
@@ -23,35 +22,6 @@ fn count_from_env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-async fn publish_many(env: &TestEnv, exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
-    let mut pending = Vec::with_capacity(256);
-    for body in bodies {
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let c = env
-            .ch
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                Default::default(),
-                body,
-                props,
-            )
-            .await
-            .expect("publish");
-        pending.push(c);
-        if pending.len() == 256 {
-            for c in pending.drain(..) {
-                c.await.expect("confirm");
-            }
-        }
-    }
-    for c in pending.drain(..) {
-        c.await.expect("confirm");
-    }
 }
 
 /// A bare consumer that acks every message: the ceiling the broker allows on this machine.
@@ -73,7 +43,7 @@ async fn broker_baseline(env: &TestEnv, bodies: &[Vec<u8>], prefetch: u16) -> f6
         )
         .await
         .expect("declare baseline queue");
-    publish_many(env, "", &queue, bodies).await;
+    env.publish_many("", &queue, bodies).await;
     let ch = env.conn.create_channel().await.expect("channel");
     ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
@@ -110,7 +80,8 @@ async fn broker_baseline(env: &TestEnv, bodies: &[Vec<u8>], prefetch: u16) -> f6
 async fn end_to_end(env: &TestEnv, bodies: &[Vec<u8>]) -> (f64, u64) {
     let store = env.open_store();
     let a = env.settings.amqp.clone();
-    publish_many(env, &a.inbound_exchange, &a.inbound_routing_key, bodies).await;
+    env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, bodies)
+        .await;
     let started = Instant::now();
     let worker = env.start_worker(store);
     loop {
@@ -168,7 +139,8 @@ async fn limiter_precision(per_minute: u32, window: Duration) -> (f64, f64, u64)
         .map(|i| request(&format!("lim-{i:08}")))
         .collect();
     let a = env.settings.amqp.clone();
-    publish_many(&env, &a.inbound_exchange, &a.inbound_routing_key, &bodies).await;
+    env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, &bodies)
+        .await;
     let worker = env.start_worker(env.open_store());
     // Measure from the first session on, so connection set-up is not counted.
     while env.sim.sim.stats().sessions_created == 0 {
@@ -203,28 +175,13 @@ async fn peak_rss(n: usize) -> (u64, Duration) {
             .enumerate()
             .map(|(i, _)| request(&format!("rss-{:08}", sent + i)))
             .collect();
-        publish_many(&env, &a.inbound_exchange, &a.inbound_routing_key, &bodies).await;
+        env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, &bodies)
+            .await;
         sent += take;
     }
-    let mut file = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("temp config");
-    std::io::Write::write_all(
-        &mut file,
-        env.settings.to_redacted_toml().expect("toml").as_bytes(),
-    )
-    .expect("write config");
+    let file = env.config_file();
     let started = Instant::now();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
-        .arg("--config")
-        .arg(file.path())
-        .args(["run", "--role", "worker"])
-        .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
-        .env("GENESYS_CLIENT_SECRET", "local-secret")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("worker binary starts");
+    let mut child = common::spawn_worker_binary(file.path(), "warn");
     let status_path = format!("/proc/{}/status", child.id());
     let mut peak_kib = 0u64;
     loop {

@@ -198,6 +198,7 @@ impl Worker {
         .await;
         self.health.set_broker_connected(false);
         pruner.abort();
+        let _ = pruner.await;
         self.store.flush_now()?;
         tracing::info!("session worker stopped; store flushed");
         result

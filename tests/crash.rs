@@ -7,21 +7,11 @@ use common::{request, TestEnv};
 use session_worker::sim::Faults;
 use std::collections::HashSet;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 fn spawn_worker(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_session-worker"))
-        .arg("--config")
-        .arg(config)
-        .args(["run", "--role", "worker"])
-        .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
-        .env("GENESYS_CLIENT_SECRET", "local-secret")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("worker binary starts")
+    common::spawn_worker_binary(config, "warn")
 }
 
 fn terminate(child: &mut Child) -> Option<i32> {

@@ -238,6 +238,58 @@ impl TestEnv {
         }
     }
 
+    /// Publish many bodies (persistent, with confirms in windows of 256) to an exchange.
+    pub async fn publish_many(&self, exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
+        let mut pending = Vec::with_capacity(256);
+        for body in bodies {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into());
+            let c = self
+                .ch
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    Default::default(),
+                    body,
+                    props,
+                )
+                .await
+                .expect("publish");
+            pending.push(c);
+            if pending.len() == 256 {
+                for c in pending.drain(..) {
+                    c.await.expect("confirm");
+                }
+            }
+        }
+        for c in pending.drain(..) {
+            c.await.expect("confirm");
+        }
+    }
+
+    /// Publish many requests to the inbound exchange.
+    pub async fn publish_requests(&self, bodies: &[Vec<u8>]) {
+        let a = &self.settings.amqp;
+        self.publish_many(&a.inbound_exchange, &a.inbound_routing_key, bodies)
+            .await
+    }
+
+    /// This test's settings as a config file for the worker binary (secrets come from the
+    /// environment `spawn_worker_binary` sets).
+    pub fn config_file(&self) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp file");
+        std::io::Write::write_all(
+            &mut f,
+            self.settings.to_redacted_toml().expect("toml").as_bytes(),
+        )
+        .expect("write config");
+        f
+    }
+
     /// Publish a request to the inbound exchange, with confirm.
     pub async fn publish(&self, body: &[u8], message_id: Option<&str>) {
         self.publish_with(body, message_id, FieldTable::default())
@@ -363,6 +415,20 @@ impl<E: std::fmt::Display> Running<E> {
             Err(_) => panic!("worker did not stop within 20 s"),
         }
     }
+}
+
+/// Start the real `session-worker run --role worker` binary on a config file.
+pub fn spawn_worker_binary(config: &std::path::Path, rust_log: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .arg("--config")
+        .arg(config)
+        .args(["run", "--role", "worker"])
+        .env("SESSION_WORKER__AMQP__URL", AMQP_URL)
+        .env("GENESYS_CLIENT_SECRET", "local-secret")
+        .env("RUST_LOG", rust_log)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("worker binary starts")
 }
 
 pub fn request(visitor: &str) -> Vec<u8> {

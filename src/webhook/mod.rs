@@ -211,6 +211,7 @@ impl Forwarder {
             Ok(()) => false,
             Err(e) => {
                 tracing::error!(error = %e, "could not settle the webhook delivery; it will be retried");
+                tokio::time::sleep(crate::worker::REQUEUE_PAUSE).await;
                 true
             }
         };

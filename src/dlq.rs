@@ -350,7 +350,10 @@ pub fn replay_target(
 /// Headers for a replayed copy: failure and retry bookkeeping cleared, `x-replay-count` + 1.
 pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
     let mut table = props.headers().clone().unwrap_or_default();
-    let replays = header_i64(props, header::REPLAY_COUNT).unwrap_or(0) + 1;
+    let replays = header_i64(props, header::REPLAY_COUNT)
+        .unwrap_or(0)
+        .max(0)
+        .saturating_add(1);
     let cleared = [
         header::FAILURE_REASON,
         header::FAILURE_DETAIL,
@@ -524,6 +527,12 @@ mod tests {
         assert_eq!(
             header_i64(&replay_properties(&p), header::REPLAY_COUNT),
             Some(2)
+        );
+        let huge = BasicProperties::default()
+            .with_headers(table(vec![(header::REPLAY_COUNT, int(i64::MAX))]));
+        assert_eq!(
+            header_i64(&replay_properties(&huge), header::REPLAY_COUNT),
+            Some(i64::MAX)
         );
     }
 }

@@ -351,7 +351,11 @@ async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> 
         return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
     }
     let token = format!("sim-{}", uuid::Uuid::new_v4().simple());
-    lock(&sim.tokens).insert(token.clone(), Instant::now() + sim.opts.token_ttl);
+    let now = Instant::now();
+    let expires = now
+        .checked_add(sim.opts.token_ttl)
+        .unwrap_or(now + Duration::from_secs(10 * 365 * 86_400));
+    lock(&sim.tokens).insert(token.clone(), expires);
     bump(&sim.counters.token_grants);
     Json(json!({"access_token": token, "token_type": "bearer", "expires_in": sim.opts.token_ttl.as_secs()})).into_response()
 }

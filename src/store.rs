@@ -134,7 +134,7 @@ impl Store {
             .map_err(|e| match &e {
                 sled::Error::Io(io)
                     if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
+                        || io.to_string().contains("could not acquire lock") =>
                 {
                     StoreError::Locked {
                         path: path.to_path_buf(),

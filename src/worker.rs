@@ -394,7 +394,11 @@ impl Worker {
                     }
                     Disposition::Permanent => break Err(e),
                     Disposition::Auth => {
-                        self.record_attempts(&key, &valid, attempts_before + attempts_here)?;
+                        self.record_attempts(
+                            &key,
+                            &valid,
+                            attempts_before.saturating_add(attempts_here),
+                        )?;
                         tracing::error!(error = %e, "auth failure: requeueing and pausing consumption");
                         metrics().outcome("requeued_auth");
                         self.auth.trip();
@@ -403,7 +407,7 @@ impl Worker {
                 },
             }
         };
-        let attempts = attempts_before + attempts_here;
+        let attempts = attempts_before.saturating_add(attempts_here);
         match outcome {
             Ok(created) => self.succeed(&valid, created, attempts, started, ch).await,
             Err(e) if e.disposition() == Disposition::Permanent => {

@@ -64,6 +64,27 @@ async fn concurrent_creates_share_one_token_grant() {
 }
 
 #[tokio::test]
+async fn an_absurd_token_lifetime_is_capped_not_a_panic() {
+    let sim = sim::spawn(SimOptions {
+        listen: "127.0.0.1:0".into(),
+        token_ttl: Duration::from_secs(u64::MAX / 2),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = client_for(&sim, |_| {});
+    client
+        .create_session(&req("a"), "a")
+        .await
+        .expect("session created");
+    client
+        .create_session(&req("b"), "b")
+        .await
+        .expect("cached token reused");
+    assert_eq!(sim.sim.stats().token_grants, 1);
+}
+
+#[tokio::test]
 async fn rate_limit_429_is_classified_with_its_delay() {
     let sim = sim_with(Faults {
         rate_limit_per_minute: 2,

@@ -339,6 +339,21 @@ async fn forbidden_pauses_and_requeues() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_attempts_header_saturates_instead_of_panicking() {
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let worker = env.start_worker(env.open_store());
+    let mut headers = FieldTable::default();
+    headers.insert("x-attempts".into(), AMQPValue::LongLongInt(i64::MAX));
+    env.publish_with(&request("many-attempts"), None, headers)
+        .await;
+    let events = env.events(1, WAIT).await;
+    worker.stop().await;
+    assert_eq!(events.len(), 1, "the delivery was processed and acked");
+    assert_eq!(events[0].event, EventKind::SessionStarted);
+    assert_eq!(events[0].attempts, u32::MAX);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn classic_queues_work_too() {
     let env = TestEnv::new(Faults::default(), |s| {
         s.amqp.queue_type = session_worker::config::QueueType::Classic

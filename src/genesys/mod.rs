@@ -51,6 +51,9 @@ impl RateLimitHeaders {
     }
 }
 
+/// Upper bound on how long a token is cached, whatever `expires_in` says.
+const MAX_TOKEN_LIFETIME_SECS: u64 = 86_400;
+
 #[derive(Clone)]
 struct CachedToken {
     value: Secret,
@@ -178,7 +181,13 @@ impl GenesysClient {
                 message: format!("token response is not the expected JSON: {e}"),
                 correlation_id: None,
             })?;
-        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
+        // Whatever the server says, a token is trusted for at most a day (Genesys issues 24 h).
+        let lifetime = Duration::from_secs(
+            parsed
+                .expires_in
+                .unwrap_or(3600)
+                .min(MAX_TOKEN_LIFETIME_SECS),
+        );
         // Refresh a margin before expiry, but never sooner than half-way through a short lifetime.
         let margin = inner.refresh_margin.min(lifetime / 2);
         tracing::debug!(

@@ -287,10 +287,11 @@ impl Forwarder {
         let event: Value = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
         let id = Self::webhook_id(delivery, &event);
         tracing::Span::current().record("webhook_id", id.as_str());
+        // Any integer a producer put in the header is accepted; the count saturates.
         let attempts = header_i64(&delivery.properties, header::ATTEMPTS)
             .unwrap_or(0)
-            .max(0) as u32
-            + 1;
+            .clamp(0, i64::from(u32::MAX)) as u32;
+        let attempts = attempts.saturating_add(1);
         let started = Instant::now();
         let outcome = self.post(&id, &delivery.data).await;
         let latency_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;

@@ -25,7 +25,7 @@ fn count_from_env(name: &str, default: usize) -> usize {
 }
 
 /// A bare consumer that acks every message: the ceiling the broker allows on this machine.
-async fn broker_baseline(env: &TestEnv, bodies: &[Vec<u8>], prefetch: u16) -> f64 {
+async fn broker_baseline(env: &TestEnv, bodies: &[Vec<u8>], prefetch: u16) -> (f64, CpuSpent) {
     let queue = format!("{}.baseline", env.prefix);
     let mut args = FieldTable::default();
     args.insert(
@@ -57,6 +57,7 @@ async fn broker_baseline(env: &TestEnv, bodies: &[Vec<u8>], prefetch: u16) -> f6
         )
         .await
         .expect("consume");
+    let cpu = CpuMeter::start();
     let started = Instant::now();
     let mut n = 0;
     while n < bodies.len() {
@@ -69,19 +70,82 @@ async fn broker_baseline(env: &TestEnv, bodies: &[Vec<u8>], prefetch: u16) -> f6
         n += 1;
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu.stop();
     let _ = ch.close(200, "".into()).await;
     let _ = env
         .ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
-    rate
+    (rate, cpu)
 }
 
-async fn end_to_end(env: &TestEnv, bodies: &[Vec<u8>]) -> (f64, u64) {
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// The local RabbitMQ's Erlang VM, if it runs on this machine and is visible.
+fn broker_pid() -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().to_string();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+/// CPU used by this process and by the broker while `f` runs.
+struct CpuSpent {
+    here: Option<Duration>,
+    broker: Option<Duration>,
+}
+
+struct CpuMeter {
+    broker: Option<String>,
+    here: Option<Duration>,
+    broker_at: Option<Duration>,
+}
+
+impl CpuMeter {
+    fn start() -> Self {
+        let broker = broker_pid();
+        Self {
+            broker_at: broker.as_deref().and_then(cpu_time),
+            here: cpu_time("self"),
+            broker,
+        }
+    }
+
+    fn stop(self) -> CpuSpent {
+        let diff = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
+        CpuSpent {
+            here: diff(self.here, cpu_time("self")),
+            broker: diff(self.broker_at, self.broker.as_deref().and_then(cpu_time)),
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn per_msg_us(d: Option<Duration>, n: usize) -> String {
+    d.map(|d| format!("{:.0} µs", d.as_secs_f64() * 1e6 / n as f64))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+async fn end_to_end(env: &TestEnv, bodies: &[Vec<u8>]) -> (f64, u64, CpuSpent) {
     let store = env.open_store();
     let a = env.settings.amqp.clone();
     env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, bodies)
         .await;
+    let cpu = CpuMeter::start();
     let started = Instant::now();
     let worker = env.start_worker(store);
     loop {
@@ -98,8 +162,9 @@ async fn end_to_end(env: &TestEnv, bodies: &[Vec<u8>]) -> (f64, u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu.stop();
     worker.stop().await;
-    (rate, env.sim.sim.stats().duplicate_sessions)
+    (rate, env.sim.sim.stats().duplicate_sessions, cpu)
 }
 
 /// Latency-bound: the simulator answers after `latency`; ideal throughput = concurrency / latency.
@@ -116,7 +181,7 @@ async fn latency_bound(n: usize, concurrency: usize, latency: Duration) -> (f64,
     })
     .await;
     let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("lat-{i:08}"))).collect();
-    let (rate, _) = end_to_end(&env, &bodies).await;
+    let (rate, _, _) = end_to_end(&env, &bodies).await;
     (rate, concurrency as f64 / latency.as_secs_f64())
 }
 
@@ -221,13 +286,7 @@ fn main() {
         let n = count_from_env("BENCH_REQUESTS", 20_000);
         let concurrency = count_from_env("BENCH_CONCURRENCY", 64);
         let rss_backlog = count_from_env("BENCH_RSS_BACKLOG", 100_000);
-        let env = TestEnv::new(Faults::default(), |s| {
-            s.worker.concurrency = concurrency;
-            s.amqp.prefetch = (concurrency * 2) as u16;
-            s.rate_limit.requests_per_minute = 100_000_000;
-            s.rate_limit.burst = 100_000;
-        })
-        .await;
+        let rounds = count_from_env("BENCH_ROUNDS", 3).max(1);
         let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("bench-{i:08}"))).collect();
         let size = bodies[0].len();
         let profile = if cfg!(debug_assertions) { "debug build: figures not representative" } else { "release build" };
@@ -235,14 +294,53 @@ fn main() {
         let mut rows: Vec<String> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
         if run("e2e") {
-            let baseline = broker_baseline(&env, &bodies, (concurrency * 2) as u16).await;
-            let (e2e, dups) = end_to_end(&env, &bodies).await;
-            rows.push(format!("| broker baseline: bare consumer, ack only, {n} msgs | {baseline:.0} msg/s | — | 1.00 | — |"));
-            rows.push(format!("| end to end: {n} requests, no latency, no limit | {e2e:.0} msg/s | {baseline:.0} msg/s (baseline) | {:.2} | ≥ 0.5 |", e2e / baseline));
-            notes.push(format!("duplicate sessions (end to end): {dups}"));
+            // Baseline and end to end alternate, each round on fresh queues, a fresh store and
+            // a fresh simulator; the medians are reported (single runs on 2 shared cores vary
+            // by ±15 %).
+            let (mut baselines, mut e2es, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            let mut dups = 0;
+            let mut cpu_rows = Vec::new();
+            for round in 1..=rounds {
+                let env = TestEnv::new(Faults::default(), |s| {
+                    s.worker.concurrency = concurrency;
+                    s.amqp.prefetch = (concurrency * 2) as u16;
+                    s.rate_limit.requests_per_minute = 100_000_000;
+                    s.rate_limit.burst = 100_000;
+                })
+                .await;
+                let (baseline, base_cpu) =
+                    broker_baseline(&env, &bodies, (concurrency * 2) as u16).await;
+                let flushes = session_worker::metrics::metrics().store_flushes.get();
+                let (e2e, d, e2e_cpu) = end_to_end(&env, &bodies).await;
+                let flushes = session_worker::metrics::metrics().store_flushes.get() - flushes;
+                dups += d;
+                eprintln!("  round {round}: baseline {baseline:.0} msg/s, end to end {e2e:.0} msg/s ({:.2})", e2e / baseline);
+                cpu_rows.push(format!(
+                    "| {round} | {baseline:.0} msg/s | {e2e:.0} msg/s | {:.2} | {} | {} | {} | {} | {:.1} |",
+                    e2e / baseline,
+                    per_msg_us(base_cpu.broker, n),
+                    per_msg_us(e2e_cpu.broker, n),
+                    per_msg_us(base_cpu.here, n),
+                    per_msg_us(e2e_cpu.here, n),
+                    n as f64 / flushes.max(1) as f64,
+                ));
+                baselines.push(baseline);
+                e2es.push(e2e);
+                ratios.push(e2e / baseline);
+                drop(env);
+            }
+            let (baseline, e2e, ratio) = (median(&mut baselines), median(&mut e2es), median(&mut ratios));
+            rows.push(format!("| broker baseline: bare consumer, ack only, {n} msgs (median of {rounds}) | {baseline:.0} msg/s | — | 1.00 | — |"));
+            rows.push(format!("| end to end: {n} requests, no latency, no limit (median of {rounds}) | {e2e:.0} msg/s | {baseline:.0} msg/s (baseline) | {ratio:.2} | ≥ 0.5 |"));
+            notes.push(format!("duplicate sessions (end to end, all rounds): {dups}"));
+            notes.push(String::new());
+            notes.push("Per round, with CPU time per message (broker = RabbitMQ's beam.smp; bench = this process: the bare consumer, or the worker + simulator + publisher):".into());
+            notes.push(String::new());
+            notes.push("| round | baseline | end to end | ratio | broker CPU, baseline | broker CPU, end to end | bench CPU, baseline | bench CPU, end to end | requests per store flush |".into());
+            notes.push("|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
+            notes.extend(cpu_rows);
             eprintln!("  end to end done");
         }
-        drop(env);
         if run("latency") {
             let latency = Duration::from_millis(200);
             let (lat_rate, lat_ideal) = latency_bound(concurrency * 25, concurrency, latency).await;

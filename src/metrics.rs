@@ -43,6 +43,9 @@ pub struct Metrics {
     pub genesys_ratelimit_count: Gauge,
     /// 1 while consumption is paused by an auth failure.
     pub auth_paused: Gauge,
+    /// Group commits of the sled store, and how many writers each one made durable.
+    pub store_flushes: Counter,
+    pub store_flush_waiters: Histogram,
 }
 
 impl Metrics {
@@ -60,6 +63,8 @@ impl Metrics {
             genesys_ratelimit_allowed: Gauge::default(),
             genesys_ratelimit_count: Gauge::default(),
             auth_paused: Gauge::default(),
+            store_flushes: Counter::default(),
+            store_flush_waiters: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             registry: Registry::default(),
         };
         registry.register(
@@ -116,6 +121,16 @@ impl Metrics {
             "auth_paused",
             "1 while consumption is paused by a Genesys auth failure",
             m.auth_paused.clone(),
+        );
+        registry.register(
+            "store_flushes",
+            "Group commits (flush + fsync) of the sled store",
+            m.store_flushes.clone(),
+        );
+        registry.register(
+            "store_flush_waiters",
+            "Writers made durable by one group commit",
+            m.store_flush_waiters.clone(),
         );
         Metrics { registry, ..m }
     }

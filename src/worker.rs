@@ -5,7 +5,7 @@
 //! `worker.concurrency` at once. A delivery is acked only after its outcome is flushed to sled
 //! and, where it produces one, its result event or dead letter is confirmed by the broker.
 
-use crate::amqp::consumer::{self, ConsumeEnd, ConsumeOptions};
+use crate::amqp::consumer::{self, ConsumeEnd, ConsumeOptions, Settle};
 use crate::amqp::{self, header_i64, int, text, topology, AmqpError};
 use crate::config::Settings;
 use crate::event::{EventError, EventKind, ResultEvent};
@@ -16,7 +16,6 @@ use crate::metrics::{metrics, InflightGuard};
 use crate::request::{self, ValidRequest, ValidationError};
 use crate::store::{now_ms, AuditEntry, Claim, IdemRecord, IdemState, Store, StoreError};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Channel, Connection};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -112,12 +111,6 @@ impl AuthGate {
 
 /// Pause before requeueing a delivery whose handling failed (see `handle`).
 pub const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
-
-/// How a delivery is settled with the broker.
-enum Settle {
-    Ack,
-    Requeue,
-}
 
 pub struct Worker {
     settings: Arc<Settings>,
@@ -292,7 +285,7 @@ impl Worker {
         }
     }
 
-    async fn handle(&self, delivery: Delivery, publish_ch: &Channel) {
+    async fn handle(&self, delivery: Delivery, publish_ch: &Channel) -> Settle {
         let _inflight = InflightGuard::new();
         let span = tracing::info_span!(
             "message",
@@ -302,7 +295,7 @@ impl Worker {
             correlation_id = Empty
         );
         async {
-            let settle = match self.process(&delivery, publish_ch).await {
+            match self.process(&delivery, publish_ch).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "could not finish the delivery; it will be redelivered");
@@ -311,21 +304,6 @@ impl Worker {
                     tokio::time::sleep(REQUEUE_PAUSE).await;
                     Settle::Requeue
                 }
-            };
-            let result = match settle {
-                Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-                Settle::Requeue => {
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "could not settle the delivery; the broker will redeliver it");
             }
         }
         .instrument(span)

@@ -1,18 +1,30 @@
 //! The consume loop shared by the session worker and the webhook forwarder: manual acks,
 //! prefetch, at most `concurrency` deliveries in flight (one task each), and a drain that lets
 //! in-flight work finish before the loop returns.
+//!
+//! Handlers return a [`Settle`] verdict instead of acking; the loop settles deliveries in
+//! batches (see [`super::settle`]). A handler that panics has its delivery requeued.
 
+use super::settle::{Action, Settlements};
 use super::AmqpError;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
-use lapin::Connection;
+use lapin::{Channel, Connection};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
+
+pub use super::settle::Settle;
+
+/// How long a finished delivery's ack may wait for slower deliveries ahead of it.
+pub const ACK_HOLD: Duration = Duration::from_millis(10);
 
 /// Why [`consume`] returned.
 #[derive(Debug)]
@@ -44,8 +56,8 @@ pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Consume `opts.queue` on a new channel of `conn`, running `handle` for each delivery.
-/// `handle` settles (acks or nacks) the delivery itself.
+/// Consume `opts.queue` on a new channel of `conn`, running `handle` for each delivery and
+/// settling it with the broker as `handle` decides.
 pub async fn consume<F, Fut>(
     conn: &Connection,
     opts: ConsumeOptions<'_>,
@@ -55,7 +67,7 @@ pub async fn consume<F, Fut>(
 ) -> Result<ConsumeEnd, AmqpError>
 where
     F: Fn(Delivery) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
+    Fut: Future<Output = Settle> + Send + 'static,
 {
     let ch = conn
         .create_channel()
@@ -80,25 +92,39 @@ where
         "consuming"
     );
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut tasks: JoinSet<(u64, Settle)> = JoinSet::new();
+    let mut settlements = Settlements::new(opts.prefetch, ACK_HOLD);
     let never = Notify::new();
     let interrupt = interrupt.unwrap_or(&never);
     let end = loop {
+        let deadline = settlements.deadline();
         tokio::select! {
             biased;
             _ = shutdown_requested(shutdown) => break ConsumeEnd::Shutdown,
             _ = interrupt.notified() => break ConsumeEnd::Interrupted,
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = joined {
-                    tracing::error!(error = %e, "delivery task failed");
+                let mut actions = finished(&mut settlements, joined);
+                // Whatever else finished meanwhile goes into the same batch.
+                while let Some(joined) = tasks.try_join_next() {
+                    actions.extend(finished(&mut settlements, joined));
                 }
+                send(&ch, &actions).await;
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                send(&ch, &settlements.overdue(Instant::now())).await;
             }
             next = next_delivery(&permits, &mut consumer) => match next {
                 Some((Ok(delivery), permit)) => {
-                    let work = handle(delivery);
+                    let tag = delivery.delivery_tag;
+                    settlements.delivered(tag);
+                    let work = AssertUnwindSafe(handle(delivery)).catch_unwind();
                     tasks.spawn(async move {
-                        work.await;
+                        let verdict = work.await.unwrap_or_else(|_| {
+                            tracing::error!(delivery_tag = tag, "delivery handler panicked; requeueing the delivery");
+                            Settle::Requeue
+                        });
                         drop(permit);
+                        (tag, verdict)
                     });
                 }
                 Some((Err(e), _)) => break ConsumeEnd::Lost(e.to_string()),
@@ -109,28 +135,91 @@ where
     let _ = ch
         .basic_cancel(consumer.tag(), BasicCancelOptions::default())
         .await;
-    match end {
-        ConsumeEnd::Interrupted => while tasks.join_next().await.is_some() {},
-        _ => drain(&mut tasks, opts.grace).await,
-    }
+    let grace = match end {
+        ConsumeEnd::Interrupted => None,
+        _ => Some(opts.grace),
+    };
+    drain(&ch, &mut tasks, &mut settlements, grace).await;
     if !matches!(end, ConsumeEnd::Lost(_)) {
+        send(&ch, &settlements.finish()).await;
         // Returns prefetched deliveries that were never started to the queue.
         let _ = ch.close(200, "done".into()).await;
     }
     Ok(end)
 }
 
-/// Wait up to `grace` for in-flight deliveries; unfinished ones are redelivered by the broker.
-async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+fn finished(
+    settlements: &mut Settlements,
+    joined: Result<(u64, Settle), tokio::task::JoinError>,
+) -> Vec<Action> {
+    match joined {
+        Ok((tag, verdict)) => settlements.finished(tag, verdict, Instant::now()),
+        Err(e) => {
+            // Only an abort gets here (panics are caught in the task); the broker redelivers.
+            tracing::warn!(error = %e, "delivery task ended without a verdict");
+            Vec::new()
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(at) = deadline {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// Send settlement frames in order. A failure means the channel is gone; the broker then
+/// redelivers everything unsettled, so there is nothing more to do than say so.
+async fn send(ch: &Channel, actions: &[Action]) {
+    for action in actions {
+        let result = match *action {
+            Action::AckUpTo(tag) => ch.basic_ack(tag, BasicAckOptions { multiple: true }).await,
+            Action::Ack(tag) => ch.basic_ack(tag, BasicAckOptions { multiple: false }).await,
+            Action::Requeue(tag) => {
+                ch.basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
+                .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, ?action, "could not settle deliveries; the broker will redeliver them");
+            return;
+        }
+    }
+}
+
+/// Wait for in-flight deliveries (up to `grace`, if given), settling each as it finishes;
+/// unfinished ones are redelivered by the broker.
+async fn drain(
+    ch: &Channel,
+    tasks: &mut JoinSet<(u64, Settle)>,
+    settlements: &mut Settlements,
+    grace: Option<Duration>,
+) {
     if tasks.is_empty() {
         return;
     }
-    tracing::info!(
-        inflight = tasks.len(),
-        grace_ms = grace.as_millis() as u64,
-        "finishing in-flight deliveries"
-    );
-    let all = async { while tasks.join_next().await.is_some() {} };
+    if let Some(grace) = grace {
+        tracing::info!(
+            inflight = tasks.len(),
+            grace_ms = grace.as_millis() as u64,
+            "finishing in-flight deliveries"
+        );
+    }
+    let all = async {
+        while let Some(joined) = tasks.join_next().await {
+            send(ch, &finished(settlements, joined)).await;
+        }
+    };
+    let Some(grace) = grace else {
+        all.await;
+        return;
+    };
     if tokio::time::timeout(grace, all).await.is_err() {
         tracing::warn!(
             left = tasks.len(),

@@ -2,6 +2,7 @@
 //! topology in [`topology`].
 
 pub mod consumer;
+pub mod settle;
 pub mod topology;
 
 /// Headers the worker, the forwarder and the DLQ tools read and write.

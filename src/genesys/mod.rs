@@ -1,7 +1,8 @@
 //! Genesys Cloud client: OAuth2 client-credentials tokens and session creation.
 //!
-//! One `GenesysClient` per process, cloned into every task. Tokens are cached and shared;
-//! concurrent callers wait on a single refresh. A 401 refreshes the token once and retries;
+//! One `GenesysClient` per process, cloned into every task. Tokens are cached and shared:
+//! reading the cached token takes a short read lock, and concurrent callers that find it
+//! missing or due wait on a single refresh. A 401 refreshes the token once and retries;
 //! a second 401 (or a 403) is an [`GenesysError::Auth`]. The API itself is chosen by
 //! [`Backend`]; the simulator and the real cloud differ only in base URLs.
 
@@ -16,9 +17,9 @@ use crate::config::GenesysSettings;
 use crate::request::SessionRequest;
 use crate::secret::Secret;
 use base64::Engine;
-use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Mutex;
 
@@ -57,7 +58,15 @@ const MAX_TOKEN_LIFETIME_SECS: u64 = 86_400;
 #[derive(Clone)]
 struct CachedToken {
     value: Secret,
+    /// `Bearer <token>`, built once per token and marked sensitive (never logged by the stack).
+    header: HeaderValue,
     refresh_at: Instant,
+}
+
+impl CachedToken {
+    fn fresh(&self) -> bool {
+        Instant::now() < self.refresh_at
+    }
 }
 
 #[derive(Deserialize)]
@@ -75,12 +84,15 @@ pub struct GenesysClient {
 struct Inner {
     http: reqwest::Client,
     token_url: String,
+    /// The backend's session URL, parsed once.
+    session_url: reqwest::Url,
     client_id: String,
     client_secret: Secret,
     backend: Backend,
     refresh_margin: Duration,
+    token: RwLock<Option<CachedToken>>,
     /// Held while a token is fetched, so concurrent callers wait for one refresh.
-    token: Mutex<Option<CachedToken>>,
+    refreshing: Mutex<()>,
 }
 
 impl GenesysClient {
@@ -92,17 +104,32 @@ impl GenesysClient {
             .user_agent(concat!("session-worker/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| GenesysError::Connection(error::describe_chain(&e)))?;
+        let backend = Backend::from_settings(settings);
+        let session_url = reqwest::Url::parse(backend.url()).map_err(|e| {
+            GenesysError::Connection(format!("invalid session URL {:?}: {e}", backend.url()))
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
                 token_url: format!("{}/oauth/token", settings.login_base()),
+                session_url,
                 client_id: settings.client_id.clone(),
                 client_secret: settings.client_secret.clone(),
-                backend: Backend::from_settings(settings),
+                backend,
                 refresh_margin: settings.token_refresh_margin,
-                token: Mutex::new(None),
+                token: RwLock::new(None),
+                refreshing: Mutex::new(()),
             }),
         })
+    }
+
+    fn cached(&self) -> Option<CachedToken> {
+        let guard = self.inner.token.read().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().filter(|t| t.fresh()).cloned()
+    }
+
+    fn store_token(&self, token: Option<CachedToken>) {
+        *self.inner.token.write().unwrap_or_else(|p| p.into_inner()) = token;
     }
 
     pub fn backend(&self) -> &Backend {
@@ -111,21 +138,27 @@ impl GenesysClient {
 
     /// A valid access token, fetching one if none is cached or it is about to expire.
     pub async fn token(&self) -> Result<Secret, GenesysError> {
-        let mut guard = self.inner.token.lock().await;
-        if let Some(t) = guard.as_ref() {
-            if Instant::now() < t.refresh_at {
-                return Ok(t.value.clone());
-            }
+        Ok(self.bearer().await?.value)
+    }
+
+    async fn bearer(&self) -> Result<CachedToken, GenesysError> {
+        if let Some(t) = self.cached() {
+            return Ok(t);
+        }
+        let _refreshing = self.inner.refreshing.lock().await;
+        // Another task may have refreshed it while this one waited.
+        if let Some(t) = self.cached() {
+            return Ok(t);
         }
         let fresh = self.fetch_token().await?;
-        let value = fresh.value.clone();
-        *guard = Some(fresh);
-        Ok(value)
+        self.store_token(Some(fresh.clone()));
+        Ok(fresh)
     }
 
     /// Forget `stale` (the token a 401 answered) unless another task already replaced it.
     pub async fn invalidate(&self, stale: &Secret) {
-        let mut guard = self.inner.token.lock().await;
+        let _refreshing = self.inner.refreshing.lock().await;
+        let mut guard = self.inner.token.write().unwrap_or_else(|p| p.into_inner());
         if guard.as_ref().is_some_and(|t| &t.value == stale) {
             *guard = None;
         }
@@ -133,9 +166,9 @@ impl GenesysClient {
 
     /// Fetch a new token now, replacing the cached one: the auth probe.
     pub async fn refresh_token(&self) -> Result<(), GenesysError> {
-        let mut guard = self.inner.token.lock().await;
+        let _refreshing = self.inner.refreshing.lock().await;
         let fresh = self.fetch_token().await?;
-        *guard = Some(fresh);
+        self.store_token(Some(fresh));
         Ok(())
     }
 
@@ -194,8 +227,18 @@ impl GenesysClient {
             expires_in = lifetime.as_secs(),
             "fetched Genesys Cloud access token"
         );
+        let mut header = HeaderValue::from_str(&format!("Bearer {}", parsed.access_token))
+            .map_err(|_| GenesysError::InvalidResponse {
+                status,
+                message:
+                    "the token endpoint returned an access token that cannot be sent in a header"
+                        .into(),
+                correlation_id: None,
+            })?;
+        header.set_sensitive(true);
         Ok(CachedToken {
             value: Secret::new(parsed.access_token),
+            header,
             refresh_at: Instant::now() + lifetime - margin,
         })
     }
@@ -216,12 +259,12 @@ impl GenesysClient {
             message: format!("cannot serialize request body: {e}"),
             correlation_id: None,
         })?;
-        let token = self.token().await?;
+        let token = self.bearer().await?;
         match self.post_session(&token, &body).await {
             Err(GenesysError::Auth { status: 401, .. }) => {
                 tracing::info!("Genesys Cloud answered 401; refreshing the token once");
-                self.invalidate(&token).await;
-                let token = self.token().await?;
+                self.invalidate(&token.value).await;
+                let token = self.bearer().await?;
                 self.post_session(&token, &body).await
             }
             other => other,
@@ -230,33 +273,34 @@ impl GenesysClient {
 
     async fn post_session(
         &self,
-        token: &Secret,
+        token: &CachedToken,
         body: &[u8],
     ) -> Result<SessionCreated, GenesysError> {
         let inner = &self.inner;
         let started = Instant::now();
         let response = inner
             .http
-            .post(inner.backend.url())
-            .header(AUTHORIZATION, format!("Bearer {}", token.expose()))
-            .header(CONTENT_TYPE, "application/json")
+            .post(inner.session_url.clone())
+            .header(AUTHORIZATION, token.header.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body.to_vec())
             .send()
             .await
             .map_err(|e| GenesysError::from_transport(&e))?;
         let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| GenesysError::from_transport(&e))?;
-        let latency = started.elapsed();
-        let correlation_id = error::header_str(&headers, "inin-correlation-id");
-        let rate_limit = RateLimitHeaders::from_headers(&headers);
+        let headers = response.headers();
+        let correlation_id = error::header_str(headers, "inin-correlation-id");
+        let rate_limit = RateLimitHeaders::from_headers(headers);
         if rate_limit.allowed.is_some() {
             tracing::trace!(allowed = ?rate_limit.allowed, count = ?rate_limit.count, reset = ?rate_limit.reset, "genesys rate limit headers");
         }
         if !(200..300).contains(&status) {
+            // Errors are the rare path: their headers (Retry-After, ...) are kept for classifying.
+            let headers = headers.clone();
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| GenesysError::from_transport(&e))?;
             return Err(error::classify(
                 status,
                 &headers,
@@ -264,6 +308,11 @@ impl GenesysClient {
                 inner.backend.auth_hint(),
             ));
         }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| GenesysError::from_transport(&e))?;
+        let latency = started.elapsed();
         let json: serde_json::Value =
             serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         let conversation_id =

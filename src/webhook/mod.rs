@@ -9,7 +9,7 @@
 
 pub mod signature;
 
-use crate::amqp::consumer::{self, ConsumeEnd, ConsumeOptions};
+use crate::amqp::consumer::{self, ConsumeEnd, ConsumeOptions, Settle};
 use crate::amqp::{self, header_i64, int, text, topology, AmqpError};
 use crate::config::Settings;
 use crate::health::Health;
@@ -17,7 +17,6 @@ use crate::metrics::metrics;
 use crate::store::{AuditEntry, Store};
 use crate::worker::header;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Channel, Connection};
 use serde_json::Value;
 use std::sync::Arc;
@@ -201,33 +200,19 @@ impl Forwarder {
         }
     }
 
-    async fn handle(&self, delivery: Delivery, ch: &Channel) {
+    async fn handle(&self, delivery: Delivery, ch: &Channel) -> Settle {
         let span = tracing::info_span!("webhook", webhook_id = tracing::field::Empty);
         self.settle(delivery, ch).instrument(span).await
     }
 
-    async fn settle(&self, delivery: Delivery, ch: &Channel) {
-        let requeue = match self.forward(&delivery, ch).await {
-            Ok(()) => false,
+    async fn settle(&self, delivery: Delivery, ch: &Channel) -> Settle {
+        match self.forward(&delivery, ch).await {
+            Ok(()) => Settle::Ack,
             Err(e) => {
                 tracing::error!(error = %e, "could not settle the webhook delivery; it will be retried");
                 tokio::time::sleep(crate::worker::REQUEUE_PAUSE).await;
-                true
+                Settle::Requeue
             }
-        };
-        let result = if requeue {
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-        } else {
-            delivery.acker.ack(BasicAckOptions::default()).await
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "could not settle the delivery; the broker will redeliver it");
         }
     }
 

@@ -1,7 +1,8 @@
 //! `make bench`: throughput of the worker against a baseline measured in the same run.
 //!
 //! - broker baseline: a bare lapin consumer that only acks, same broker, same message size;
-//! - end to end: N requests through the worker against the simulator (no latency, no limit).
+//! - end to end: N requests through `session-worker run` (the release binary, its own process)
+//!   against the simulator (in this process; no latency, no limit).
 //!
 //! Figures are printed as a table with the ratio to the baseline. Nothing here asserts timing.
 
@@ -70,7 +71,7 @@ async fn broker_baseline(env: &TestEnv, bodies: &[Vec<u8>], prefetch: u16) -> (f
         n += 1;
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    let cpu = cpu.stop();
+    let cpu = cpu.stop(None);
     let _ = ch.close(200, "".into()).await;
     let _ = env
         .ch
@@ -99,10 +100,12 @@ fn broker_pid() -> Option<String> {
     })
 }
 
-/// CPU used by this process and by the broker while `f` runs.
+/// CPU used while a scenario ran: by this process, by the broker and by the worker process.
+#[derive(Default)]
 struct CpuSpent {
     here: Option<Duration>,
     broker: Option<Duration>,
+    worker: Option<Duration>,
 }
 
 struct CpuMeter {
@@ -121,11 +124,13 @@ impl CpuMeter {
         }
     }
 
-    fn stop(self) -> CpuSpent {
+    /// `worker`: a child process started with the meter, still running.
+    fn stop(self, worker: Option<u32>) -> CpuSpent {
         let diff = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
         CpuSpent {
             here: diff(self.here, cpu_time("self")),
             broker: diff(self.broker_at, self.broker.as_deref().and_then(cpu_time)),
+            worker: worker.and_then(|pid| cpu_time(&pid.to_string())),
         }
     }
 }
@@ -140,14 +145,20 @@ fn per_msg_us(d: Option<Duration>, n: usize) -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
-async fn end_to_end(env: &TestEnv, bodies: &[Vec<u8>]) -> (f64, u64, CpuSpent) {
-    let store = env.open_store();
+/// `bodies` through the worker; the rate counts from the worker's start (connecting and
+/// declaring included) to the last result event.
+async fn end_to_end(env: &TestEnv, bodies: &[Vec<u8>], binary: bool) -> (f64, u64, CpuSpent) {
     let a = env.settings.amqp.clone();
     env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, bodies)
         .await;
+    let file = env.config_file();
     let cpu = CpuMeter::start();
     let started = Instant::now();
-    let worker = env.start_worker(store);
+    let (worker, mut child) = if binary {
+        (None, Some(common::spawn_worker_binary(file.path(), "warn")))
+    } else {
+        (Some(env.start_worker(env.open_store())), None)
+    };
     loop {
         let done = env.queue_len(&a.webhook_queue).await as usize;
         if done >= bodies.len() {
@@ -162,8 +173,16 @@ async fn end_to_end(env: &TestEnv, bodies: &[Vec<u8>]) -> (f64, u64, CpuSpent) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
-    let cpu = cpu.stop();
-    worker.stop().await;
+    let cpu = cpu.stop(child.as_ref().map(|c| c.id()));
+    if let Some(child) = child.as_mut() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+    if let Some(worker) = worker {
+        worker.stop().await;
+    }
     (rate, env.sim.sim.stats().duplicate_sessions, cpu)
 }
 
@@ -181,7 +200,7 @@ async fn latency_bound(n: usize, concurrency: usize, latency: Duration) -> (f64,
     })
     .await;
     let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("lat-{i:08}"))).collect();
-    let (rate, _, _) = end_to_end(&env, &bodies).await;
+    let (rate, _, _) = end_to_end(&env, &bodies, false).await;
     (rate, concurrency as f64 / latency.as_secs_f64())
 }
 
@@ -310,19 +329,17 @@ fn main() {
                 .await;
                 let (baseline, base_cpu) =
                     broker_baseline(&env, &bodies, (concurrency * 2) as u16).await;
-                let flushes = session_worker::metrics::metrics().store_flushes.get();
-                let (e2e, d, e2e_cpu) = end_to_end(&env, &bodies).await;
-                let flushes = session_worker::metrics::metrics().store_flushes.get() - flushes;
+                let (e2e, d, e2e_cpu) = end_to_end(&env, &bodies, true).await;
                 dups += d;
                 eprintln!("  round {round}: baseline {baseline:.0} msg/s, end to end {e2e:.0} msg/s ({:.2})", e2e / baseline);
                 cpu_rows.push(format!(
-                    "| {round} | {baseline:.0} msg/s | {e2e:.0} msg/s | {:.2} | {} | {} | {} | {} | {:.1} |",
+                    "| {round} | {baseline:.0} msg/s | {e2e:.0} msg/s | {:.2} | {} | {} | {} | {} | {} |",
                     e2e / baseline,
                     per_msg_us(base_cpu.broker, n),
                     per_msg_us(e2e_cpu.broker, n),
                     per_msg_us(base_cpu.here, n),
+                    per_msg_us(e2e_cpu.worker, n),
                     per_msg_us(e2e_cpu.here, n),
-                    n as f64 / flushes.max(1) as f64,
                 ));
                 baselines.push(baseline);
                 e2es.push(e2e);
@@ -334,9 +351,9 @@ fn main() {
             rows.push(format!("| end to end: {n} requests, no latency, no limit (median of {rounds}) | {e2e:.0} msg/s | {baseline:.0} msg/s (baseline) | {ratio:.2} | ≥ 0.5 |"));
             notes.push(format!("duplicate sessions (end to end, all rounds): {dups}"));
             notes.push(String::new());
-            notes.push("Per round, with CPU time per message (broker = RabbitMQ's beam.smp; bench = this process: the bare consumer, or the worker + simulator + publisher):".into());
+            notes.push("Per round, CPU time per message: broker = RabbitMQ (beam.smp); consumer = the bare consumer; worker = the `session-worker run` process; simulator = this process (the simulator, and the queue-length polling):".into());
             notes.push(String::new());
-            notes.push("| round | baseline | end to end | ratio | broker CPU, baseline | broker CPU, end to end | bench CPU, baseline | bench CPU, end to end | requests per store flush |".into());
+            notes.push("| round | baseline | end to end | ratio | broker, baseline | broker, end to end | consumer, baseline | worker, end to end | simulator, end to end |".into());
             notes.push("|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
             notes.extend(cpu_rows);
             eprintln!("  end to end done");

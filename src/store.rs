@@ -2,8 +2,7 @@
 //!
 //! Writes go to sled's in-memory log at once; [`Store::durable`] waits until they are on disk.
 //! A single flusher task group-commits: every caller waiting while a flush runs is served by the
-//! next one, and before flushing it lets the tasks that are ready to run join the group, so the
-//! fsync rate stays flat while throughput grows. Nothing is acked by the worker
+//! next one, so the fsync rate stays flat while throughput grows. Nothing is acked by the worker
 //! before `durable` returns.
 //!
 //! sled allows one process per directory; a second opener gets [`StoreError::Locked`].
@@ -310,26 +309,11 @@ fn decode(key: &str, bytes: &[u8]) -> Result<IdemRecord, StoreError> {
     })
 }
 
-/// At most this many yields to gather writers into one group commit.
-const GATHER_YIELDS: usize = 8;
-
 async fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<FlushWaiter>) {
     while let Some(first) = rx.recv().await {
         let mut waiters = vec![first];
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
-        }
-        // Let the tasks that are ready to run reach `durable` first: each yield puts the
-        // flusher behind them in the run queue. No timer, so an idle worker adds no latency.
-        for _ in 0..GATHER_YIELDS {
-            tokio::task::yield_now().await;
-            let before = waiters.len();
-            while let Ok(w) = rx.try_recv() {
-                waiters.push(w);
-            }
-            if waiters.len() == before {
-                break;
-            }
         }
         let m = crate::metrics::metrics();
         m.store_flushes.inc();

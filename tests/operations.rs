@@ -225,6 +225,9 @@ async fn readiness_flips_under_auth_failure_and_metrics_move_with_traffic() {
         "{text}"
     );
     assert!(text.contains("genesys_request_duration_seconds_bucket"));
+    // Three outcomes were made durable: at least one group commit, each with a writer or more.
+    assert!(count(&text, "store_flushes_total") >= 1.0, "{text}");
+    assert!(count(&text, "store_flush_waiters_sum") >= 3.0, "{text}");
 
     env.sim.sim.set_faults(Faults {
         auth: AuthMode::Forbidden,

@@ -305,7 +305,7 @@ fn main() {
         let n = count_from_env("BENCH_REQUESTS", 20_000);
         let concurrency = count_from_env("BENCH_CONCURRENCY", 64);
         let rss_backlog = count_from_env("BENCH_RSS_BACKLOG", 100_000);
-        let rounds = count_from_env("BENCH_ROUNDS", 3).max(1);
+        let rounds = count_from_env("BENCH_ROUNDS", 5).max(1);
         let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("bench-{i:08}"))).collect();
         let size = bodies[0].len();
         let profile = if cfg!(debug_assertions) { "debug build: figures not representative" } else { "release build" };

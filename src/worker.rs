@@ -109,8 +109,7 @@ impl AuthGate {
     }
 }
 
-/// Pause before requeueing a delivery whose handling failed (see `handle`).
-pub const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+pub use crate::amqp::consumer::REQUEUE_PAUSE;
 
 pub struct Worker {
     settings: Arc<Settings>,
@@ -299,8 +298,6 @@ impl Worker {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "could not finish the delivery; it will be redelivered");
-                    // A broker or disk problem that persists would otherwise turn into a hot
-                    // redelivery loop; the pause holds this task's slot, throttling the loop.
                     tokio::time::sleep(REQUEUE_PAUSE).await;
                     Settle::Requeue
                 }

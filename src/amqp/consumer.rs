@@ -26,6 +26,11 @@ pub use super::settle::Settle;
 /// How long a finished delivery's ack may wait for slower deliveries ahead of it.
 pub const ACK_HOLD: Duration = Duration::from_millis(10);
 
+/// Pause before requeueing a delivery whose handling failed or panicked: a fault that persists
+/// (a broker or disk problem, a message that trips a bug) would otherwise become a hot
+/// redelivery loop. The pause holds the task's slot, throttling the loop.
+pub const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
 /// Why [`consume`] returned.
 #[derive(Debug)]
 pub enum ConsumeEnd {
@@ -119,10 +124,14 @@ where
                     settlements.delivered(tag);
                     let work = AssertUnwindSafe(handle(delivery)).catch_unwind();
                     tasks.spawn(async move {
-                        let verdict = work.await.unwrap_or_else(|_| {
-                            tracing::error!(delivery_tag = tag, "delivery handler panicked; requeueing the delivery");
-                            Settle::Requeue
-                        });
+                        let verdict = match work.await {
+                            Ok(verdict) => verdict,
+                            Err(_) => {
+                                tracing::error!(delivery_tag = tag, "delivery handler panicked; requeueing the delivery");
+                                tokio::time::sleep(REQUEUE_PAUSE).await;
+                                Settle::Requeue
+                            }
+                        };
                         drop(permit);
                         (tag, verdict)
                     });

@@ -210,7 +210,7 @@ impl Forwarder {
             Ok(()) => Settle::Ack,
             Err(e) => {
                 tracing::error!(error = %e, "could not settle the webhook delivery; it will be retried");
-                tokio::time::sleep(crate::worker::REQUEUE_PAUSE).await;
+                tokio::time::sleep(consumer::REQUEUE_PAUSE).await;
                 Settle::Requeue
             }
         }

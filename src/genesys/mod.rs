@@ -55,7 +55,6 @@ impl RateLimitHeaders {
 /// Upper bound on how long a token is cached, whatever `expires_in` says.
 const MAX_TOKEN_LIFETIME_SECS: u64 = 86_400;
 
-#[derive(Clone)]
 struct CachedToken {
     value: Secret,
     /// `Bearer <token>`, built once per token and marked sensitive (never logged by the stack).
@@ -90,7 +89,8 @@ struct Inner {
     client_secret: Secret,
     backend: Backend,
     refresh_margin: Duration,
-    token: RwLock<Option<CachedToken>>,
+    /// Shared, so a request takes the token with a reference-count bump, not a copy.
+    token: RwLock<Option<Arc<CachedToken>>>,
     /// Held while a token is fetched, so concurrent callers wait for one refresh.
     refreshing: Mutex<()>,
 }
@@ -123,13 +123,13 @@ impl GenesysClient {
         })
     }
 
-    fn cached(&self) -> Option<CachedToken> {
+    fn cached(&self) -> Option<Arc<CachedToken>> {
         let guard = self.inner.token.read().unwrap_or_else(|p| p.into_inner());
         guard.as_ref().filter(|t| t.fresh()).cloned()
     }
 
-    fn store_token(&self, token: Option<CachedToken>) {
-        *self.inner.token.write().unwrap_or_else(|p| p.into_inner()) = token;
+    fn store_token(&self, token: Arc<CachedToken>) {
+        *self.inner.token.write().unwrap_or_else(|p| p.into_inner()) = Some(token);
     }
 
     pub fn backend(&self) -> &Backend {
@@ -138,10 +138,10 @@ impl GenesysClient {
 
     /// A valid access token, fetching one if none is cached or it is about to expire.
     pub async fn token(&self) -> Result<Secret, GenesysError> {
-        Ok(self.bearer().await?.value)
+        Ok(self.bearer().await?.value.clone())
     }
 
-    async fn bearer(&self) -> Result<CachedToken, GenesysError> {
+    async fn bearer(&self) -> Result<Arc<CachedToken>, GenesysError> {
         if let Some(t) = self.cached() {
             return Ok(t);
         }
@@ -150,8 +150,8 @@ impl GenesysClient {
         if let Some(t) = self.cached() {
             return Ok(t);
         }
-        let fresh = self.fetch_token().await?;
-        self.store_token(Some(fresh.clone()));
+        let fresh = Arc::new(self.fetch_token().await?);
+        self.store_token(fresh.clone());
         Ok(fresh)
     }
 
@@ -168,7 +168,7 @@ impl GenesysClient {
     pub async fn refresh_token(&self) -> Result<(), GenesysError> {
         let _refreshing = self.inner.refreshing.lock().await;
         let fresh = self.fetch_token().await?;
-        self.store_token(Some(fresh));
+        self.store_token(Arc::new(fresh));
         Ok(())
     }
 

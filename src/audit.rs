@@ -5,8 +5,7 @@
 //! `http.listen`) instead. The same two paths append the audit entries of the `dlq` commands.
 
 use crate::config::Settings;
-use crate::http::AuditQuery;
-use crate::store::{AuditEntry, Store, StoreError};
+use crate::store::{AuditEntry, AuditQuery, Store, StoreError};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,7 +55,7 @@ impl AuditAccess {
 
     pub async fn query(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, AuditError> {
         match self {
-            AuditAccess::Local(store) => Ok(query(store, q)?),
+            AuditAccess::Local(store) => Ok(store.audit_query(q)?),
             AuditAccess::Remote { base, http } => {
                 let mut params: Vec<(&str, String)> = Vec::new();
                 if let Some(v) = q.since_us {
@@ -119,26 +118,6 @@ impl AuditAccess {
             }
         }
     }
-}
-
-/// Entries in `[since_us, until_us)`, optionally for one key, optionally only the last `tail`.
-pub fn query(store: &Store, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
-    let mut out = Vec::new();
-    for entry in store.audit_range(q.since_us.unwrap_or(0), q.until_us.unwrap_or(u64::MAX)) {
-        let entry = entry?;
-        if q.key
-            .as_deref()
-            .is_some_and(|k| entry.idempotency_key.as_deref() != Some(k))
-        {
-            continue;
-        }
-        out.push(entry);
-    }
-    if let Some(n) = q.tail {
-        let skip = out.len().saturating_sub(n);
-        out.drain(..skip);
-    }
-    Ok(out)
 }
 
 /// Microseconds since the epoch for an RFC 3339 time, or for "now minus" a duration.
@@ -276,33 +255,27 @@ mod tests {
             store.append_audit(&e).unwrap();
             std::thread::sleep(Duration::from_millis(2));
         }
-        let between = query(
-            &store,
-            &AuditQuery {
+        let between = store
+            .audit_query(&AuditQuery {
                 since_us: Some(marks[1]),
                 until_us: Some(marks[3]),
                 ..Default::default()
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         assert_eq!(between.len(), 2, "exactly the entries in [since, until)");
-        let k1 = query(
-            &store,
-            &AuditQuery {
+        let k1 = store
+            .audit_query(&AuditQuery {
                 key: Some("k1".into()),
                 ..Default::default()
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         assert_eq!(k1.len(), 2);
-        let tail = query(
-            &store,
-            &AuditQuery {
+        let tail = store
+            .audit_query(&AuditQuery {
                 tail: Some(3),
                 ..Default::default()
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         assert_eq!(tail.len(), 3);
         assert_eq!(tail[2].idempotency_key.as_deref(), Some("k0"));
     }

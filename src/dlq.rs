@@ -7,9 +7,8 @@
 //! Replay publishes each matching message (with confirm, to a destination that must exist) to
 //! its source before acking it off the DLQ: a crash mid-replay can duplicate, never lose.
 
-use crate::amqp::{self, header_i64, header_string, int, AmqpError};
+use crate::amqp::{self, header, header_i64, header_string, int, AmqpError};
 use crate::config::Settings;
-use crate::worker::header;
 use base64::Engine;
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
@@ -19,7 +18,7 @@ use serde::Serialize;
 use std::time::Duration;
 
 /// Which dead-letter queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DlqKind {
     /// `amqp.dead_letter_queue`: session requests.
     Worker,
@@ -105,7 +104,7 @@ pub fn message_id(props: &BasicProperties, body: &[u8]) -> String {
         .message_id()
         .as_ref()
         .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| format!("sha256:{}", &crate::request::sha256_hex(body)[..16]))
+        .unwrap_or_else(|| format!("sha256:{}", &crate::text::sha256_hex(body)[..16]))
 }
 
 /// An open pass over one DLQ.

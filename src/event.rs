@@ -1,8 +1,55 @@
-//! The result event published to `session.results` (SPEC §4) for every finished request.
+//! The message contract's vocabulary: the result event published to `session.results`
+//! (SPEC §4) for every finished request, and the failure [`Reason`]s written to dead letters.
 
-use crate::request::sha256_hex;
+use crate::text::sha256_hex;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
+
+/// Why a message failed: `x-failure-reason` on dead letters and `error.reason` in events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Bad input (SPEC §5).
+    InvalidRequest,
+    /// The key was used before with another body.
+    IdempotencyConflict,
+    /// Genesys answered 400/404/409/422 (or an answer that cannot be used).
+    PermanentApiError,
+    /// Every in-process attempt and delayed retry failed.
+    RetriesExhausted,
+    /// The webhook receiver refused the event for good (4xx).
+    WebhookRejected,
+}
+
+impl Reason {
+    pub const ALL: &'static [Reason] = &[
+        Reason::InvalidRequest,
+        Reason::IdempotencyConflict,
+        Reason::PermanentApiError,
+        Reason::RetriesExhausted,
+        Reason::WebhookRejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidRequest => "invalid_request",
+            Reason::IdempotencyConflict => "idempotency_conflict",
+            Reason::PermanentApiError => "permanent_api_error",
+            Reason::RetriesExhausted => "retries_exhausted",
+            Reason::WebhookRejected => "webhook_rejected",
+        }
+    }
+
+    /// The reason spelled `text`, if it is one.
+    pub fn parse(text: &str) -> Option<Reason> {
+        Reason::ALL.iter().copied().find(|r| r.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

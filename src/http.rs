@@ -9,13 +9,12 @@
 //! - `POST /audit`: append an audit entry (for `dlq replay`/`purge` while the store is held).
 
 use crate::health::Health;
-use crate::store::{AuditEntry, Store};
+use crate::store::{AuditEntry, AuditQuery, Store};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,14 +32,6 @@ pub enum HttpError {
 struct AppState {
     health: Arc<Health>,
     store: Store,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct AuditQuery {
-    pub since_us: Option<u64>,
-    pub until_us: Option<u64>,
-    pub key: Option<String>,
-    pub tail: Option<usize>,
 }
 
 pub fn router(health: Arc<Health>, store: Store) -> Router {
@@ -103,7 +94,7 @@ async fn metrics() -> Response {
 }
 
 async fn audit_query(State(s): State<AppState>, Query(q): Query<AuditQuery>) -> Response {
-    match crate::audit::query(&s.store, &q) {
+    match s.store.audit_query(&q) {
         Ok(entries) => Json(entries).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }

@@ -1,44 +1,60 @@
 //! session-worker: a durable RabbitMQ job-queue worker that creates Genesys Cloud Web Messaging
 //! guest sessions.
 //!
-//! A tour of the modules, in the order a session request meets them:
+//! The map, top to bottom. Imports only ever point down this list.
 //!
-//! - [`config`]: layered settings (defaults file, `--config`, environment), validated on load.
-//! - [`amqp`]: broker connection and the topology (exchanges, queues, retry and dead-letter queues).
-//! - [`request`]: the session request, its validation and its idempotency key.
-//! - [`store`]: sled: idempotency records, the audit trail, group-committed flushes.
-//! - [`limiter`]: the process-wide governor token bucket and the 429 pause.
-//! - [`genesys`]: OAuth2 tokens and session creation, behind one seam with two backends.
-//! - [`worker`]: the consumer pipeline tying all of the above together.
-//! - [`event`]: the result event published to `session.results`.
-//! - [`webhook`]: the forwarder delivering result events to the analytics endpoint, signed.
+//! **Command line**
+//! - [`cli`]: parsing, exit codes, dispatch; the only place that knows clap and `anyhow`.
+//!
+//! **Operations** (what operators and producers run)
+//! - [`dlq`]: list, show, replay and purge the dead-letter queues.
+//! - [`audit`]: read the audit trail, from the store or through the running worker.
 //! - [`publish`]: the producer tool, validating with the worker's own code.
-//! - [`dlq`], [`audit`]: operator tools for dead letters and the audit trail.
-//! - [`http`], [`metrics`], [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`sim`]: a local Genesys Cloud simulator for development and tests.
-//! - [`cli`]: the command line (`run`, `sim`, `topology declare`, `check-config`, ...).
 //!
-//! Supporting modules: [`secret`] (values that cannot print themselves), [`backoff`],
-//! [`telemetry`].
+//! **Pipelines** (what `run` runs; each a [`amqp::shell::Pipeline`])
+//! - [`worker`]: a session request through intake → claim → call → finish.
+//! - [`webhook`]: the forwarder delivering result events to the analytics endpoint, signed.
+//!
+//! **Infrastructure**
+//! - [`amqp`]: broker connection, topology, the consume loop and the shell pipelines run in.
+//! - [`store`]: sled: idempotency records, the audit trail, group-committed flushes.
+//! - [`genesys`]: OAuth2 tokens and session creation, behind one seam with two backends.
+//! - [`limiter`]: the process-wide governor token bucket and the 429 pause.
+//! - [`http`], [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`internal_events`]: one function per thing operators are told, logged and counted.
+//! - [`request`], [`event`]: the message contract (session request in, result event out,
+//!   failure reasons).
+//! - [`config`]: layered settings (defaults, `--config`, environment), validated on load.
+//!
+//! **Helpers** (import nothing of the crate, or only each other)
+//! - [`shutdown`], [`text`], [`http_headers`], [`backoff`], [`secret`], [`telemetry`].
+
+pub mod cli;
+
+pub mod audit;
+pub mod dlq;
+pub mod publish;
+pub mod sim;
+
+pub mod webhook;
+pub mod worker;
 
 pub mod amqp;
-pub mod audit;
-pub mod backoff;
-pub mod cli;
 pub mod config;
-pub mod dlq;
 pub mod event;
 pub mod genesys;
 pub mod health;
 pub mod http;
+pub mod internal_events;
 pub mod limiter;
 pub mod metrics;
-pub mod ops;
-pub mod publish;
 pub mod request;
-pub mod secret;
-pub mod sim;
 pub mod store;
+
+pub mod backoff;
+pub mod http_headers;
+pub mod secret;
+pub mod shutdown;
 pub mod telemetry;
-pub mod webhook;
-pub mod worker;
+pub mod text;

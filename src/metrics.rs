@@ -46,6 +46,8 @@ pub struct Metrics {
     /// Group commits of the sled store, and how many writers each one made durable.
     pub store_flushes: Counter,
     pub store_flush_waiters: Histogram,
+    /// Deliveries requeued because they could not be finished, by pipeline (or `panic`).
+    pub delivery_errors: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -65,6 +67,7 @@ impl Metrics {
             auth_paused: Gauge::default(),
             store_flushes: Counter::default(),
             store_flush_waiters: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            delivery_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -132,6 +135,11 @@ impl Metrics {
             "Writers made durable by one group commit",
             m.store_flush_waiters.clone(),
         );
+        registry.register(
+            "delivery_errors",
+            "Deliveries requeued because they could not be finished (broker or store trouble, or a panic), by pipeline",
+            m.delivery_errors.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -153,6 +161,14 @@ impl Metrics {
 
     pub fn retry(&self, kind: &str) {
         self.retries
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn delivery_error(&self, kind: &str) {
+        self.delivery_errors
             .get_or_create(&KindLabel {
                 kind: kind.to_string(),
             })

@@ -5,7 +5,6 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use std::fmt;
 
 /// Longest `visitor_id`, `queue_id`, `visitor_name`, `source`, `external_id`, `idempotency_key`.
@@ -196,7 +195,7 @@ impl SessionRequest {
 
     /// Validate and derive the idempotency key and fingerprint.
     pub fn into_valid(self, message_id: Option<&str>) -> ValidRequest {
-        let fingerprint = sha256_hex(&self.canonical_body());
+        let fingerprint = crate::text::sha256_hex(&self.canonical_body());
         let idempotency_key = self
             .idempotency_key
             .clone()
@@ -296,20 +295,6 @@ pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
         }
         other => out.extend(serde_json::to_vec(other).unwrap_or_default()),
     }
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 0xf) as usize] as char);
-    }
-    s
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ mod common;
 
 use common::TestEnv;
 use session_worker::amqp::consumer::{self, ConsumeEnd, ConsumeOptions, Settle};
+use session_worker::shutdown::Shutdown;
 use session_worker::sim::Faults;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,8 @@ async fn run_consumer(
     verdict: fn(&str, usize) -> Settle,
     until: impl Fn(&HashMap<String, usize>) -> bool + Send + 'static,
 ) -> ConsumeEnd {
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut stop_rx = Shutdown::from(stop_rx);
     let watcher_seen = seen.clone();
     let watcher = tokio::spawn(async move {
         for _ in 0..600 {
@@ -135,7 +137,8 @@ async fn deliveries_behind_a_slow_one_are_acked_without_waiting_for_it() {
     let a = env.settings.amqp.clone();
     env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, &bodies(41))
         .await;
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut stop_rx = Shutdown::from(stop_rx);
     let done = Arc::new(Mutex::new(Vec::<String>::new()));
     let d = done.clone();
     let opts = ConsumeOptions {

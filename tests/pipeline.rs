@@ -378,12 +378,13 @@ async fn rate_limit_429_pauses_and_every_request_completes() {
     };
     let env = TestEnv::new(faults, |s| s.worker.max_attempts = 20).await;
     let worker = env.start_worker(env.open_store());
-    for i in 0..10 {
+    // 40 requests: the chance that none of them draws a 429 is 0.7^40, about 6e-7.
+    for i in 0..40 {
         env.publish(&request(&format!("r{i}")), None).await;
     }
-    let events = env.events(10, Duration::from_secs(90)).await;
+    let events = env.events(40, Duration::from_secs(90)).await;
     worker.stop().await;
-    assert_eq!(events.len(), 10);
+    assert_eq!(events.len(), 40);
     let stats = env.sim.sim.stats();
     assert!(stats.rate_limited > 0);
     assert_eq!(stats.duplicate_sessions, 0);

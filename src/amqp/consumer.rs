@@ -7,6 +7,7 @@
 
 use super::settle::{Action, Settlements};
 use super::AmqpError;
+use crate::shutdown::Shutdown;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -18,7 +19,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
 pub use super::settle::Settle;
@@ -52,21 +53,12 @@ pub struct ConsumeOptions<'a> {
     pub grace: Duration,
 }
 
-/// Resolves once shutdown is requested (or its sender is gone).
-pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
-    while !*rx.borrow() {
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Consume `opts.queue` on a new channel of `conn`, running `handle` for each delivery and
 /// settling it with the broker as `handle` decides.
 pub async fn consume<F, Fut>(
     conn: &Connection,
     opts: ConsumeOptions<'_>,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut Shutdown,
     interrupt: Option<&Notify>,
     handle: F,
 ) -> Result<ConsumeEnd, AmqpError>
@@ -105,7 +97,7 @@ where
         let deadline = settlements.deadline();
         tokio::select! {
             biased;
-            _ = shutdown_requested(shutdown) => break ConsumeEnd::Shutdown,
+            _ = shutdown.requested() => break ConsumeEnd::Shutdown,
             _ = interrupt.notified() => break ConsumeEnd::Interrupted,
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 let mut actions = finished(&mut settlements, joined);
@@ -127,7 +119,7 @@ where
                         let verdict = match work.await {
                             Ok(verdict) => verdict,
                             Err(_) => {
-                                tracing::error!(delivery_tag = tag, "delivery handler panicked; requeueing the delivery");
+                                crate::internal_events::handler_panicked(tag);
                                 tokio::time::sleep(REQUEUE_PAUSE).await;
                                 Settle::Requeue
                             }
@@ -250,85 +242,4 @@ async fn next_delivery(
     let permit = permits.clone().acquire_owned().await.ok()?;
     let next = consumer.next().await?;
     Some((next, permit))
-}
-
-/// Declare the topology and open a confirm channel for publishing. `Ok(None)`: a transient
-/// broker problem, reconnect; `Err`: a declaration the broker refuses (arguments changed),
-/// which reconnecting cannot fix.
-pub async fn prepare(
-    conn: &Connection,
-    settings: &crate::config::AmqpSettings,
-) -> Result<Option<lapin::Channel>, AmqpError> {
-    let setup = async {
-        let declare_ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| AmqpError::op("channel.open", e))?;
-        super::topology::declare(&declare_ch, settings).await?;
-        let _ = declare_ch.close(200, "declared".into()).await;
-        super::confirm_channel(conn).await
-    };
-    match setup.await {
-        Ok(ch) => Ok(Some(ch)),
-        Err(e @ AmqpError::Operation { .. }) if e.to_string().contains("declare") => Err(e),
-        Err(e) => {
-            tracing::warn!(error = %e, "broker setup failed; reconnecting");
-            Ok(None)
-        }
-    }
-}
-
-/// Run `session` on a fresh connection until it asks to stop, reconnecting with jittered
-/// back-off when the broker goes away. `session` returns `Ok(true)` to stop (shutdown),
-/// `Ok(false)` to reconnect, `Err` for what reconnecting cannot fix.
-pub async fn with_reconnect<S, Fut, E>(
-    settings: &crate::config::AmqpSettings,
-    name: &str,
-    shutdown: &mut watch::Receiver<bool>,
-    on_connected: impl Fn(bool),
-    mut session: S,
-) -> Result<(), E>
-where
-    S: FnMut(Connection, watch::Receiver<bool>) -> Fut,
-    Fut: Future<Output = (Connection, Result<bool, E>)>,
-{
-    let mut attempt = 0u32;
-    loop {
-        if *shutdown.borrow() {
-            return Ok(());
-        }
-        let conn = match super::connect(settings, name).await {
-            Ok(c) => c,
-            Err(e) => {
-                let delay = super::reconnect_delay(attempt, settings.reconnect_max_delay);
-                attempt = attempt.saturating_add(1);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unavailable");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
-                    _ = shutdown_requested(shutdown) => return Ok(()),
-                }
-            }
-        };
-        attempt = 1;
-        let (conn, result) = session(conn, shutdown.clone()).await;
-        on_connected(false);
-        match result {
-            Ok(true) => {
-                let _ = conn.close(200, "shutdown".into()).await;
-                return Ok(());
-            }
-            Ok(false) => {
-                let _ = conn.close(320, "reconnecting".into()).await;
-                let delay = super::reconnect_delay(0, settings.reconnect_max_delay);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown_requested(shutdown) => return Ok(()),
-                }
-            }
-            Err(e) => {
-                let _ = conn.close(200, "fatal error".into()).await;
-                return Err(e);
-            }
-        }
-    }
 }

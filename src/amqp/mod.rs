@@ -1,8 +1,18 @@
-//! RabbitMQ plumbing: connecting (with a time limit and back-off), header helpers, and the
-//! topology in [`topology`].
+//! RabbitMQ plumbing, shared by every pipeline and operator tool.
+//!
+//! - this file: connecting (with a time limit), publishing with confirms, dead-lettering,
+//!   header helpers;
+//! - [`topology`]: exchanges, queues and bindings, named by the `amqp` config keys;
+//! - [`consumer`]: the consume loop (manual acks, prefetch, bounded concurrency, drain);
+//! - [`settle`]: the batched-ack state machine behind it;
+//! - [`shell`]: the one consume / reconnect / dead-letter shell the pipelines run in.
+//!
+//! This folder knows nothing of Genesys, the store or what a message means: it may use
+//! `config`, `health`, `shutdown` and the helpers (`text`, `backoff`, `secret`), nothing above.
 
 pub mod consumer;
 pub mod settle;
+pub mod shell;
 pub mod topology;
 
 /// Headers the worker, the forwarder and the DLQ tools read and write.
@@ -31,6 +41,10 @@ pub enum AmqpError {
     Connect { url: String, message: String },
     #[error("RabbitMQ {operation} failed: {message}")]
     Operation { operation: String, message: String },
+    /// The broker refused a declaration (e.g. a queue exists with other arguments):
+    /// reconnecting cannot fix it.
+    #[error("RabbitMQ refused to declare {object}: {message}")]
+    Declare { object: String, message: String },
     #[error("RabbitMQ refused to confirm the publish to {exchange:?} (nack)")]
     Nacked { exchange: String },
     #[error("no queue took the message published to exchange {exchange:?} with routing key {routing_key:?}; run `session-worker topology declare`")]
@@ -41,6 +55,11 @@ pub enum AmqpError {
 }
 
 impl AmqpError {
+    /// Whether reconnecting cannot help (an operator has to change something first).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, AmqpError::Declare { .. })
+    }
+
     pub fn op(operation: impl Into<String>, err: impl std::fmt::Display) -> Self {
         AmqpError::Operation {
             operation: operation.into(),
@@ -146,31 +165,58 @@ async fn publish(
 
 /// Why a message is dead-lettered.
 pub struct Failure<'a> {
-    pub reason: &'a str,
+    pub reason: crate::event::Reason,
     pub detail: &'a str,
     pub status: Option<u16>,
     pub attempts: u32,
-    pub worker_id: &'a str,
 }
 
-/// Publish the original message (body and properties kept) with the failure headers added to
-/// `exchange`, routing key `dlq`, with confirm; a DLQ that does not exist is an error.
-pub async fn dead_letter(
+/// Where one pipeline dead-letters: its dead-letter exchange and queue, and who is writing.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    pub exchange: String,
+    pub queue: String,
+    pub worker_id: String,
+}
+
+impl DeadLetters {
+    /// Publish the original message (body and properties kept) with the failure headers added,
+    /// with confirm; a DLQ that does not exist is an error.
+    pub async fn send(
+        &self,
+        ch: &Channel,
+        delivery: &lapin::message::Delivery,
+        f: &Failure<'_>,
+    ) -> Result<(), AmqpError> {
+        dead_letter(
+            ch,
+            &self.exchange,
+            &self.queue,
+            &self.worker_id,
+            delivery,
+            f,
+        )
+        .await
+    }
+}
+
+async fn dead_letter(
     ch: &Channel,
     exchange: &str,
     dlq: &str,
+    worker_id: &str,
     delivery: &lapin::message::Delivery,
     f: &Failure<'_>,
 ) -> Result<(), AmqpError> {
     let mut headers = vec![
-        (header::FAILURE_REASON, text(f.reason)),
+        (header::FAILURE_REASON, text(f.reason.as_str())),
         (
             header::FAILURE_DETAIL,
-            text(crate::genesys::error::truncate(f.detail)),
+            text(crate::text::truncate(f.detail)),
         ),
         (header::ATTEMPTS, int(i64::from(f.attempts))),
         (header::FAILED_AT, text(crate::event::now_rfc3339())),
-        (header::WORKER_ID, text(f.worker_id)),
+        (header::WORKER_ID, text(worker_id)),
         (header::ORIGINAL_EXCHANGE, text(delivery.exchange.as_str())),
         (
             header::ORIGINAL_ROUTING_KEY,

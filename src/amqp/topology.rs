@@ -91,8 +91,8 @@ fn mismatch_hint(kind: &str, name: &str, e: lapin::Error) -> AmqpError {
     } else {
         String::new()
     };
-    AmqpError::Operation {
-        operation: format!("declare {kind} {name}"),
+    AmqpError::Declare {
+        object: format!("{kind} {name}"),
         message: format!("{msg}{hint}"),
     }
 }

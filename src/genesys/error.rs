@@ -1,5 +1,7 @@
 //! Every outcome of a Genesys Cloud call, classified once: retryable, permanent or auth.
 
+use crate::http_headers::{header_str, retry_after};
+use crate::text::{describe_chain, truncate};
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
 use std::time::Duration;
@@ -115,9 +117,6 @@ pub struct ErrorBody {
     pub context_id: Option<String>,
 }
 
-/// Longest error message kept from a response body.
-const MAX_MESSAGE: usize = 500;
-
 /// Classify a non-2xx answer of the session endpoint.
 /// `after_refresh` is true when a 401 comes after the token was already refreshed once.
 pub fn classify(status: u16, headers: &HeaderMap, body: &[u8], auth_hint: &str) -> GenesysError {
@@ -169,33 +168,6 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8], auth_hint: &str) 
     }
 }
 
-/// `Retry-After` (seconds or HTTP date), else `inin-ratelimit-reset` (seconds).
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(value) = header_str(headers, "retry-after") {
-        if let Ok(secs) = value.trim().parse::<f64>() {
-            if secs.is_finite() && secs >= 0.0 {
-                return Some(Duration::from_secs_f64(secs.min(3600.0)));
-            }
-        }
-        if let Ok(when) = humantime::parse_rfc3339_weak(value.trim()) {
-            return Some(
-                when.duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default(),
-            );
-        }
-    }
-    header_str(headers, "inin-ratelimit-reset")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|secs| Duration::from_secs(secs.min(3600)))
-}
-
-pub fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
 fn status_code_name(status: u16) -> &'static str {
     match status {
         400 => "bad.request",
@@ -208,32 +180,6 @@ fn status_code_name(status: u16) -> &'static str {
         500..=599 => "server.error",
         _ => "http.error",
     }
-}
-
-pub fn truncate(s: &str) -> String {
-    if s.len() <= MAX_MESSAGE {
-        return s.to_string();
-    }
-    let mut end = MAX_MESSAGE;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
-/// An error and its sources on one line ("error sending request: connection refused").
-pub fn describe_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 
 pub mod backend;
 pub mod error;
-pub mod region;
 
 pub use backend::Backend;
 pub use error::{Disposition, GenesysError};
@@ -43,7 +42,9 @@ pub struct RateLimitHeaders {
 
 impl RateLimitHeaders {
     pub fn from_headers(h: &HeaderMap) -> Self {
-        let num = |name: &str| error::header_str(h, name).and_then(|v| v.trim().parse().ok());
+        let num = |name: &str| {
+            crate::http_headers::header_str(h, name).and_then(|v| v.trim().parse().ok())
+        };
         RateLimitHeaders {
             allowed: num("inin-ratelimit-allowed"),
             count: num("inin-ratelimit-count"),
@@ -103,7 +104,7 @@ impl GenesysClient {
             .pool_max_idle_per_host(max_connections.max(1))
             .user_agent(concat!("session-worker/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| GenesysError::Connection(error::describe_chain(&e)))?;
+            .map_err(|e| GenesysError::Connection(crate::text::describe_chain(&e)))?;
         let backend = Backend::from_settings(settings);
         let session_url = reqwest::Url::parse(backend.url()).map_err(|e| {
             GenesysError::Connection(format!("invalid session URL {:?}: {e}", backend.url()))
@@ -289,7 +290,7 @@ impl GenesysClient {
             .map_err(|e| GenesysError::from_transport(&e))?;
         let status = response.status().as_u16();
         let headers = response.headers();
-        let correlation_id = error::header_str(headers, "inin-correlation-id");
+        let correlation_id = crate::http_headers::header_str(headers, "inin-correlation-id");
         let rate_limit = RateLimitHeaders::from_headers(headers);
         if rate_limit.allowed.is_some() {
             tracing::trace!(allowed = ?rate_limit.allowed, count = ?rate_limit.count, reset = ?rate_limit.reset, "genesys rate limit headers");
@@ -324,7 +325,7 @@ impl GenesysClient {
                     message: format!(
                         "the {} API answered {status} without a conversationId; body: {}",
                         inner.backend.name(),
-                        error::truncate(&String::from_utf8_lossy(&bytes))
+                        crate::text::truncate(&String::from_utf8_lossy(&bytes))
                     ),
                     correlation_id: correlation_id.clone(),
                 })?;
@@ -351,6 +352,6 @@ fn token_error_text(body: &[u8]) -> String {
             .flatten()
             .collect::<Vec<_>>()
             .join(": "),
-        Err(_) => error::truncate(&String::from_utf8_lossy(body)),
+        Err(_) => crate::text::truncate(&String::from_utf8_lossy(body)),
     }
 }

@@ -9,29 +9,23 @@
 
 pub mod signature;
 
-use crate::amqp::consumer::{self, ConsumeEnd, ConsumeOptions, Settle};
-use crate::amqp::{self, header_i64, int, text, topology, AmqpError};
+use crate::amqp::consumer::Settle;
+use crate::amqp::shell::{self, Pipeline, ShellOptions};
+use crate::amqp::{self, header, header_i64, int, text, topology, AmqpError, DeadLetters, Failure};
 use crate::config::Settings;
+use crate::event::Reason;
 use crate::health::Health;
-use crate::metrics::metrics;
-use crate::store::{AuditEntry, Store};
-use crate::worker::header;
+use crate::internal_events;
+use crate::shutdown::Shutdown;
+use crate::store::{AuditEntry, Store, StoreError};
 use lapin::message::Delivery;
-use lapin::{Channel, Connection};
+use lapin::Channel;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
-use tracing::Instrument;
 
 /// `x-source` header value on every delivery.
 pub const SOURCE: &str = "genesys-messaging-init";
-
-/// Failure reasons of the webhook DLQ.
-pub mod reason {
-    pub const WEBHOOK_REJECTED: &str = "webhook_rejected";
-    pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderError {
@@ -39,6 +33,8 @@ pub enum ForwarderError {
     Secret(#[from] signature::VerifyError),
     #[error("cannot build the webhook HTTP client: {0}")]
     Client(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Amqp(#[from] AmqpError),
 }
@@ -64,7 +60,7 @@ pub enum Outcome {
 pub fn classify(status: u16, retry_after: Option<Duration>, body: &str) -> Outcome {
     let detail = format!(
         "receiver answered {status}: {}",
-        crate::genesys::error::truncate(body.trim())
+        crate::text::truncate(body.trim())
     );
     match status {
         200..=299 => Outcome::Delivered(status),
@@ -84,6 +80,7 @@ pub struct Forwarder {
     store: Store,
     health: Arc<Health>,
     worker_id: String,
+    dead_letters: DeadLetters,
 }
 
 /// Run the forwarder until shutdown. With `webhook.url` empty it says so once and returns.
@@ -91,14 +88,14 @@ pub async fn run(
     settings: Arc<Settings>,
     store: Store,
     health: Arc<Health>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: impl Into<Shutdown>,
 ) -> Result<(), ForwarderError> {
     if settings.webhook.url.trim().is_empty() {
         tracing::info!("webhook.url is empty: the webhook forwarder is disabled; result events stay in the webhook queue");
         return Ok(());
     }
     let f = Arc::new(Forwarder::new(settings, store, health)?);
-    f.run(shutdown).await
+    f.run(shutdown.into()).await
 }
 
 impl Forwarder {
@@ -120,8 +117,14 @@ impl Forwarder {
             .user_agent(concat!("session-worker/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ForwarderError::Client(e.to_string()))?;
+        let worker_id = settings.worker_id();
         Ok(Self {
-            worker_id: settings.worker_id(),
+            dead_letters: DeadLetters {
+                exchange: settings.amqp.dead_letter_exchange.clone(),
+                queue: settings.amqp.webhook_dead_letter_queue.clone(),
+                worker_id: worker_id.clone(),
+            },
+            worker_id,
             settings,
             http,
             key,
@@ -130,90 +133,27 @@ impl Forwarder {
         })
     }
 
-    pub async fn run(
-        self: Arc<Self>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), ForwarderError> {
-        tracing::info!(url = %self.settings.webhook.url, signed = self.key.is_some(), "webhook forwarder starting");
-        let name = format!("session-worker forwarder {}", self.worker_id);
-        let health = self.health.clone();
-        consumer::with_reconnect(
-            &self.settings.amqp,
-            &name,
-            &mut shutdown,
-            |up| health.set_broker_connected(up),
-            |conn, mut rx| {
-                let this = self.clone();
-                async move {
-                    let result = this.session(&conn, &mut rx).await;
-                    (conn, result)
-                }
-            },
-        )
-        .await?;
-        tracing::info!("webhook forwarder stopped");
-        Ok(())
-    }
-
-    async fn session(
-        self: &Arc<Self>,
-        conn: &Connection,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<bool, ForwarderError> {
-        let publish_ch = match consumer::prepare(conn, &self.settings.amqp).await? {
-            Some(ch) => ch,
-            None => return Ok(false),
-        };
-        self.health.set_broker_connected(true);
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), ForwarderError> {
+        tracing::info!(url = %crate::secret::redact_url(&self.settings.webhook.url), signed = self.key.is_some(), "webhook forwarder starting");
         let w = &self.settings.webhook;
-        let opts = ConsumeOptions {
-            queue: &self.settings.amqp.webhook_queue,
-            consumer_tag: format!(
-                "{}-forwarder-{}",
-                self.worker_id,
-                uuid::Uuid::new_v4().simple()
-            ),
+        let opts = ShellOptions {
+            name: format!("session-worker forwarder {}", self.worker_id),
+            queue: self.settings.amqp.webhook_queue.clone(),
+            tag_prefix: format!("{}-forwarder", self.worker_id),
             prefetch: u16::try_from(w.concurrency.saturating_mul(2)).unwrap_or(u16::MAX),
             concurrency: w.concurrency,
             grace: self.settings.worker.shutdown_grace,
         };
-        let end = consumer::consume(conn, opts, shutdown, None, |delivery| {
-            let this = self.clone();
-            let ch = publish_ch.clone();
-            async move { this.handle(delivery, &ch).await }
-        })
-        .await;
-        match end {
-            Ok(ConsumeEnd::Shutdown) => {
-                let _ = publish_ch.close(200, "shutdown".into()).await;
-                Ok(true)
-            }
-            Ok(ConsumeEnd::Interrupted) => Ok(false),
-            Ok(ConsumeEnd::Lost(why)) => {
-                tracing::warn!(reason = %why, "broker connection lost; reconnecting");
-                Ok(false)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "consuming failed; reconnecting");
-                Ok(false)
-            }
-        }
-    }
-
-    async fn handle(&self, delivery: Delivery, ch: &Channel) -> Settle {
-        let span = tracing::info_span!("webhook", webhook_id = tracing::field::Empty);
-        self.settle(delivery, ch).instrument(span).await
-    }
-
-    async fn settle(&self, delivery: Delivery, ch: &Channel) -> Settle {
-        match self.forward(&delivery, ch).await {
-            Ok(()) => Settle::Ack,
-            Err(e) => {
-                tracing::error!(error = %e, "could not settle the webhook delivery; it will be retried");
-                tokio::time::sleep(consumer::REQUEUE_PAUSE).await;
-                Settle::Requeue
-            }
-        }
+        shell::run(
+            &self.settings.amqp,
+            &opts,
+            self.clone(),
+            &self.health,
+            shutdown,
+        )
+        .await?;
+        tracing::info!("webhook forwarder stopped");
+        Ok(())
     }
 
     /// The webhook id: the event's `event_id`, else the message id, else a hash of the body.
@@ -229,7 +169,7 @@ impl Forwarder {
                     .as_ref()
                     .map(|m| m.as_str().to_string())
             })
-            .unwrap_or_else(|| format!("evt_{}", &crate::request::sha256_hex(&delivery.data)[..32]))
+            .unwrap_or_else(|| format!("evt_{}", &crate::text::sha256_hex(&delivery.data)[..32]))
     }
 
     /// POST one event. The signature is computed over the exact bytes sent.
@@ -256,14 +196,14 @@ impl Forwarder {
         match req.body(body.to_vec()).send().await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
-                let retry_after = crate::genesys::error::retry_after(resp.headers());
+                let retry_after = crate::http_headers::retry_after(resp.headers());
                 let text = resp.text().await.unwrap_or_default();
                 classify(status, retry_after, &text)
             }
             Err(e) => Outcome::Retry {
                 status: None,
                 after: None,
-                detail: crate::genesys::error::describe_chain(&e),
+                detail: crate::text::describe_chain(&e),
             },
         }
     }
@@ -298,11 +238,8 @@ impl Forwarder {
             Outcome::Delivered(status) => {
                 entry.outcome = "delivered".into();
                 entry.http_status = Some(status);
-                self.store
-                    .append_audit(&entry)
-                    .map_err(|e| ForwarderError::Client(e.to_string()))?;
-                tracing::info!(attempts, status, "webhook delivered");
-                metrics().webhook("delivered");
+                self.store.append_audit(&entry)?;
+                internal_events::webhook_delivered(attempts, status);
             }
             Outcome::Retry {
                 status,
@@ -325,48 +262,45 @@ impl Forwarder {
                     "{detail}; retry in {}",
                     crate::config::format_duration(delay)
                 ));
-                self.store
-                    .append_audit(&entry)
-                    .map_err(|e| ForwarderError::Client(e.to_string()))?;
-                tracing::warn!(attempts, retry_queue = %queue, error = %detail, "webhook delivery failed; retrying later");
-                metrics().webhook("retry_scheduled");
-                metrics().retry("webhook");
+                self.store.append_audit(&entry)?;
+                internal_events::webhook_retry_scheduled(attempts, &queue, &detail);
             }
             Outcome::Retry { status, detail, .. } => {
-                self.dead_letter(
-                    ch,
-                    delivery,
-                    reason::RETRIES_EXHAUSTED,
-                    &detail,
+                let failure = Failure {
+                    reason: Reason::RetriesExhausted,
+                    detail: &detail,
                     status,
                     attempts,
-                )
-                .await?;
-                entry.outcome = "dead_lettered".into();
-                entry.http_status = status;
-                entry.detail = Some(detail);
-                self.store
-                    .append_audit(&entry)
-                    .map_err(|e| ForwarderError::Client(e.to_string()))?;
+                };
+                self.dead_letter(ch, delivery, &failure, entry).await?;
             }
             Outcome::Rejected { status, detail } => {
-                self.dead_letter(
-                    ch,
-                    delivery,
-                    reason::WEBHOOK_REJECTED,
-                    &detail,
-                    Some(status),
+                let failure = Failure {
+                    reason: Reason::WebhookRejected,
+                    detail: &detail,
+                    status: Some(status),
                     attempts,
-                )
-                .await?;
-                entry.outcome = "dead_lettered".into();
-                entry.http_status = Some(status);
-                entry.detail = Some(detail);
-                self.store
-                    .append_audit(&entry)
-                    .map_err(|e| ForwarderError::Client(e.to_string()))?;
+                };
+                self.dead_letter(ch, delivery, &failure, entry).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Dead-letter the event to the webhook DLQ, then record and tell.
+    async fn dead_letter(
+        &self,
+        ch: &Channel,
+        delivery: &Delivery,
+        failure: &Failure<'_>,
+        mut entry: AuditEntry,
+    ) -> Result<(), ForwarderError> {
+        self.dead_letters.send(ch, delivery, failure).await?;
+        internal_events::webhook_dead_lettered(failure.reason, failure.attempts, failure.detail);
+        entry.outcome = "dead_lettered".into();
+        entry.http_status = failure.status;
+        entry.detail = Some(failure.detail.to_string());
+        self.store.append_audit(&entry)?;
         Ok(())
     }
 
@@ -389,41 +323,24 @@ impl Forwarder {
             _ => by_attempt,
         }
     }
+}
 
-    async fn dead_letter(
-        &self,
-        ch: &Channel,
-        delivery: &Delivery,
-        why: &str,
-        detail: &str,
-        status: Option<u16>,
-        attempts: u32,
-    ) -> Result<(), AmqpError> {
-        let a = &self.settings.amqp;
-        let failure = amqp::Failure {
-            reason: why,
-            detail,
-            status,
-            attempts,
-            worker_id: &self.worker_id,
-        };
-        amqp::dead_letter(
-            ch,
-            &a.dead_letter_exchange,
-            &a.webhook_dead_letter_queue,
-            delivery,
-            &failure,
-        )
-        .await?;
-        tracing::warn!(
-            reason = why,
-            attempts,
-            detail,
-            "webhook event dead-lettered"
-        );
-        metrics().webhook("dead_lettered");
-        metrics().dead_letter(why);
-        Ok(())
+impl Pipeline for Forwarder {
+    const NAME: &'static str = "forwarder";
+    type Error = ForwarderError;
+
+    fn span(&self, _delivery: &Delivery) -> tracing::Span {
+        tracing::info_span!("webhook", webhook_id = tracing::field::Empty)
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        delivery: Delivery,
+        publish: Channel,
+    ) -> Result<Settle, ForwarderError> {
+        self.forward(&delivery, &publish)
+            .await
+            .map(|()| Settle::Ack)
     }
 }
 

@@ -4,8 +4,12 @@
 //! Layers (later wins): the compiled-in `config/default.toml`, the `--config` file,
 //! `SESSION_WORKER__SECTION__KEY` variables, then the named secret variables
 //! (`GENESYS_CLIENT_ID`, ...). Unknown keys are rejected by `deny_unknown_fields`.
+//! [`region`] maps Genesys Cloud region names to the hosts they imply.
+//!
+//! Settings are plain data: this folder may use the helpers (`secret`), nothing else.
 
-use crate::genesys::region;
+pub mod region;
+
 use crate::secret::{redact_url, Secret};
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::HashMap;
@@ -14,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The defaults file, compiled in so the binary works from any directory.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 /// Prefix of the environment overrides: `SESSION_WORKER__AMQP__URL`.
 pub const ENV_PREFIX: &str = "SESSION_WORKER";

@@ -7,9 +7,18 @@
 //! before `durable` returns.
 //!
 //! sled allows one process per directory; a second opener gets [`StoreError::Locked`].
+//!
+//! - [`idempotency`]: the per-key records and the claim rule.
+//! - [`audit`]: the append-only audit trail and its queries.
+//!
+//! The store knows nothing of the broker, the Genesys client or the pipelines that use it.
 
-use crate::event::ResultEvent;
-use serde::{Deserialize, Serialize};
+pub mod audit;
+pub mod idempotency;
+
+pub use audit::{AuditEntry, AuditQuery};
+pub use idempotency::{Claim, IdemRecord, IdemState};
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,68 +46,6 @@ impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         StoreError::Io(e.to_string())
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IdemState {
-    InProgress,
-    Completed,
-    Failed,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct IdemRecord {
-    pub state: IdemState,
-    /// SHA-256 of the canonical request body; a different body under the same key is a conflict.
-    pub fingerprint: String,
-    /// API attempts made so far, over every delivery of this key.
-    pub attempts: u32,
-    pub conversation_id: Option<String>,
-    /// The result event, re-published when the key comes again.
-    pub event: Option<ResultEvent>,
-    pub worker_id: String,
-    pub created_at_ms: u64,
-    pub updated_at_ms: u64,
-}
-
-/// What [`Store::claim`] found.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Claim {
-    /// Go ahead; the key is now `in_progress`. `attempts` were made by earlier deliveries
-    /// (a stale `in_progress` left by a crash, or a `failed` key published again).
-    Proceed { attempts: u32 },
-    /// Already done: re-publish the stored event, make no API call.
-    Completed(IdemRecord),
-    /// The key was used with another body.
-    Conflict(IdemRecord),
-}
-
-/// One audit entry (SPEC §6).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    pub timestamp: String,
-    pub event_type: String,
-    pub idempotency_key: Option<String>,
-    pub visitor_id: Option<String>,
-    pub queue_id: Option<String>,
-    pub bot_score: Option<f64>,
-    pub outcome: String,
-    pub http_status: Option<u16>,
-    pub conversation_id: Option<String>,
-    pub correlation_id: Option<String>,
-    pub latency_ms: Option<f64>,
-    pub attempts: Option<u32>,
-    pub worker_id: String,
-    /// Failure detail, where there is one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-    /// Operator tools: how many messages an operation touched.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub count: Option<u64>,
-    /// Operator tools: who ran the operation (`$USER`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operator: Option<String>,
 }
 
 type FlushWaiter = oneshot::Sender<Result<(), String>>;
@@ -192,94 +139,6 @@ impl Store {
         self.db.flush().map(|_| ()).map_err(StoreError::from)
     }
 
-    pub fn get(&self, key: &str) -> Result<Option<IdemRecord>, StoreError> {
-        match self.idem.get(key.as_bytes())? {
-            Some(bytes) => decode(key, &bytes).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// Take the key for processing. Callers serialize on the key in-process (see
-    /// `worker::KeyLocks`), so an `in_progress` record found here was left by a crash.
-    pub fn claim(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        worker_id: &str,
-    ) -> Result<Claim, StoreError> {
-        let now = now_ms();
-        let ttl_ms = self.idempotency_ttl.as_millis() as u64;
-        let existing = self
-            .get(key)?
-            .filter(|r| r.updated_at_ms.saturating_add(ttl_ms) >= now);
-        let attempts = match existing {
-            Some(rec) if rec.fingerprint != fingerprint => return Ok(Claim::Conflict(rec)),
-            Some(rec) if rec.state == IdemState::Completed => return Ok(Claim::Completed(rec)),
-            Some(rec) => {
-                if rec.state == IdemState::InProgress {
-                    tracing::info!(idempotency_key = key, previous_worker = %rec.worker_id, "resuming a key left in progress");
-                }
-                rec.attempts
-            }
-            None => 0,
-        };
-        let record = IdemRecord {
-            state: IdemState::InProgress,
-            fingerprint: fingerprint.to_string(),
-            attempts,
-            conversation_id: None,
-            event: None,
-            worker_id: worker_id.to_string(),
-            created_at_ms: now,
-            updated_at_ms: now,
-        };
-        self.put(key, &record)?;
-        Ok(Claim::Proceed { attempts })
-    }
-
-    pub fn put(&self, key: &str, record: &IdemRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.idem.insert(key.as_bytes(), bytes)?;
-        Ok(())
-    }
-
-    /// Append an audit entry; its key orders entries by time.
-    pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        let micros = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        let seq = self.db.generate_id()?;
-        let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&micros.to_be_bytes());
-        key[8..].copy_from_slice(&seq.to_be_bytes());
-        let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.audit.insert(key, bytes)?;
-        Ok(())
-    }
-
-    /// Audit entries with timestamps in `[since, until)` (microseconds since the epoch), oldest first.
-    pub fn audit_range(
-        &self,
-        since_us: u64,
-        until_us: u64,
-    ) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
-        let start = since_us.to_be_bytes();
-        let end = until_us.to_be_bytes();
-        self.audit.range(start..end).map(|item| {
-            let (k, v) = item?;
-            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                key: format!("audit/{}", crate::request::hex(&k)),
-                message: e.to_string(),
-            })
-        })
-    }
-
-    /// Every audit entry, oldest first.
-    pub fn audit_all(&self) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
-        self.audit_range(0, u64::MAX)
-    }
-
     /// Remove idempotency records idle longer than the TTL and audit entries older than
     /// `audit_retention`. Returns (records removed, audit entries removed).
     pub fn prune(&self, audit_retention: Duration) -> Result<(usize, usize), StoreError> {
@@ -308,17 +167,6 @@ impl Store {
         }
         Ok((records, entries))
     }
-
-    pub fn audit_len(&self) -> usize {
-        self.audit.len()
-    }
-}
-
-fn decode(key: &str, bytes: &[u8]) -> Result<IdemRecord, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        key: key.to_string(),
-        message: e.to_string(),
-    })
 }
 
 /// Group commits start at most this often. Under load each one then covers more writers

@@ -1,25 +1,15 @@
 //! The operator commands' command-line edge: `dlq …` and `audit …` output and exit codes.
-//! The logic lives in [`crate::dlq`] and [`crate::audit`].
+//! The logic lives in [`crate::dlq`] and [`crate::audit`], which return typed errors.
 
+use super::args::{AuditAction, DlqAction, DlqFilterArgs};
+use super::exit::{fail, usage, EXIT_OK};
 use crate::audit::{self, AuditAccess};
-use crate::cli::{AuditAction, DlqAction, DlqFilterArgs, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE};
 use crate::config::Settings;
 use crate::dlq::{self, DlqMessage, Filter};
-use crate::http::AuditQuery;
-use crate::store::AuditEntry;
+use crate::store::{AuditEntry, AuditQuery};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Duration;
-
-fn fail(e: impl std::fmt::Display) -> i32 {
-    eprintln!("error: {e}");
-    EXIT_RUNTIME
-}
-
-fn usage(e: impl std::fmt::Display) -> i32 {
-    eprintln!("error: {e}");
-    EXIT_USAGE
-}
 
 fn to_filter(args: &DlqFilterArgs) -> Result<Filter, audit::AuditError> {
     Ok(Filter {
@@ -107,7 +97,7 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
             limit,
             json,
         } => {
-            let name = dlq::queue_name(settings, queue).to_string();
+            let name = dlq::queue_name(settings, queue.into()).to_string();
             let filter = Filter {
                 reason,
                 max: limit,
@@ -134,14 +124,14 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
             }
         }
         DlqAction::Show { id, queue } => {
-            match dlq::show(&conn, dlq::queue_name(settings, queue), &id).await {
+            match dlq::show(&conn, dlq::queue_name(settings, queue.into()), &id).await {
                 Ok(Some(v)) => {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     EXIT_OK
                 }
                 Ok(None) => fail(format!(
                     "no message with id {id:?} in {}",
-                    dlq::queue_name(settings, queue)
+                    dlq::queue_name(settings, queue.into())
                 )),
                 Err(e) => fail(e),
             }
@@ -185,16 +175,24 @@ async fn replay(
     if dry_run {
         println!("dry run: nothing is moved\n{}", table_header());
     }
-    let result = dlq::replay(conn, settings, args.queue, &filter, rate, dry_run, |m| {
-        if dry_run {
-            println!("{}", table_row(m));
-        } else {
-            bar.inc(1);
-        }
-    })
+    let result = dlq::replay(
+        conn,
+        settings,
+        args.queue.into(),
+        &filter,
+        rate,
+        dry_run,
+        |m| {
+            if dry_run {
+                println!("{}", table_row(m));
+            } else {
+                bar.inc(1);
+            }
+        },
+    )
     .await;
     bar.finish_and_clear();
-    let queue = dlq::queue_name(settings, args.queue).to_string();
+    let queue = dlq::queue_name(settings, args.queue.into()).to_string();
     match result {
         Ok(moved) => {
             if dry_run {
@@ -232,7 +230,7 @@ async fn purge(
         Ok(f) => f,
         Err(e) => return usage(e),
     };
-    let queue = dlq::queue_name(settings, args.queue).to_string();
+    let queue = dlq::queue_name(settings, args.queue.into()).to_string();
     match dlq::purge(conn, &queue, &filter, yes).await {
         Ok(moved) if !yes => usage(format!(
             "{} of {} message(s) in {queue} match; nothing was removed. Add --yes to remove them",

@@ -1,0 +1,199 @@
+//! The one shell every consuming pipeline runs in: connect, declare the topology, open a
+//! confirm channel for publishing, consume with the shared loop, reconnect with jittered
+//! back-off when the broker goes away, and stop on shutdown. The session worker and the webhook
+//! forwarder are each a [`Pipeline`]: what to do with one delivery, and nothing else.
+
+use super::consumer::{self, ConsumeEnd, ConsumeOptions, Settle, REQUEUE_PAUSE};
+use super::{connect, reconnect_delay, AmqpError};
+use crate::config::AmqpSettings;
+use crate::health::Health;
+use crate::internal_events;
+use crate::shutdown::Shutdown;
+use lapin::message::Delivery;
+use lapin::{Channel, Connection};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+/// What a pipeline does with a delivery. The shell owns everything around it, including what
+/// happens when handling fails: the failure is logged and counted once, and the delivery is
+/// requeued after [`REQUEUE_PAUSE`].
+pub trait Pipeline: Send + Sync + 'static {
+    /// In logs and the `delivery_errors_total{kind}` label.
+    const NAME: &'static str;
+    /// Why a delivery could not be finished (broker or store trouble): it is requeued.
+    type Error: std::fmt::Display + Send;
+
+    /// The span a delivery is handled in.
+    fn span(&self, delivery: &Delivery) -> tracing::Span;
+
+    /// Handle one delivery; `publish` is a confirm channel on the same connection. The verdict
+    /// settles the delivery with the broker.
+    fn handle(
+        self: Arc<Self>,
+        delivery: Delivery,
+        publish: Channel,
+    ) -> impl Future<Output = Result<Settle, Self::Error>> + Send;
+
+    /// A notification that stops consuming (in-flight work finishes, prefetched deliveries go
+    /// back to the queue) until [`Pipeline::resume`] returns.
+    fn interrupt(&self) -> Option<&Notify> {
+        None
+    }
+
+    /// Called after an interrupt; consuming starts again when it returns `true`, the shell
+    /// stops when it returns `false` (shutdown was requested meanwhile).
+    fn resume(&self, _shutdown: &mut Shutdown) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
+}
+
+/// Where and how a pipeline consumes.
+#[derive(Debug, Clone)]
+pub struct ShellOptions {
+    /// Connection name shown in the broker's management UI.
+    pub name: String,
+    pub queue: String,
+    /// Consumer tags are this prefix and a random suffix.
+    pub tag_prefix: String,
+    pub prefetch: u16,
+    pub concurrency: usize,
+    /// How long in-flight work may take after shutdown or connection loss.
+    pub grace: Duration,
+}
+
+/// Run `pipeline` on `opts.queue` until shutdown. Returns an error only for what reconnecting
+/// cannot fix (a declaration the broker refuses).
+pub async fn run<P: Pipeline>(
+    settings: &AmqpSettings,
+    opts: &ShellOptions,
+    pipeline: Arc<P>,
+    health: &Health,
+    mut shutdown: Shutdown,
+) -> Result<(), AmqpError> {
+    let mut attempt = 0u32;
+    let result = loop {
+        if shutdown.is_requested() {
+            break Ok(());
+        }
+        let conn = match connect(settings, &opts.name).await {
+            Ok(c) => c,
+            Err(e) => {
+                let delay = reconnect_delay(attempt, settings.reconnect_max_delay);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unavailable");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = shutdown.requested() => break Ok(()),
+                }
+            }
+        };
+        attempt = 1;
+        let session = connected(settings, opts, &pipeline, health, &conn, &mut shutdown).await;
+        health.set_broker_connected(false);
+        match session {
+            Ok(Next::Stop) => {
+                let _ = conn.close(200, "shutdown".into()).await;
+                break Ok(());
+            }
+            Ok(Next::Reconnect) => {
+                let _ = conn.close(320, "reconnecting".into()).await;
+                let delay = reconnect_delay(0, settings.reconnect_max_delay);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.requested() => break Ok(()),
+                }
+            }
+            Err(e) => {
+                let _ = conn.close(200, "fatal error".into()).await;
+                break Err(e);
+            }
+        }
+    };
+    health.set_broker_connected(false);
+    result
+}
+
+enum Next {
+    Stop,
+    Reconnect,
+}
+
+/// One connection's worth of consuming.
+async fn connected<P: Pipeline>(
+    settings: &AmqpSettings,
+    opts: &ShellOptions,
+    pipeline: &Arc<P>,
+    health: &Health,
+    conn: &Connection,
+    shutdown: &mut Shutdown,
+) -> Result<Next, AmqpError> {
+    let publish_ch = match prepare(conn, settings).await {
+        Ok(ch) => ch,
+        Err(e) if e.is_fatal() => return Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "broker setup failed; reconnecting");
+            return Ok(Next::Reconnect);
+        }
+    };
+    health.set_broker_connected(true);
+    loop {
+        let consume = ConsumeOptions {
+            queue: &opts.queue,
+            consumer_tag: format!("{}-{}", opts.tag_prefix, uuid::Uuid::new_v4().simple()),
+            prefetch: opts.prefetch,
+            concurrency: opts.concurrency,
+            grace: opts.grace,
+        };
+        let end = consumer::consume(conn, consume, shutdown, pipeline.interrupt(), |delivery| {
+            let span = pipeline.span(&delivery);
+            let work = pipeline.clone().handle(delivery, publish_ch.clone());
+            async move {
+                match work.await {
+                    Ok(verdict) => verdict,
+                    Err(e) => {
+                        internal_events::delivery_failed(P::NAME, &e);
+                        tokio::time::sleep(REQUEUE_PAUSE).await;
+                        Settle::Requeue
+                    }
+                }
+            }
+            .instrument(span)
+        })
+        .await;
+        match end {
+            Ok(ConsumeEnd::Shutdown) => {
+                // Closed here, before the connection, so lapin does not close it twice.
+                let _ = publish_ch.close(200, "shutdown".into()).await;
+                return Ok(Next::Stop);
+            }
+            Ok(ConsumeEnd::Lost(why)) => {
+                tracing::warn!(reason = %why, "broker connection lost; reconnecting");
+                return Ok(Next::Reconnect);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consuming failed; reconnecting");
+                return Ok(Next::Reconnect);
+            }
+            Ok(ConsumeEnd::Interrupted) => {
+                if !pipeline.resume(shutdown).await {
+                    let _ = publish_ch.close(200, "shutdown".into()).await;
+                    return Ok(Next::Stop);
+                }
+            }
+        }
+    }
+}
+
+/// Declare the topology and open a confirm channel for publishing.
+async fn prepare(conn: &Connection, settings: &AmqpSettings) -> Result<Channel, AmqpError> {
+    let declare_ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::op("channel.open", e))?;
+    super::topology::declare(&declare_ch, settings).await?;
+    let _ = declare_ch.close(200, "declared".into()).await;
+    super::confirm_channel(conn).await
+}

@@ -1,0 +1,213 @@
+//! The command line's vocabulary (SPEC §2): every clap type, and nothing else. The core never
+//! sees these; [`super`] turns them into the core's own types.
+
+use crate::config;
+use crate::dlq::DlqKind;
+use crate::sim;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "session-worker",
+    version,
+    about = "Durable RabbitMQ worker that creates Genesys Cloud Web Messaging guest sessions"
+)]
+pub struct Cli {
+    /// Configuration file layered over the built-in defaults.
+    #[arg(long, global = true, default_value = "config/default.toml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Declare the topology, then consume until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, value_enum, default_value_t = Role::All)]
+        role: Role,
+    },
+    /// Run a local Genesys Cloud API simulator.
+    Sim(SimArgs),
+    /// Publish session requests from JSON Lines (a file or - for stdin).
+    Publish {
+        /// JSON Lines file of session requests; `-` (the default) reads standard input.
+        #[arg(default_value = "-")]
+        input: String,
+    },
+    /// Inspect, replay and purge the dead-letter queues.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Read the audit trail.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+    /// Manage the broker topology.
+    Topology {
+        #[command(subcommand)]
+        action: TopologyAction,
+    },
+    /// Load and validate the configuration and print it with secrets redacted.
+    CheckConfig,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopologyAction {
+    /// Declare exchanges, queues and bindings idempotently, then exit.
+    Declare,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditAction {
+    /// The newest entries, oldest first.
+    Tail {
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Keep printing new entries as they are written.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Every entry for one idempotency key.
+    Show { key: String },
+    /// Entries as JSON Lines (all of them when no bound is given).
+    Export {
+        /// RFC 3339 time or a duration ago (`24h`).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Counts by outcome and latency percentiles.
+    Stats {
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DlqFilterArgs {
+    /// Which dead-letter queue.
+    #[arg(long, value_enum, default_value_t = QueueArg::Worker)]
+    pub queue: QueueArg,
+    /// Only messages with this x-failure-reason.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only the message with this message id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Only messages that failed at or after this time (RFC 3339, or a duration ago like `2h`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many messages.
+    #[arg(long)]
+    pub max: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqAction {
+    /// Show dead-lettered messages without consuming them.
+    List {
+        #[arg(long, value_enum, default_value_t = QueueArg::Worker)]
+        queue: QueueArg,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// One JSON object per message and line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one message in full.
+    Show {
+        id: String,
+        #[arg(long, value_enum, default_value_t = QueueArg::Worker)]
+        queue: QueueArg,
+    },
+    /// Move matching messages back to their source, each confirmed before removal.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Messages per second at most.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Print what would move; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove matching messages (needs --yes).
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    All,
+    Worker,
+    Forwarder,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: String,
+    /// OAuth client id the token endpoint accepts.
+    #[arg(long, default_value = "local-client")]
+    pub client_id: String,
+    /// OAuth client secret the token endpoint accepts.
+    #[arg(long, default_value = "local-secret", env = "SIM_CLIENT_SECRET")]
+    pub client_secret: String,
+    /// Lifetime of issued access tokens.
+    #[arg(long, default_value = "24h", value_parser = config::parse_duration)]
+    pub token_ttl: Duration,
+    /// Path of the conversations session endpoint.
+    #[arg(long, default_value = "/api/v2/conversations/messaging")]
+    pub session_path: String,
+    /// Open Messaging integration ids that exist (repeatable).
+    #[arg(long = "integration-id", default_value = "sim-integration")]
+    pub integration_ids: Vec<String>,
+    /// Latency added to every session request.
+    #[arg(long, default_value = "0ms", value_parser = config::parse_duration)]
+    pub latency: Duration,
+    /// Fraction of session requests answered 503.
+    #[arg(long, default_value = "0", value_parser = sim::parse_rate)]
+    pub fail_rate: f64,
+    /// Fraction of session requests answered 429.
+    #[arg(long, default_value = "0", value_parser = sim::parse_rate)]
+    pub throttle_rate: f64,
+    /// Session requests allowed per minute (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit: u32,
+    /// Queue ids answered 404 (repeatable).
+    #[arg(long = "reject-queue")]
+    pub reject_queues: Vec<String>,
+}
+
+/// `--queue worker|webhook`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueArg {
+    /// `amqp.dead_letter_queue`: session requests.
+    Worker,
+    /// `amqp.webhook_dead_letter_queue`: result events.
+    Webhook,
+}
+
+impl From<QueueArg> for DlqKind {
+    fn from(q: QueueArg) -> Self {
+        match q {
+            QueueArg::Worker => DlqKind::Worker,
+            QueueArg::Webhook => DlqKind::Webhook,
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The command line (SPEC §2), the top of the house: parses arguments, loads configuration,
+//! runs the command, and maps the outcome to an exit code.
+//!
+//! - [`args`]: the clap types;
+//! - [`exit`]: exit codes (0 ok, 1 runtime failure, 2 usage or configuration error);
+//! - [`ops`]: the `dlq` and `audit` commands' output;
+//! - this file: dispatch, `run`, `sim`, `publish`, `topology declare`, `check-config`.
+//!
+//! Only this folder knows clap, exit codes and `anyhow`; nothing below imports it.
+
+pub mod args;
+pub mod exit;
+pub mod ops;
+
+pub use args::{AuditAction, Cli, Command, DlqAction, DlqFilterArgs, Role, SimArgs};
+pub use exit::{EXIT_OK, EXIT_RUNTIME, EXIT_USAGE};
+
+use crate::config::{self, Settings};
+use crate::health::Health;
+use crate::shutdown::Shutdown;
+use crate::sim::{self, AuthMode, Faults, SimOptions};
+use crate::store::Store;
+use anyhow::Context;
+use args::TopologyAction;
+use clap::Parser;
+use std::sync::Arc;
+
+/// Parse, run, and return the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            return code;
+        }
+    };
+    crate::telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> i32 {
+    let config_path = cli.config.clone();
+    let load = || Settings::load(Some(&config_path));
+    match cli.command {
+        Command::Sim(args) => report(run_sim(args).await),
+        Command::CheckConfig => match load() {
+            Ok(settings) => match settings.to_redacted_toml() {
+                Ok(text) => {
+                    println!("# effective configuration (secrets redacted)\n{text}");
+                    EXIT_OK
+                }
+                Err(e) => config_error(&e),
+            },
+            Err(e) => config_error(&e),
+        },
+        Command::Topology {
+            action: TopologyAction::Declare,
+        } => match load() {
+            Ok(settings) => report(declare_topology(&settings).await),
+            Err(e) => config_error(&e),
+        },
+        Command::Run { role } => match load() {
+            Ok(settings) => {
+                if role == Role::Forwarder && settings.webhook.url.trim().is_empty() {
+                    eprintln!("error: webhook.url is empty, so `run --role forwarder` has nothing to do; set ANALYTICS_WEBHOOK_URL or webhook.url");
+                    return EXIT_USAGE;
+                }
+                report(run_worker(settings, role).await)
+            }
+            Err(e) => config_error(&e),
+        },
+        Command::Publish { input } => match load() {
+            Ok(settings) => run_publish(&settings, &input).await,
+            Err(e) => config_error(&e),
+        },
+        Command::Dlq { action } => match load() {
+            Ok(settings) => ops::dlq_command(&settings, action).await,
+            Err(e) => config_error(&e),
+        },
+        Command::Audit { action } => match load() {
+            Ok(settings) => ops::audit_command(&settings, action).await,
+            Err(e) => config_error(&e),
+        },
+    }
+}
+
+fn config_error(e: &config::ConfigError) -> i32 {
+    eprintln!("error: {e}");
+    EXIT_USAGE
+}
+
+fn report(result: anyhow::Result<()>) -> i32 {
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
+    let opts = SimOptions {
+        listen: args.listen,
+        client_id: args.client_id,
+        client_secret: args.client_secret,
+        token_ttl: args.token_ttl,
+        session_path: args.session_path,
+        integration_ids: args.integration_ids,
+        faults: Faults {
+            latency_ms: args.latency.as_millis() as u64,
+            fail_rate: args.fail_rate,
+            throttle_rate: args.throttle_rate,
+            rate_limit_per_minute: args.rate_limit,
+            reject_queues: args.reject_queues,
+            auth: AuthMode::Normal,
+        },
+    };
+    let mut shutdown = Shutdown::on_signals();
+    sim::serve(opts, async move { shutdown.requested().await }).await?;
+    Ok(())
+}
+
+async fn run_publish(settings: &Settings, input: &str) -> i32 {
+    let reader = match crate::publish::open_input(input) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    match crate::publish::publish(settings, reader, input).await {
+        Ok(summary) => {
+            println!("{}", summary.line());
+            if summary.invalid > 0 {
+                eprintln!(
+                    "error: {} invalid line(s) were not published: {}",
+                    summary.invalid,
+                    summary
+                        .invalid_lines
+                        .iter()
+                        .map(|(n, _)| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                EXIT_RUNTIME
+            } else {
+                EXIT_OK
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+async fn declare_topology(settings: &Settings) -> anyhow::Result<()> {
+    let conn = crate::amqp::connect(&settings.amqp, "session-worker topology").await?;
+    let ch = conn
+        .create_channel()
+        .await
+        .context("Failed to open a channel")?;
+    crate::amqp::topology::declare(&ch, &settings.amqp).await?;
+    let _ = conn.close(200, "done".into()).await;
+    for q in crate::amqp::topology::queue_names(&settings.amqp) {
+        println!("queue {q}");
+    }
+    for x in crate::amqp::topology::exchange_names(&settings.amqp) {
+        println!("exchange {x}");
+    }
+    println!("topology declared");
+    Ok(())
+}
+
+async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let store =
+        Store::open(&settings.store.path, settings.store.idempotency_ttl).with_context(|| {
+            format!(
+                "Failed to open the store at {}",
+                settings.store.path.display()
+            )
+        })?;
+    let health = Arc::new(Health::default());
+    health.set_store_open(true);
+    let listener = crate::http::bind(&settings.http.listen).await?;
+    let shutdown = Shutdown::on_signals();
+    let http = {
+        let mut rx = shutdown.clone();
+        tokio::spawn(crate::http::serve(
+            listener,
+            health.clone(),
+            store.clone(),
+            async move { rx.requested().await },
+        ))
+    };
+    match role {
+        Role::Worker => crate::worker::run(settings, store, health, shutdown).await?,
+        Role::Forwarder => crate::webhook::run(settings, store, health, shutdown).await?,
+        Role::All => {
+            let forwarder = tokio::spawn(crate::webhook::run(
+                settings.clone(),
+                store.clone(),
+                health.clone(),
+                shutdown.clone(),
+            ));
+            let worker = crate::worker::run(settings, store, health, shutdown).await;
+            let forwarded = forwarder.await.context("webhook forwarder task failed")?;
+            worker?;
+            forwarded?;
+        }
+    }
+    http.abort();
+    Ok(())
+}

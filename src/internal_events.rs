@@ -1,0 +1,141 @@
+//! One place per thing operators are told: each function here logs an event and counts it from
+//! the same values, so logs and metrics cannot drift (the idea of Vector's `internal_events`).
+//! Pipelines call these instead of pairing a `tracing` call with a metric themselves.
+//!
+//! May use `metrics` and the reason types of `event`; nothing else of the crate.
+
+use crate::event::Reason;
+use crate::metrics::metrics;
+use std::time::Duration;
+
+/// A session was created at Genesys Cloud and recorded.
+pub fn session_started(attempts: u32, latency_ms: f64, allowed: Option<u64>, count: Option<u64>) {
+    tracing::info!(attempts, latency_ms, "session created");
+    let m = metrics();
+    m.outcome("started");
+    if let Some(a) = allowed {
+        m.genesys_ratelimit_allowed.set(a as i64);
+    }
+    if let Some(c) = count {
+        m.genesys_ratelimit_count.set(c as i64);
+    }
+}
+
+/// A key that was already finished came again: its stored event was re-published.
+pub fn session_replayed(conversation_id: Option<&str>) {
+    tracing::info!(
+        conversation_id,
+        "already completed: re-published the stored event, no API call"
+    );
+    metrics().outcome("duplicate");
+    metrics().idempotent_replays.inc();
+}
+
+/// A session request was dead-lettered (`reason` in `x-failure-reason`).
+pub fn session_dead_lettered(reason: Reason, attempts: u32, detail: &str) {
+    tracing::warn!(
+        reason = reason.as_str(),
+        attempts,
+        detail,
+        "session request dead-lettered"
+    );
+    metrics().outcome(reason.as_str());
+    metrics().dead_letter(reason.as_str());
+}
+
+/// A session request went to a delayed-retry queue.
+pub fn session_retry_scheduled(attempts: u32, queue: &str, error: &str) {
+    tracing::info!(
+        attempts,
+        retry_queue = queue,
+        error,
+        "scheduled a delayed retry"
+    );
+    metrics().outcome("retry_scheduled");
+    metrics().retry("delayed");
+}
+
+/// A retryable Genesys error; the call is tried again in-process after `backoff`.
+pub fn session_retry_in_process(attempt: u32, error: &str, backoff: Duration) {
+    tracing::info!(
+        attempt,
+        error,
+        backoff_ms = backoff.as_millis() as u64,
+        "retryable error"
+    );
+    metrics().retry("in_process");
+}
+
+/// Genesys Cloud answered 429: every task of the process pauses.
+pub fn rate_limited(pause: Duration) {
+    tracing::warn!(
+        pause_ms = pause.as_millis() as u64,
+        "Genesys Cloud rate limit: pausing all tasks"
+    );
+}
+
+/// Genesys Cloud refused the credentials: the delivery is requeued and consumption pauses.
+pub fn auth_refused(error: &str) {
+    tracing::error!(error, "auth failure: requeueing and pausing consumption");
+    metrics().outcome("requeued_auth");
+}
+
+/// Consumption paused by an auth failure; the token endpoint is probed again after `probe_in`.
+pub fn auth_paused(probe_in: Duration, hint: &str) {
+    tracing::error!(
+        probe_in_s = probe_in.as_secs(),
+        "paused: Genesys Cloud refused the credentials; no new messages are taken and none are dead-lettered. Fix: {hint}"
+    );
+    metrics().auth_paused.set(1);
+}
+
+/// The auth pause is over.
+pub fn auth_resumed() {
+    tracing::info!("credentials accepted by the token endpoint; resuming");
+    metrics().auth_paused.set(0);
+}
+
+/// A delivery could not be finished (broker or store trouble); it is requeued after a pause.
+pub fn delivery_failed(pipeline: &'static str, error: &dyn std::fmt::Display) {
+    tracing::error!(pipeline, error = %error, "could not finish the delivery; it will be redelivered");
+    metrics().delivery_error(pipeline);
+}
+
+/// A delivery handler panicked; the delivery is requeued after a pause.
+pub fn handler_panicked(delivery_tag: u64) {
+    tracing::error!(
+        delivery_tag,
+        "delivery handler panicked; requeueing the delivery"
+    );
+    metrics().delivery_error("panic");
+}
+
+/// A result event reached the webhook receiver.
+pub fn webhook_delivered(attempts: u32, status: u16) {
+    tracing::info!(attempts, status, "webhook delivered");
+    metrics().webhook("delivered");
+}
+
+/// A webhook delivery failed and goes to a delayed-retry queue.
+pub fn webhook_retry_scheduled(attempts: u32, queue: &str, error: &str) {
+    tracing::warn!(
+        attempts,
+        retry_queue = queue,
+        error,
+        "webhook delivery failed; retrying later"
+    );
+    metrics().webhook("retry_scheduled");
+    metrics().retry("webhook");
+}
+
+/// A result event was dead-lettered to the webhook DLQ.
+pub fn webhook_dead_lettered(reason: Reason, attempts: u32, detail: &str) {
+    tracing::warn!(
+        reason = reason.as_str(),
+        attempts,
+        detail,
+        "webhook event dead-lettered"
+    );
+    metrics().webhook("dead_lettered");
+    metrics().dead_letter(reason.as_str());
+}

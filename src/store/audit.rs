@@ -1,0 +1,105 @@
+//! The append-only audit trail (SPEC §6): entries keyed by time, read by range, key or tail.
+
+use super::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One audit entry (SPEC §6).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub timestamp: String,
+    pub event_type: String,
+    pub idempotency_key: Option<String>,
+    pub visitor_id: Option<String>,
+    pub queue_id: Option<String>,
+    pub bot_score: Option<f64>,
+    pub outcome: String,
+    pub http_status: Option<u16>,
+    pub conversation_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub latency_ms: Option<f64>,
+    pub attempts: Option<u32>,
+    pub worker_id: String,
+    /// Failure detail, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Operator tools: how many messages an operation touched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// Operator tools: who ran the operation (`$USER`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+}
+
+/// Which audit entries to read: `[since_us, until_us)` (microseconds since the epoch),
+/// optionally for one idempotency key, optionally only the last `tail`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct AuditQuery {
+    pub since_us: Option<u64>,
+    pub until_us: Option<u64>,
+    pub key: Option<String>,
+    pub tail: Option<usize>,
+}
+
+impl Store {
+    /// Append an audit entry; its key orders entries by time.
+    pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let seq = self.db.generate_id()?;
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&micros.to_be_bytes());
+        key[8..].copy_from_slice(&seq.to_be_bytes());
+        let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.audit.insert(key, bytes)?;
+        Ok(())
+    }
+
+    /// Audit entries with timestamps in `[since, until)` (microseconds since the epoch), oldest first.
+    pub fn audit_range(
+        &self,
+        since_us: u64,
+        until_us: u64,
+    ) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+        let start = since_us.to_be_bytes();
+        let end = until_us.to_be_bytes();
+        self.audit.range(start..end).map(|item| {
+            let (k, v) = item?;
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: format!("audit/{}", crate::text::hex(&k)),
+                message: e.to_string(),
+            })
+        })
+    }
+
+    /// Every audit entry, oldest first.
+    pub fn audit_all(&self) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+        self.audit_range(0, u64::MAX)
+    }
+
+    /// The entries `q` selects, oldest first.
+    pub fn audit_query(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.audit_range(q.since_us.unwrap_or(0), q.until_us.unwrap_or(u64::MAX)) {
+            let entry = entry?;
+            if q.key
+                .as_deref()
+                .is_some_and(|k| entry.idempotency_key.as_deref() != Some(k))
+            {
+                continue;
+            }
+            out.push(entry);
+        }
+        if let Some(n) = q.tail {
+            let skip = out.len().saturating_sub(n);
+            out.drain(..skip);
+        }
+        Ok(out)
+    }
+
+    pub fn audit_len(&self) -> usize {
+        self.audit.len()
+    }
+}

@@ -1,0 +1,118 @@
+//! Idempotency records: one per key, `in_progress` → `completed` / `failed` (SPEC §5).
+
+use super::{now_ms, Store, StoreError};
+use crate::event::ResultEvent;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdemState {
+    InProgress,
+    Completed,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdemRecord {
+    pub state: IdemState,
+    /// SHA-256 of the canonical request body; a different body under the same key is a conflict.
+    pub fingerprint: String,
+    /// API attempts made so far, over every delivery of this key.
+    pub attempts: u32,
+    pub conversation_id: Option<String>,
+    /// The result event, re-published when the key comes again.
+    pub event: Option<ResultEvent>,
+    pub worker_id: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// What [`Store::claim`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// Go ahead; the key is now `in_progress`. `attempts` were made by earlier deliveries
+    /// (a stale `in_progress` left by a crash, or a `failed` key published again).
+    Proceed { attempts: u32 },
+    /// Already done: re-publish the stored event, make no API call.
+    Completed(IdemRecord),
+    /// The key was used with another body.
+    Conflict(IdemRecord),
+}
+
+impl Store {
+    pub fn get(&self, key: &str) -> Result<Option<IdemRecord>, StoreError> {
+        match self.idem.get(key.as_bytes())? {
+            Some(bytes) => decode(key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Take the key for processing. Callers serialize on the key in-process (see
+    /// `worker::KeyLocks`), so an `in_progress` record found here was left by a crash.
+    pub fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        worker_id: &str,
+    ) -> Result<Claim, StoreError> {
+        let now = now_ms();
+        let ttl_ms = self.idempotency_ttl.as_millis() as u64;
+        let existing = self
+            .get(key)?
+            .filter(|r| r.updated_at_ms.saturating_add(ttl_ms) >= now);
+        let attempts = match existing {
+            Some(rec) if rec.fingerprint != fingerprint => return Ok(Claim::Conflict(rec)),
+            Some(rec) if rec.state == IdemState::Completed => return Ok(Claim::Completed(rec)),
+            Some(rec) => {
+                if rec.state == IdemState::InProgress {
+                    tracing::info!(idempotency_key = key, previous_worker = %rec.worker_id, "resuming a key left in progress");
+                }
+                rec.attempts
+            }
+            None => 0,
+        };
+        let record = IdemRecord {
+            state: IdemState::InProgress,
+            fingerprint: fingerprint.to_string(),
+            attempts,
+            conversation_id: None,
+            event: None,
+            worker_id: worker_id.to_string(),
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        self.put(key, &record)?;
+        Ok(Claim::Proceed { attempts })
+    }
+
+    /// Keep the API attempts made so far on the key's record (a delayed retry, an auth pause),
+    /// so the next delivery continues the count. A record with another body is left alone.
+    pub fn record_attempts(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        attempts: u32,
+    ) -> Result<(), StoreError> {
+        if let Some(mut rec) = self.get(key)? {
+            if rec.fingerprint == fingerprint {
+                rec.attempts = attempts;
+                rec.updated_at_ms = now_ms();
+                self.put(key, &rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn put(&self, key: &str, record: &IdemRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.idem.insert(key.as_bytes(), bytes)?;
+        Ok(())
+    }
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<IdemRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,70 @@
+//! Stage 3, call: wait on the rate limiter, create the session at Genesys Cloud, and retry
+//! in-process what the error's disposition allows, up to `worker.max_attempts` (SPEC §5).
+
+use super::intake::Job;
+use super::outcome::Outcome;
+use crate::genesys::{Disposition, GenesysClient};
+use crate::internal_events;
+use crate::limiter::Limiter;
+use crate::metrics::metrics;
+use crate::request::ValidRequest;
+use std::time::{Duration, Instant};
+
+/// Everything a call needs: the client, the process-wide limiter and the retry policy.
+pub struct Caller {
+    pub client: GenesysClient,
+    pub limiter: Limiter,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Caller {
+    /// Call until an answer decides the outcome or the in-process attempts are used up.
+    pub async fn call(&self, job: &mut Job, valid: &ValidRequest) -> Outcome {
+        job.call_started = Some(Instant::now());
+        let mut attempts_here = 0u32;
+        loop {
+            attempts_here += 1;
+            job.attempts = job.attempts.saturating_add(1);
+            let waited = self.limiter.acquire().await;
+            metrics().limiter_wait(waited);
+            if waited > Duration::from_millis(100) {
+                tracing::debug!(waited_ms = waited.as_millis() as u64, "rate limiter wait");
+            }
+            let call_started = Instant::now();
+            let result = self.client.create_session(&valid.request, &job.key).await;
+            metrics()
+                .genesys_request_duration
+                .observe(call_started.elapsed().as_secs_f64());
+            let err = match result {
+                Ok(created) => return Outcome::Started(created),
+                Err(e) => e,
+            };
+            match err.disposition() {
+                Disposition::Permanent => return Outcome::Rejected(err),
+                Disposition::Auth => return Outcome::AuthRefused(err),
+                Disposition::Retry { after } => {
+                    if let Some(after) = after {
+                        self.limiter.pause_for(after);
+                        internal_events::rate_limited(after);
+                    }
+                    if attempts_here >= self.max_attempts {
+                        return Outcome::Retryable(err);
+                    }
+                    let delay = crate::backoff::full_jitter(
+                        attempts_here - 1,
+                        self.backoff_base,
+                        self.backoff_max,
+                    );
+                    internal_events::session_retry_in_process(
+                        attempts_here,
+                        &err.to_string(),
+                        delay,
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Stage 1, intake: a delivery becomes a [`Job`], the one value that carries it through the
+//! stages (claim → call → finish), and its body is validated (SPEC §4).
+
+use crate::amqp::{header, header_i64};
+use crate::request::{self, ValidRequest, ValidationError};
+use lapin::message::Delivery;
+use std::time::Instant;
+
+/// One delivery on its way through the worker.
+pub struct Job {
+    pub delivery: Delivery,
+    /// The idempotency key; for a body that does not validate, the message id, else a hash.
+    pub key: String,
+    /// Who the request is for, as far as the body says (empty where it does not).
+    pub visitor_id: String,
+    pub queue_id: String,
+    pub bot_score: Option<f64>,
+    /// API attempts made for this key so far: earlier deliveries, then this one's.
+    pub attempts: u32,
+    /// When the first API attempt of this delivery began.
+    pub call_started: Option<Instant>,
+}
+
+impl Job {
+    /// Milliseconds since the first API attempt (0 when none was made), to 0.1 ms.
+    pub fn latency_ms(&self) -> f64 {
+        self.call_started
+            .map(|t| round_ms(t.elapsed().as_secs_f64() * 1000.0))
+            .unwrap_or(0.0)
+    }
+}
+
+/// What intake made of a delivery.
+pub enum Intake {
+    Valid(Job, ValidRequest),
+    Invalid(Job, ValidationError),
+}
+
+/// Validate the body and derive the key.
+pub fn accept(delivery: Delivery) -> Intake {
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_string());
+    // Any integer a producer put in the header is accepted; the count saturates.
+    let header_attempts = header_i64(&delivery.properties, header::ATTEMPTS)
+        .unwrap_or(0)
+        .clamp(0, i64::from(u32::MAX)) as u32;
+    match request::validate_message(&delivery.data, message_id.as_deref()) {
+        Ok(valid) => {
+            let job = Job {
+                key: valid.idempotency_key.clone(),
+                visitor_id: valid.request.visitor_id.clone(),
+                queue_id: valid.request.queue_id.clone(),
+                bot_score: valid.request.bot_score,
+                attempts: header_attempts,
+                call_started: None,
+                delivery,
+            };
+            Intake::Valid(job, valid)
+        }
+        Err(e) => {
+            // Best effort to say who the request was for, from whatever parses.
+            let loose: serde_json::Value =
+                serde_json::from_slice(&delivery.data).unwrap_or_default();
+            let field = |k: &str| {
+                loose
+                    .get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let job = Job {
+                key: message_id.unwrap_or_else(|| crate::text::sha256_hex(&delivery.data)),
+                visitor_id: field("visitor_id"),
+                queue_id: field("queue_id"),
+                bot_score: None,
+                attempts: 0,
+                call_started: None,
+                delivery,
+            };
+            Intake::Invalid(job, e)
+        }
+    }
+}
+
+pub fn round_ms(ms: f64) -> f64 {
+    (ms * 10.0).round() / 10.0
+}

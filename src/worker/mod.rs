@@ -1,0 +1,243 @@
+//! The session worker: one delivery of `session.init.requests` at a time per task, through four
+//! stages, each a file, in this order and never back:
+//!
+//! ```text
+//! intake ──▶ claim ──▶ call ──▶ finish
+//! (Job)     (store)   (Genesys) (record, audit, durable, publish, route, tell)
+//! ```
+//!
+//! - [`intake`]: a delivery becomes a [`intake::Job`], validated;
+//! - [`claim`]: the key is taken in the idempotency store, under a per-key lock ([`keylocks`]);
+//! - [`call`]: the rate limiter and the Genesys call, with in-process retries;
+//! - [`outcome`]: one [`outcome::Outcome`] per way a delivery ends, and the one `finish`.
+//!
+//! [`auth`] pauses consumption when Genesys refuses the credentials. The consume loop,
+//! reconnects and shutdown are the shared shell in [`crate::amqp::shell`].
+//!
+//! This folder may use the infrastructure (amqp, store, genesys, limiter, health, metrics,
+//! internal_events, request, event, config); it knows nothing of the forwarder, the operator
+//! tools or the command line.
+
+pub mod auth;
+pub mod call;
+pub mod claim;
+pub mod intake;
+pub mod keylocks;
+pub mod outcome;
+
+use crate::amqp::consumer::Settle;
+use crate::amqp::shell::{self, Pipeline, ShellOptions};
+use crate::amqp::{AmqpError, DeadLetters};
+use crate::config::Settings;
+use crate::genesys::{GenesysClient, GenesysError};
+use crate::health::Health;
+use crate::limiter::Limiter;
+use crate::metrics::InflightGuard;
+use crate::shutdown::Shutdown;
+use crate::store::{Claim, Store, StoreError};
+use auth::AuthGate;
+use call::Caller;
+use intake::Intake;
+use keylocks::KeyLocks;
+use lapin::message::Delivery;
+use lapin::Channel;
+use outcome::{FinishError, Outcome, Recorder};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tracing::field::Empty;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error("cannot build the Genesys Cloud client: {0}")]
+    Client(#[from] GenesysError),
+}
+
+impl From<FinishError> for WorkerError {
+    fn from(e: FinishError) -> Self {
+        match e {
+            FinishError::Store(e) => WorkerError::Store(e),
+            FinishError::Amqp(e) => WorkerError::Amqp(e),
+        }
+    }
+}
+
+pub struct Worker {
+    settings: Arc<Settings>,
+    worker_id: String,
+    caller: Caller,
+    recorder: Recorder,
+    store: Store,
+    locks: KeyLocks,
+    health: Arc<Health>,
+    auth: AuthGate,
+}
+
+/// Run the session workers until `shutdown`.
+pub async fn run(
+    settings: Arc<Settings>,
+    store: Store,
+    health: Arc<Health>,
+    shutdown: impl Into<Shutdown>,
+) -> Result<(), WorkerError> {
+    let worker = Arc::new(Worker::new(settings, store, health)?);
+    worker.run(shutdown.into()).await
+}
+
+impl Worker {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        health: Arc<Health>,
+    ) -> Result<Self, WorkerError> {
+        let client = GenesysClient::new(&settings.genesys, settings.worker.concurrency)?;
+        let limiter = Limiter::new(
+            settings.rate_limit.requests_per_minute,
+            settings.rate_limit.burst,
+        );
+        health.set_store_open(true);
+        let worker_id = settings.worker_id();
+        let w = &settings.worker;
+        Ok(Self {
+            caller: Caller {
+                client,
+                limiter,
+                max_attempts: w.max_attempts,
+                backoff_base: w.backoff_base,
+                backoff_max: w.backoff_max,
+            },
+            recorder: Recorder {
+                settings: settings.clone(),
+                store: store.clone(),
+                worker_id: worker_id.clone(),
+                dead_letters: DeadLetters {
+                    exchange: settings.amqp.dead_letter_exchange.clone(),
+                    queue: settings.amqp.dead_letter_queue.clone(),
+                    worker_id: worker_id.clone(),
+                },
+            },
+            worker_id,
+            store,
+            locks: KeyLocks::default(),
+            health,
+            auth: AuthGate::default(),
+            settings,
+        })
+    }
+
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), WorkerError> {
+        let s = &self.settings;
+        tracing::info!(
+            worker_id = %self.worker_id,
+            queue = %s.amqp.inbound_queue,
+            backend = self.caller.client.backend().name(),
+            concurrency = s.worker.concurrency,
+            requests_per_minute = s.rate_limit.requests_per_minute,
+            "session worker starting"
+        );
+        let pruner = tokio::spawn(prune_loop(self.store.clone(), s.store.audit_retention));
+        let opts = ShellOptions {
+            name: format!("session-worker {}", self.worker_id),
+            queue: s.amqp.inbound_queue.clone(),
+            tag_prefix: self.worker_id.clone(),
+            prefetch: s.amqp.prefetch,
+            concurrency: s.worker.concurrency,
+            grace: s.worker.shutdown_grace,
+        };
+        let result = shell::run(&s.amqp, &opts, self.clone(), &self.health, shutdown).await;
+        pruner.abort();
+        let _ = pruner.await;
+        self.store.flush_now()?;
+        tracing::info!("session worker stopped; store flushed");
+        Ok(result?)
+    }
+
+    /// The stages, in order: intake, claim, call, finish.
+    async fn process(&self, delivery: Delivery, ch: &Channel) -> Result<Settle, WorkerError> {
+        let (mut job, valid) = match intake::accept(delivery) {
+            Intake::Valid(job, valid) => (job, valid),
+            Intake::Invalid(job, err) => {
+                tracing::Span::current().record("idempotency_key", job.key.as_str());
+                let outcome = Outcome::Invalid(err);
+                return Ok(self.recorder.finish(&job, None, outcome, ch).await?);
+            }
+        };
+        tracing::Span::current().record("idempotency_key", job.key.as_str());
+        let _guard = self.locks.lock(&job.key).await;
+        let outcome = match claim::claim(&self.store, &mut job, &valid, &self.worker_id)? {
+            Claim::Completed(rec) => Outcome::Replayed(rec),
+            Claim::Conflict(rec) => Outcome::Conflict(rec),
+            Claim::Proceed { .. } => self.caller.call(&mut job, &valid).await,
+        };
+        let auth_refused = matches!(outcome, Outcome::AuthRefused(_));
+        let started = matches!(outcome, Outcome::Started(_));
+        let settle = self
+            .recorder
+            .finish(&job, Some(&valid), outcome, ch)
+            .await?;
+        if auth_refused {
+            self.auth.trip();
+        } else if started {
+            self.auth.succeeded();
+        }
+        Ok(settle)
+    }
+}
+
+impl Pipeline for Worker {
+    const NAME: &'static str = "worker";
+    type Error = WorkerError;
+
+    fn span(&self, delivery: &Delivery) -> tracing::Span {
+        tracing::info_span!(
+            "message",
+            delivery_tag = delivery.delivery_tag,
+            idempotency_key = Empty,
+            conversation_id = Empty,
+            correlation_id = Empty
+        )
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        delivery: Delivery,
+        publish: Channel,
+    ) -> Result<Settle, WorkerError> {
+        let _inflight = InflightGuard::new();
+        self.process(delivery, &publish).await
+    }
+
+    fn interrupt(&self) -> Option<&Notify> {
+        Some(self.auth.notify())
+    }
+
+    async fn resume(&self, shutdown: &mut Shutdown) -> bool {
+        self.auth
+            .pause(&self.caller.client, &self.health, shutdown)
+            .await
+    }
+}
+
+async fn prune_loop(store: Store, audit_retention: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tick.tick().await;
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.prune(audit_retention)).await {
+            Ok(Ok((records, entries))) if records + entries > 0 => {
+                tracing::info!(
+                    records,
+                    audit_entries = entries,
+                    "pruned expired idempotency records and audit entries"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "pruning the store failed"),
+            Err(e) => tracing::error!(error = %e, "pruning task failed"),
+        }
+    }
+}

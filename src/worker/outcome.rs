@@ -1,0 +1,402 @@
+//! Stage 4, finish: every way a delivery can end is one [`Outcome`], and [`Recorder::finish`]
+//! is the single path that turns it into effects, always in the same order:
+//!
+//! 1. the idempotency record and the audit entry are written to sled;
+//! 2. the store is made durable (group commit);
+//! 3. the result event is published with confirm;
+//! 4. the delivery is routed: dead-lettered, sent to a delayed-retry queue, or nothing;
+//! 5. the outcome is logged and counted (`internal_events`), once;
+//! 6. the verdict goes back to the consume loop, which acks or requeues.
+//!
+//! A crash between any two steps loses nothing: the delivery is unacked until step 6.
+
+use super::intake::Job;
+use crate::amqp::consumer::Settle;
+use crate::amqp::{self, header, header_i64, int, text, topology, AmqpError, DeadLetters, Failure};
+use crate::config::Settings;
+use crate::event::{EventError, EventKind, Reason, ResultEvent};
+use crate::genesys::{GenesysError, SessionCreated};
+use crate::internal_events;
+use crate::request::{ValidRequest, ValidationError};
+use crate::store::{now_ms, AuditEntry, IdemRecord, IdemState, Store, StoreError};
+use lapin::Channel;
+use std::sync::Arc;
+
+/// How one delivery ended.
+pub enum Outcome {
+    /// Genesys created the session.
+    Started(SessionCreated),
+    /// The key was finished before: re-publish its stored event, no API call.
+    Replayed(IdemRecord),
+    /// The body did not validate.
+    Invalid(ValidationError),
+    /// The key was used before with another body.
+    Conflict(IdemRecord),
+    /// Genesys refused the request for good.
+    Rejected(GenesysError),
+    /// Retryable failures used up the in-process attempts: a delayed retry, or dead-lettered
+    /// once the delayed retries are used up too.
+    Retryable(GenesysError),
+    /// Genesys refused the credentials: requeue; the consume loop pauses.
+    AuthRefused(GenesysError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FinishError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+}
+
+/// Writes outcomes: owns the store, the results exchange and the dead-letter target.
+pub struct Recorder {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub worker_id: String,
+    pub dead_letters: DeadLetters,
+}
+
+/// Where a finished delivery goes after its outcome is recorded.
+enum Route {
+    Ack,
+    Requeue,
+    DeadLetter {
+        reason: Reason,
+        detail: String,
+        status: Option<u16>,
+        /// `x-attempts` on the dead letter: API attempts made (0 when none could be).
+        attempts: u32,
+    },
+    DelayedRetry {
+        queue: String,
+        delayed: usize,
+        error: String,
+    },
+}
+
+/// What finishing one outcome writes and sends.
+struct Plan {
+    /// The idempotency record's new state (with the event), if it changes.
+    record: Option<IdemState>,
+    /// Keep the attempts made so far on the existing record.
+    keep_attempts: bool,
+    audit: Option<AuditEntry>,
+    event: Option<ResultEvent>,
+    route: Route,
+}
+
+impl Recorder {
+    /// Record, publish and route one outcome; the verdict settles the delivery.
+    pub async fn finish(
+        &self,
+        job: &Job,
+        valid: Option<&ValidRequest>,
+        outcome: Outcome,
+        ch: &Channel,
+    ) -> Result<Settle, FinishError> {
+        let span = tracing::Span::current();
+        if let Outcome::Started(created) = &outcome {
+            span.record("conversation_id", created.conversation_id.as_str());
+            if let Some(c) = &created.correlation_id {
+                span.record("correlation_id", c.as_str());
+            }
+        }
+        if let Some(c) = error_of(&outcome).and_then(GenesysError::correlation_id) {
+            span.record("correlation_id", c);
+        }
+        let plan = self.plan(job, &outcome);
+
+        // 1. Record.
+        if let (Some(state), Some(valid)) = (plan.record, valid) {
+            let now = now_ms();
+            let conversation_id = match &outcome {
+                Outcome::Started(c) => Some(c.conversation_id.clone()),
+                _ => None,
+            };
+            self.store.put(
+                &job.key,
+                &IdemRecord {
+                    state,
+                    fingerprint: valid.fingerprint.clone(),
+                    attempts: job.attempts,
+                    conversation_id,
+                    event: plan.event.clone(),
+                    worker_id: self.worker_id.clone(),
+                    created_at_ms: now,
+                    updated_at_ms: now,
+                },
+            )?;
+        }
+        if let (true, Some(valid)) = (plan.keep_attempts, valid) {
+            self.store
+                .record_attempts(&job.key, &valid.fingerprint, job.attempts)?;
+        }
+        if let Some(entry) = &plan.audit {
+            self.store.append_audit(entry)?;
+            // 2. Durable before anything leaves the process.
+            self.store.durable().await?;
+        }
+        // 3. Publish the result event.
+        if let Some(event) = &plan.event {
+            self.publish_event(ch, event).await?;
+        }
+        // 4. Route, 5. tell.
+        let settle = match plan.route {
+            Route::Ack => {
+                match &outcome {
+                    Outcome::Started(created) => internal_events::session_started(
+                        job.attempts,
+                        plan.event.as_ref().map_or(0.0, |e| e.latency_ms),
+                        created.rate_limit.allowed,
+                        created.rate_limit.count,
+                    ),
+                    _ => internal_events::session_replayed(
+                        plan.event
+                            .as_ref()
+                            .and_then(|e| e.conversation_id.as_deref()),
+                    ),
+                }
+                Settle::Ack
+            }
+            Route::Requeue => {
+                if let Some(e) = error_of(&outcome) {
+                    internal_events::auth_refused(&e.to_string());
+                }
+                Settle::Requeue
+            }
+            Route::DeadLetter {
+                reason,
+                detail,
+                status,
+                attempts,
+            } => {
+                let failure = Failure {
+                    reason,
+                    detail: &detail,
+                    status,
+                    attempts,
+                };
+                self.dead_letters.send(ch, &job.delivery, &failure).await?;
+                internal_events::session_dead_lettered(reason, attempts, &detail);
+                Settle::Ack
+            }
+            Route::DelayedRetry {
+                queue,
+                delayed,
+                error,
+            } => {
+                let properties = amqp::with_headers(
+                    &job.delivery.properties,
+                    vec![
+                        (header::ATTEMPTS, int(i64::from(job.attempts))),
+                        (header::DELAYED_RETRIES, int(delayed as i64 + 1)),
+                        (header::LAST_ERROR, text(crate::text::truncate(&error))),
+                    ],
+                );
+                amqp::publish_routed(ch, "", &queue, &job.delivery.data, properties).await?;
+                internal_events::session_retry_scheduled(job.attempts, &queue, &error);
+                Settle::Ack
+            }
+        };
+        Ok(settle)
+    }
+
+    /// Decide what an outcome writes and where the delivery goes. No effects.
+    fn plan(&self, job: &Job, outcome: &Outcome) -> Plan {
+        let audit = |outcome: &str| self.audit_entry(job, outcome);
+        let event = |kind: EventKind| {
+            let mut e = ResultEvent::new(kind, &job.key, &job.visitor_id, &job.queue_id);
+            e.latency_ms = job.latency_ms();
+            e.attempts = job.attempts;
+            e
+        };
+        match outcome {
+            Outcome::Started(created) => {
+                let mut ev = event(EventKind::SessionStarted);
+                ev.conversation_id = Some(created.conversation_id.clone());
+                let mut entry = audit("started");
+                entry.http_status = Some(created.status);
+                entry.conversation_id = Some(created.conversation_id.clone());
+                entry.correlation_id = created.correlation_id.clone();
+                entry.latency_ms = Some(super::intake::round_ms(
+                    created.latency.as_secs_f64() * 1000.0,
+                ));
+                entry.attempts = Some(job.attempts);
+                Plan {
+                    record: Some(IdemState::Completed),
+                    keep_attempts: false,
+                    audit: Some(entry),
+                    event: Some(ev),
+                    route: Route::Ack,
+                }
+            }
+            Outcome::Replayed(rec) => {
+                let ev = rec.event.clone().unwrap_or_else(|| {
+                    let mut e = ResultEvent::new(
+                        EventKind::SessionStarted,
+                        &job.key,
+                        &job.visitor_id,
+                        &job.queue_id,
+                    );
+                    e.conversation_id = rec.conversation_id.clone();
+                    e.attempts = rec.attempts;
+                    e
+                });
+                let mut entry = audit("duplicate");
+                entry.conversation_id = ev.conversation_id.clone();
+                entry.attempts = Some(rec.attempts);
+                Plan {
+                    record: None,
+                    keep_attempts: false,
+                    audit: Some(entry),
+                    event: Some(ev),
+                    route: Route::Ack,
+                }
+            }
+            Outcome::Invalid(err) => {
+                self.rejection(job, Reason::InvalidRequest, err.to_string(), Some(0))
+            }
+            Outcome::Conflict(existing) => {
+                let detail = format!(
+                    "idempotency key {:?} was already used with a different body (state {:?}); use a new key for a new request",
+                    job.key, existing.state
+                );
+                self.rejection(job, Reason::IdempotencyConflict, detail, None)
+            }
+            Outcome::Rejected(err) => self.failure(job, Reason::PermanentApiError, err),
+            Outcome::Retryable(err) => {
+                let delayed = header_i64(&job.delivery.properties, header::DELAYED_RETRIES)
+                    .unwrap_or(0)
+                    .max(0) as usize;
+                let Some(delay) = self.settings.amqp.retry_delays.get(delayed) else {
+                    return self.failure(job, Reason::RetriesExhausted, err);
+                };
+                let mut entry = audit("retry_scheduled");
+                entry.http_status = err.status();
+                entry.attempts = Some(job.attempts);
+                entry.detail = Some(format!(
+                    "{err}; retrying in {}",
+                    crate::config::format_duration(*delay)
+                ));
+                Plan {
+                    record: None,
+                    keep_attempts: true,
+                    audit: Some(entry),
+                    event: None,
+                    route: Route::DelayedRetry {
+                        queue: topology::retry_queue_name(&self.settings.amqp, *delay),
+                        delayed,
+                        error: err.to_string(),
+                    },
+                }
+            }
+            Outcome::AuthRefused(_) => Plan {
+                record: None,
+                keep_attempts: true,
+                audit: None,
+                event: None,
+                route: Route::Requeue,
+            },
+        }
+    }
+
+    /// A request refused before any API call: a `session.rejected` event and a dead letter.
+    fn rejection(&self, job: &Job, reason: Reason, detail: String, attempts: Option<u32>) -> Plan {
+        let ev = error_event(job, EventKind::SessionRejected, reason, None, &detail);
+        let mut entry = self.audit_entry(job, reason.as_str());
+        entry.detail = Some(detail.clone());
+        entry.attempts = attempts;
+        Plan {
+            record: None,
+            keep_attempts: false,
+            audit: Some(entry),
+            event: Some(ev),
+            route: Route::DeadLetter {
+                reason,
+                detail,
+                status: None,
+                attempts: 0,
+            },
+        }
+    }
+
+    /// A request Genesys failed: the key is `failed`, a `session.failed` event, a dead letter.
+    fn failure(&self, job: &Job, reason: Reason, err: &GenesysError) -> Plan {
+        let detail = err.to_string();
+        let mut ev = error_event(job, EventKind::SessionFailed, reason, err.status(), &detail);
+        ev.latency_ms = job.latency_ms();
+        ev.attempts = job.attempts;
+        let mut entry = self.audit_entry(job, reason.as_str());
+        entry.http_status = err.status();
+        entry.correlation_id = err.correlation_id().map(str::to_string);
+        entry.attempts = Some(job.attempts);
+        entry.latency_ms = Some(ev.latency_ms);
+        entry.detail = Some(detail.clone());
+        Plan {
+            record: Some(IdemState::Failed),
+            keep_attempts: false,
+            audit: Some(entry),
+            event: Some(ev),
+            route: Route::DeadLetter {
+                reason,
+                detail,
+                status: err.status(),
+                attempts: job.attempts,
+            },
+        }
+    }
+
+    fn audit_entry(&self, job: &Job, outcome: &str) -> AuditEntry {
+        AuditEntry {
+            timestamp: crate::event::now_rfc3339(),
+            event_type: "session_init".into(),
+            idempotency_key: Some(job.key.clone()),
+            visitor_id: Some(job.visitor_id.clone()).filter(|v| !v.is_empty()),
+            queue_id: Some(job.queue_id.clone()).filter(|v| !v.is_empty()),
+            bot_score: job.bot_score,
+            outcome: outcome.into(),
+            worker_id: self.worker_id.clone(),
+            ..Default::default()
+        }
+    }
+
+    async fn publish_event(&self, ch: &Channel, event: &ResultEvent) -> Result<(), AmqpError> {
+        let props = amqp::json_properties()
+            .with_message_id(event.event_id.as_str().into())
+            .with_timestamp(now_ms() / 1000)
+            .with_type(event.event.as_str().into());
+        amqp::publish_confirmed(
+            ch,
+            &self.settings.amqp.results_exchange,
+            event.event.routing_key(),
+            &event.to_json(),
+            props,
+        )
+        .await
+    }
+}
+
+/// A `session.rejected` or `session.failed` event carrying its reason.
+fn error_event(
+    job: &Job,
+    kind: EventKind,
+    reason: Reason,
+    status: Option<u16>,
+    detail: &str,
+) -> ResultEvent {
+    let mut ev = ResultEvent::new(kind, &job.key, &job.visitor_id, &job.queue_id);
+    ev.error = Some(EventError {
+        reason: reason.as_str().into(),
+        status,
+        message: detail.to_string(),
+    });
+    ev
+}
+
+fn error_of(outcome: &Outcome) -> Option<&GenesysError> {
+    match outcome {
+        Outcome::Rejected(e) | Outcome::Retryable(e) | Outcome::AuthRefused(e) => Some(e),
+        _ => None,
+    }
+}

@@ -139,3 +139,15 @@ pub fn webhook_dead_lettered(reason: Reason, attempts: u32, detail: &str) {
     metrics().webhook("dead_lettered");
     metrics().dead_letter(reason.as_str());
 }
+
+/// The broker could not be reached; the next attempt is in `retry_in`.
+pub fn broker_unavailable(error: &dyn std::fmt::Display, retry_in: Duration) {
+    tracing::warn!(error = %error, retry_in_ms = retry_in.as_millis() as u64, "broker unavailable");
+    metrics().broker_reconnect("unavailable");
+}
+
+/// A broker connection or its setup went away; the shell reconnects.
+pub fn broker_lost(why: &dyn std::fmt::Display) {
+    tracing::warn!(reason = %why, "broker connection lost; reconnecting");
+    metrics().broker_reconnect("lost");
+}

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub store_flush_waiters: Histogram,
     /// Deliveries requeued because they could not be finished, by pipeline (or `panic`).
     pub delivery_errors: Family<KindLabel, Counter>,
+    /// Broker connection trouble seen by the consume shell, by kind (unavailable, lost).
+    pub broker_reconnects: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -68,6 +70,7 @@ impl Metrics {
             store_flushes: Counter::default(),
             store_flush_waiters: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             delivery_errors: Family::default(),
+            broker_reconnects: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -140,6 +143,11 @@ impl Metrics {
             "Deliveries requeued because they could not be finished (broker or store trouble, or a panic), by pipeline",
             m.delivery_errors.clone(),
         );
+        registry.register(
+            "broker_reconnects",
+            "Broker connections that failed or were lost, by kind (unavailable, lost)",
+            m.broker_reconnects.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -169,6 +177,14 @@ impl Metrics {
 
     pub fn delivery_error(&self, kind: &str) {
         self.delivery_errors
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn broker_reconnect(&self, kind: &str) {
+        self.broker_reconnects
             .get_or_create(&KindLabel {
                 kind: kind.to_string(),
             })

@@ -83,7 +83,7 @@ pub async fn run<P: Pipeline>(
             Err(e) => {
                 let delay = reconnect_delay(attempt, settings.reconnect_max_delay);
                 attempt = attempt.saturating_add(1);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker unavailable");
+                internal_events::broker_unavailable(&e, delay);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => continue,
                     _ = shutdown.requested() => break Ok(()),
@@ -134,7 +134,7 @@ async fn connected<P: Pipeline>(
         Ok(ch) => ch,
         Err(e) if e.is_fatal() => return Err(e),
         Err(e) => {
-            tracing::warn!(error = %e, "broker setup failed; reconnecting");
+            internal_events::broker_lost(&format!("broker setup failed: {e}"));
             return Ok(Next::Reconnect);
         }
     };
@@ -170,11 +170,11 @@ async fn connected<P: Pipeline>(
                 return Ok(Next::Stop);
             }
             Ok(ConsumeEnd::Lost(why)) => {
-                tracing::warn!(reason = %why, "broker connection lost; reconnecting");
+                internal_events::broker_lost(&why);
                 return Ok(Next::Reconnect);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "consuming failed; reconnecting");
+                internal_events::broker_lost(&format!("consuming failed: {e}"));
                 return Ok(Next::Reconnect);
             }
             Ok(ConsumeEnd::Interrupted) => {

@@ -20,6 +20,8 @@ use crate::health::Health;
 use crate::shutdown::Shutdown;
 use crate::sim::{self, AuthMode, Faults, SimOptions};
 use crate::store::Store;
+use crate::webhook::Forwarder;
+use crate::worker::Worker;
 use anyhow::Context;
 use args::TopologyAction;
 use clap::Parser;
@@ -206,21 +208,28 @@ async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
             async move { rx.requested().await },
         ))
     };
-    match role {
-        Role::Worker => crate::worker::run(settings, store, health, shutdown).await?,
-        Role::Forwarder => crate::webhook::run(settings, store, health, shutdown).await?,
-        Role::All => {
-            let forwarder = tokio::spawn(crate::webhook::run(
-                settings.clone(),
-                store.clone(),
-                health.clone(),
-                shutdown.clone(),
-            ));
-            let worker = crate::worker::run(settings, store, health, shutdown).await;
-            let forwarded = forwarder.await.context("webhook forwarder task failed")?;
-            worker?;
-            forwarded?;
+    let forwarder = match role {
+        Role::Worker => None,
+        _ if !crate::webhook::enabled(&settings) => {
+            tracing::info!("webhook.url is empty: the webhook forwarder is disabled; result events stay in the webhook queue");
+            None
         }
+        _ => Some(Arc::new(Forwarder::new(
+            settings.clone(),
+            store.clone(),
+            health.clone(),
+        )?)),
+    };
+    let worker = match role {
+        Role::Forwarder => None,
+        _ => Some(Arc::new(Worker::new(settings, store, health)?)),
+    };
+    let forwarding = forwarder.map(|f| tokio::spawn(f.run(shutdown.clone())));
+    if let Some(worker) = worker {
+        worker.run(shutdown).await?;
+    }
+    if let Some(task) = forwarding {
+        task.await.context("webhook forwarder task failed")??;
     }
     http.abort();
     Ok(())

@@ -5,6 +5,12 @@
 //! missing or due wait on a single refresh. A 401 refreshes the token once and retries;
 //! a second 401 (or a 403) is an [`GenesysError::Auth`]. The API itself is chosen by
 //! [`Backend`]; the simulator and the real cloud differ only in base URLs.
+//!
+//! - [`backend`]: the two session APIs (conversations, Open Messaging);
+//! - [`error`]: every answer classified once into retry, permanent or auth.
+//!
+//! The client knows nothing of the broker, the store or the pipelines; it uses `config`,
+//! `request` and the helpers.
 
 pub mod backend;
 pub mod error;

@@ -6,6 +6,12 @@
 //! delayed-retry queues (so an outage holds no consumer slot), honouring `Retry-After`, up to
 //! `webhook.max_attempts`; other 4xx and exhausted retries are dead-lettered to
 //! `session.results.webhook.dlq` with the failure headers. Every outcome is an audit entry.
+//!
+//! - this file: the [`Forwarder`] pipeline (runs in [`crate::amqp::shell`]);
+//! - [`signature`]: Standard Webhooks signing and verification.
+//!
+//! The forwarder may use the infrastructure; it knows nothing of the session worker, the
+//! operator tools or the command line.
 
 pub mod signature;
 
@@ -83,19 +89,9 @@ pub struct Forwarder {
     dead_letters: DeadLetters,
 }
 
-/// Run the forwarder until shutdown. With `webhook.url` empty it says so once and returns.
-pub async fn run(
-    settings: Arc<Settings>,
-    store: Store,
-    health: Arc<Health>,
-    shutdown: impl Into<Shutdown>,
-) -> Result<(), ForwarderError> {
-    if settings.webhook.url.trim().is_empty() {
-        tracing::info!("webhook.url is empty: the webhook forwarder is disabled; result events stay in the webhook queue");
-        return Ok(());
-    }
-    let f = Arc::new(Forwarder::new(settings, store, health)?);
-    f.run(shutdown.into()).await
+/// Whether the forwarder has anywhere to deliver (`webhook.url` is set).
+pub fn enabled(settings: &Settings) -> bool {
+    !settings.webhook.url.trim().is_empty()
 }
 
 impl Forwarder {
@@ -133,7 +129,8 @@ impl Forwarder {
         })
     }
 
-    pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), ForwarderError> {
+    /// Run the forwarder until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: impl Into<Shutdown>) -> Result<(), ForwarderError> {
         tracing::info!(url = %crate::secret::redact_url(&self.settings.webhook.url), signed = self.key.is_some(), "webhook forwarder starting");
         let w = &self.settings.webhook;
         let opts = ShellOptions {
@@ -149,7 +146,7 @@ impl Forwarder {
             &opts,
             self.clone(),
             &self.health,
-            shutdown,
+            shutdown.into(),
         )
         .await?;
         tracing::info!("webhook forwarder stopped");

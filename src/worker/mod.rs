@@ -77,17 +77,6 @@ pub struct Worker {
     auth: AuthGate,
 }
 
-/// Run the session workers until `shutdown`.
-pub async fn run(
-    settings: Arc<Settings>,
-    store: Store,
-    health: Arc<Health>,
-    shutdown: impl Into<Shutdown>,
-) -> Result<(), WorkerError> {
-    let worker = Arc::new(Worker::new(settings, store, health)?);
-    worker.run(shutdown.into()).await
-}
-
 impl Worker {
     pub fn new(
         settings: Arc<Settings>,
@@ -129,7 +118,8 @@ impl Worker {
         })
     }
 
-    pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), WorkerError> {
+    /// Run the session workers until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: impl Into<Shutdown>) -> Result<(), WorkerError> {
         let s = &self.settings;
         tracing::info!(
             worker_id = %self.worker_id,
@@ -148,7 +138,7 @@ impl Worker {
             concurrency: s.worker.concurrency,
             grace: s.worker.shutdown_grace,
         };
-        let result = shell::run(&s.amqp, &opts, self.clone(), &self.health, shutdown).await;
+        let result = shell::run(&s.amqp, &opts, self.clone(), &self.health, shutdown.into()).await;
         pruner.abort();
         let _ = pruner.await;
         self.store.flush_now()?;

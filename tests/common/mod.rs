@@ -204,12 +204,8 @@ impl TestEnv {
         let (tx, rx) = watch::channel(false);
         let health = Arc::new(Health::default());
         let settings = Arc::new(self.settings.clone());
-        let task = tokio::spawn(session_worker::worker::run(
-            settings,
-            store,
-            health.clone(),
-            rx,
-        ));
+        let worker = session_worker::worker::Worker::new(settings, store, health.clone());
+        let task = tokio::spawn(async move { Arc::new(worker?).run(rx).await });
         Running {
             stop: tx,
             task,
@@ -225,12 +221,8 @@ impl TestEnv {
         let (tx, rx) = watch::channel(false);
         let health = Arc::new(Health::default());
         let settings = Arc::new(self.settings.clone());
-        let task = tokio::spawn(session_worker::webhook::run(
-            settings,
-            store,
-            health.clone(),
-            rx,
-        ));
+        let forwarder = session_worker::webhook::Forwarder::new(settings, store, health.clone());
+        let task = tokio::spawn(async move { Arc::new(forwarder?).run(rx).await });
         Running {
             stop: tx,
             task,

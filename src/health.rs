@@ -7,6 +7,10 @@ pub struct Health {
     broker_connected: AtomicBool,
     store_open: AtomicBool,
     auth_paused: AtomicBool,
+    /// Set once the fleet ledger reader has caught up; cleared while it is disconnected.
+    ledger_ready: AtomicBool,
+    /// Whether this process runs a ledger reader at all (the forwarder alone does not).
+    ledger_used: AtomicBool,
 }
 
 impl Health {
@@ -18,6 +22,10 @@ impl Health {
     }
     pub fn set_auth_paused(&self, v: bool) {
         self.auth_paused.store(v, Ordering::Relaxed);
+    }
+    pub fn set_ledger_ready(&self, v: bool) {
+        self.ledger_used.store(true, Ordering::Relaxed);
+        self.ledger_ready.store(v, Ordering::Relaxed);
     }
     pub fn auth_paused(&self) -> bool {
         self.auth_paused.load(Ordering::Relaxed)
@@ -31,6 +39,9 @@ impl Health {
         }
         if !self.store_open.load(Ordering::Relaxed) {
             reasons.push("store not open");
+        }
+        if self.ledger_used.load(Ordering::Relaxed) && !self.ledger_ready.load(Ordering::Relaxed) {
+            reasons.push("fleet ledger not caught up (catching up after start, or the ledger stream is unreachable)");
         }
         if self.auth_paused() {
             reasons.push("paused: Genesys Cloud refused the credentials (see logs for the fix)");

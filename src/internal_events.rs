@@ -151,3 +151,35 @@ pub fn broker_lost(why: &dyn std::fmt::Display) {
     tracing::warn!(reason = %why, "broker connection lost; reconnecting");
     metrics().broker_reconnect("lost");
 }
+
+/// A ledger record this program did not write or cannot parse: skipped.
+pub fn ledger_record_skipped(offset: Option<i64>, bytes: usize) {
+    tracing::warn!(
+        offset,
+        bytes,
+        "skipped a fleet ledger record this version cannot read"
+    );
+    metrics().ledger_skipped.inc();
+}
+
+/// Applying a ledger record to the store failed; the reader tries again after a pause.
+pub fn ledger_apply_failed(error: &dyn std::fmt::Display) {
+    tracing::error!(error = %error, "could not apply a fleet ledger record to the store; retrying");
+    metrics().delivery_error("ledger");
+}
+
+/// A copy of a key held by another pod was parked until that pod's outcome.
+pub fn session_parked(holder: &str, queue: &str) {
+    tracing::info!(
+        holder,
+        park_queue = queue,
+        "key in progress on another pod; parked without a call"
+    );
+    metrics().outcome("parked");
+}
+
+/// Shutdown came before the call was sent: the claim is released, the delivery requeued.
+pub fn session_abandoned() {
+    tracing::info!("shutdown before the call was sent: claim released, delivery requeued");
+    metrics().outcome("requeued_shutdown");
+}

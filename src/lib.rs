@@ -16,6 +16,9 @@
 //! - [`worker`]: a session request through intake → claim → call → finish.
 //! - [`webhook`]: the forwarder delivering result events to the analytics endpoint, signed.
 //!
+//! **Fleet**
+//! - [`fleet`]: the ledger stream every pod appends claims and outcomes to and applies in order.
+//!
 //! **Infrastructure**
 //! - [`amqp`]: broker connection, topology, the consume loop and the shell pipelines run in.
 //! - [`store`]: sled: idempotency records, the audit trail, group-committed flushes.
@@ -39,6 +42,8 @@ pub mod sim;
 
 pub mod webhook;
 pub mod worker;
+
+pub mod fleet;
 
 pub mod amqp;
 pub mod config;

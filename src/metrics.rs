@@ -50,6 +50,9 @@ pub struct Metrics {
     pub delivery_errors: Family<KindLabel, Counter>,
     /// Broker connection trouble seen by the consume shell, by kind (unavailable, lost).
     pub broker_reconnects: Family<KindLabel, Counter>,
+    /// Fleet ledger records applied, and skipped as unreadable.
+    pub ledger_applied: Counter,
+    pub ledger_skipped: Counter,
 }
 
 impl Metrics {
@@ -71,6 +74,8 @@ impl Metrics {
             store_flush_waiters: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             delivery_errors: Family::default(),
             broker_reconnects: Family::default(),
+            ledger_applied: Counter::default(),
+            ledger_skipped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -147,6 +152,16 @@ impl Metrics {
             "broker_reconnects",
             "Broker connections that failed or were lost, by kind (unavailable, lost)",
             m.broker_reconnects.clone(),
+        );
+        registry.register(
+            "ledger_records_applied",
+            "Fleet ledger records applied to this pod's store",
+            m.ledger_applied.clone(),
+        );
+        registry.register(
+            "ledger_records_skipped",
+            "Fleet ledger records skipped because this version cannot read them",
+            m.ledger_skipped.clone(),
         );
         Metrics { registry, ..m }
     }

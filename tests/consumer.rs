@@ -41,6 +41,7 @@ async fn run_consumer(
         prefetch,
         concurrency,
         grace: Duration::from_secs(5),
+        arguments: Default::default(),
     };
     let end = consumer::consume(&env.conn, opts, &mut stop_rx, None, move |delivery| {
         let seen = seen.clone();
@@ -147,6 +148,7 @@ async fn deliveries_behind_a_slow_one_are_acked_without_waiting_for_it() {
         prefetch: 8,
         concurrency: 4,
         grace: Duration::from_secs(10),
+        arguments: Default::default(),
     };
     let consume = consumer::consume(&env.conn, opts, &mut stop_rx, None, move |delivery| {
         let d = d.clone();

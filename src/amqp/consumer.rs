@@ -51,6 +51,8 @@ pub struct ConsumeOptions<'a> {
     pub concurrency: usize,
     /// How long in-flight work may take after shutdown or connection loss.
     pub grace: Duration,
+    /// `basic.consume` arguments (a stream's `x-stream-offset`, ...).
+    pub arguments: FieldTable,
 }
 
 /// Consume `opts.queue` on a new channel of `conn`, running `handle` for each delivery and
@@ -78,7 +80,7 @@ where
             opts.queue.into(),
             opts.consumer_tag.as_str().into(),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            opts.arguments.clone(),
         )
         .await
         .map_err(|e| AmqpError::op(format!("basic.consume on {}", opts.queue), e))?;

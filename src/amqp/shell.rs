@@ -10,6 +10,7 @@ use crate::health::Health;
 use crate::internal_events;
 use crate::shutdown::Shutdown;
 use lapin::message::Delivery;
+use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use std::future::Future;
 use std::sync::Arc;
@@ -36,6 +37,23 @@ pub trait Pipeline: Send + Sync + 'static {
         delivery: Delivery,
         publish: Channel,
     ) -> impl Future<Output = Result<Settle, Self::Error>> + Send;
+
+    /// `basic.consume` arguments, asked for at every (re)connect.
+    fn arguments(&self) -> FieldTable {
+        FieldTable::default()
+    }
+
+    /// Called once per connection, after the topology is declared and before consuming.
+    fn connected(
+        &self,
+        _conn: &Connection,
+        _publish: &Channel,
+    ) -> impl Future<Output = Result<(), AmqpError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Called when a connection ends, for whatever reason.
+    fn disconnected(&self) {}
 
     /// A notification that stops consuming (in-flight work finishes, prefetched deliveries go
     /// back to the queue) until [`Pipeline::resume`] returns.
@@ -93,6 +111,7 @@ pub async fn run<P: Pipeline>(
         attempt = 1;
         let session = connected(settings, opts, &pipeline, health, &conn, &mut shutdown).await;
         health.set_broker_connected(false);
+        pipeline.disconnected();
         match session {
             Ok(Next::Stop) => {
                 let _ = conn.close(200, "shutdown".into()).await;
@@ -138,6 +157,13 @@ async fn connected<P: Pipeline>(
             return Ok(Next::Reconnect);
         }
     };
+    if let Err(e) = pipeline.connected(conn, &publish_ch).await {
+        if e.is_fatal() {
+            return Err(e);
+        }
+        internal_events::broker_lost(&format!("broker setup failed: {e}"));
+        return Ok(Next::Reconnect);
+    }
     health.set_broker_connected(true);
     loop {
         let consume = ConsumeOptions {
@@ -146,6 +172,7 @@ async fn connected<P: Pipeline>(
             prefetch: opts.prefetch,
             concurrency: opts.concurrency,
             grace: opts.grace,
+            arguments: pipeline.arguments(),
         };
         let end = consumer::consume(conn, consume, shutdown, pipeline.interrupt(), |delivery| {
             let span = pipeline.span(&delivery);

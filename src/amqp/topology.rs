@@ -170,9 +170,53 @@ fn retry_args(s: &AmqpSettings, delay: Duration, exchange: &str, routing_key: &s
     table(args)
 }
 
-/// Every queue [`declare`] creates (for tests and teardown).
+/// Declare the fleet ledger stream (`amqp.ledger_stream`), keeping records for `max_age`
+/// (`store.idempotency_ttl`). A stream that exists with another retention is kept as it is, so
+/// a changed TTL never stops the pods.
+pub async fn declare_ledger(
+    conn: &lapin::Connection,
+    s: &AmqpSettings,
+    max_age: Duration,
+) -> Result<(), AmqpError> {
+    let args = table(vec![
+        ("x-queue-type", text("stream")),
+        ("x-max-age", text(format!("{}s", max_age.as_secs().max(1)))),
+    ]);
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::op("channel.open", e))?;
+    if let Err(e) = queue(&ch, &s.ledger_stream, args).await {
+        // Declared before with another retention: keep the stream as it is.
+        let probe = conn
+            .create_channel()
+            .await
+            .map_err(|e| AmqpError::op("channel.open", e))?;
+        let found = probe
+            .queue_declare(
+                s.ledger_stream.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if found.is_err() {
+            return Err(e);
+        }
+        tracing::info!(stream = %s.ledger_stream, "the ledger stream exists with other arguments; keeping them");
+        let _ = probe.close(200, "found".into()).await;
+        return Ok(());
+    }
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Every queue [`declare`] and [`declare_ledger`] create (for tests and teardown).
 pub fn queue_names(s: &AmqpSettings) -> Vec<String> {
     let mut names = vec![
+        s.ledger_stream.clone(),
         s.inbound_queue.clone(),
         s.webhook_queue.clone(),
         s.dead_letter_queue.clone(),

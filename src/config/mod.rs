@@ -81,6 +81,7 @@ pub struct AmqpSettings {
     pub connect_timeout: Duration,
     #[serde(with = "duration")]
     pub reconnect_max_delay: Duration,
+    pub ledger_stream: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -95,6 +96,8 @@ pub struct WorkerSettings {
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
     pub id: String,
+    #[serde(with = "duration")]
+    pub claim_lease: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -273,6 +276,7 @@ impl Settings {
                 "amqp.webhook_dead_letter_queue",
                 &a.webhook_dead_letter_queue,
             ),
+            ("amqp.ledger_stream", &a.ledger_stream),
         ] {
             need(
                 !value.trim().is_empty(),
@@ -292,6 +296,10 @@ impl Settings {
         need(
             w.concurrency > 0,
             "worker.concurrency: must be at least 1".into(),
+        );
+        need(
+            w.claim_lease >= std::time::Duration::from_secs(1),
+            "worker.claim_lease: must be at least 1s (it bounds how long other pods wait for a pod that died mid-call)".into(),
         );
         need(
             w.max_attempts > 0,

@@ -10,13 +10,16 @@
 //!
 //! - [`idempotency`]: the per-key records and the claim rule.
 //! - [`audit`]: the append-only audit trail and its queries.
+//! - [`fleet`]: this pod's view of the fleet ledger: live claims and the last offset applied.
 //!
 //! The store knows nothing of the broker, the Genesys client or the pipelines that use it.
 
 pub mod audit;
+pub mod fleet;
 pub mod idempotency;
 
 pub use audit::{AuditEntry, AuditQuery};
+pub use fleet::FleetClaim;
 pub use idempotency::{Claim, IdemRecord, IdemState};
 
 use std::path::{Path, PathBuf};
@@ -55,6 +58,8 @@ pub struct Store {
     db: sled::Db,
     idem: sled::Tree,
     audit: sled::Tree,
+    claims: sled::Tree,
+    meta: sled::Tree,
     idempotency_ttl: Duration,
     flush_tx: Option<mpsc::UnboundedSender<FlushWaiter>>,
     /// Group commits made by this store's flusher.
@@ -99,6 +104,8 @@ impl Store {
             })?;
         let idem = db.open_tree(IDEMPOTENCY_TREE)?;
         let audit = db.open_tree(AUDIT_TREE)?;
+        let claims = db.open_tree(fleet::CLAIMS_TREE)?;
+        let meta = db.open_tree(fleet::META_TREE)?;
         let flushes = Arc::new(AtomicU64::new(0));
         let flush_tx = tokio::runtime::Handle::try_current().ok().map(|handle| {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -109,6 +116,8 @@ impl Store {
             db,
             idem,
             audit,
+            claims,
+            meta,
             idempotency_ttl,
             flush_tx,
             flushes,

@@ -8,6 +8,7 @@ use crate::internal_events;
 use crate::limiter::Limiter;
 use crate::metrics::metrics;
 use crate::request::ValidRequest;
+use crate::shutdown::Shutdown;
 use std::time::{Duration, Instant};
 
 /// Everything a call needs: the client, the process-wide limiter and the retry policy.
@@ -20,14 +21,25 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Call until an answer decides the outcome or the in-process attempts are used up.
-    pub async fn call(&self, job: &mut Job, valid: &ValidRequest) -> Outcome {
+    /// Call until an answer decides the outcome or the in-process attempts are used up. If
+    /// shutdown comes while the first attempt still waits for the limiter, nothing was sent:
+    /// the outcome is [`Outcome::Abandoned`].
+    pub async fn call(&self, job: &mut Job, valid: &ValidRequest, shutdown: &Shutdown) -> Outcome {
         job.call_started = Some(Instant::now());
         let mut attempts_here = 0u32;
         loop {
             attempts_here += 1;
+            let waited = if attempts_here == 1 {
+                let mut stop = shutdown.clone();
+                tokio::select! {
+                    biased;
+                    _ = stop.requested() => return Outcome::Abandoned,
+                    waited = self.limiter.acquire() => waited,
+                }
+            } else {
+                self.limiter.acquire().await
+            };
             job.attempts = job.attempts.saturating_add(1);
-            let waited = self.limiter.acquire().await;
             metrics().limiter_wait(waited);
             if waited > Duration::from_millis(100) {
                 tracing::debug!(waited_ms = waited.as_millis() as u64, "rate limiter wait");

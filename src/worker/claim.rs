@@ -1,9 +1,14 @@
-//! Stage 2, claim: take the key in the idempotency store, or find it already finished or used
-//! with another body (SPEC §5). Runs under the key's lock.
+//! Stage 2, claim: take the key in this pod's store, then in the fleet ledger; or find it
+//! already finished, used with another body, or in progress on another pod (SPEC §5, §9).
+//! Runs under the key's lock.
 
 use super::intake::Job;
+use super::outcome::Outcome;
+use crate::fleet::apply::Decision;
+use crate::fleet::{Fleet, FleetError};
 use crate::request::ValidRequest;
 use crate::store::{Claim, Store, StoreError};
+use lapin::Channel;
 
 /// Take the key for this job. On `Proceed`, `job.attempts` covers every earlier attempt.
 pub fn claim(
@@ -17,4 +22,48 @@ pub fn claim(
         job.attempts = job.attempts.max(attempts);
     }
     Ok(claim)
+}
+
+/// What the claim stage decided.
+pub enum Claimed {
+    /// This delivery holds the key fleet-wide: call Genesys.
+    Call,
+    /// No call: the outcome is decided (a replay or a conflict), or another pod holds the key.
+    Decided(Box<Outcome>),
+}
+
+/// Take the key locally, then fleet-wide.
+pub async fn claim_key(
+    store: &Store,
+    fleet: &Fleet,
+    ch: &Channel,
+    job: &mut Job,
+    valid: &ValidRequest,
+    worker_id: &str,
+) -> Result<Claimed, ClaimError> {
+    match claim(store, job, valid, worker_id)? {
+        Claim::Completed(rec) => return Ok(Claimed::Decided(Box::new(Outcome::Replayed(rec)))),
+        Claim::Conflict(rec) => return Ok(Claimed::Decided(Box::new(Outcome::Conflict(rec)))),
+        Claim::Proceed { .. } => {}
+    }
+    let (held, decision) = fleet.claim(ch, &job.key, &valid.fingerprint).await?;
+    Ok(match decision {
+        Decision::Won => {
+            job.held = Some(held);
+            Claimed::Call
+        }
+        Decision::Done(rec) if rec.fingerprint != valid.fingerprint => {
+            Claimed::Decided(Box::new(Outcome::Conflict(*rec)))
+        }
+        Decision::Done(rec) => Claimed::Decided(Box::new(Outcome::Replayed(*rec))),
+        Decision::Busy(holder) => Claimed::Decided(Box::new(Outcome::Parked(holder))),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
 }

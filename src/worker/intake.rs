@@ -2,6 +2,7 @@
 //! stages (claim → call → finish), and its body is validated (SPEC §4).
 
 use crate::amqp::{header, header_i64};
+use crate::fleet::Held;
 use crate::request::{self, ValidRequest, ValidationError};
 use lapin::message::Delivery;
 use std::time::Instant;
@@ -19,6 +20,8 @@ pub struct Job {
     pub attempts: u32,
     /// When the first API attempt of this delivery began.
     pub call_started: Option<Instant>,
+    /// The fleet claim this delivery holds on its key, once it won one.
+    pub held: Option<Held>,
 }
 
 impl Job {
@@ -56,6 +59,7 @@ pub fn accept(delivery: Delivery) -> Intake {
                 bot_score: valid.request.bot_score,
                 attempts: header_attempts,
                 call_started: None,
+                held: None,
                 delivery,
             };
             Intake::Valid(job, valid)
@@ -78,6 +82,7 @@ pub fn accept(delivery: Delivery) -> Intake {
                 bot_score: None,
                 attempts: 0,
                 call_started: None,
+                held: None,
                 delivery,
             };
             Intake::Invalid(job, e)

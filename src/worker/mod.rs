@@ -29,20 +29,23 @@ use crate::amqp::consumer::Settle;
 use crate::amqp::shell::{self, Pipeline, ShellOptions};
 use crate::amqp::{AmqpError, DeadLetters};
 use crate::config::Settings;
+use crate::fleet::{Fleet, FleetError};
 use crate::genesys::{GenesysClient, GenesysError};
 use crate::health::Health;
 use crate::limiter::Limiter;
 use crate::metrics::InflightGuard;
+use crate::request::ValidRequest;
 use crate::shutdown::Shutdown;
-use crate::store::{Claim, Store, StoreError};
+use crate::store::{Store, StoreError};
 use auth::AuthGate;
 use call::Caller;
-use intake::Intake;
+use claim::{ClaimError, Claimed};
+use intake::{Intake, Job};
 use keylocks::KeyLocks;
 use lapin::message::Delivery;
 use lapin::Channel;
 use outcome::{FinishError, Outcome, Recorder};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::field::Empty;
@@ -53,6 +56,8 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
     #[error("cannot build the Genesys Cloud client: {0}")]
     Client(#[from] GenesysError),
 }
@@ -62,6 +67,16 @@ impl From<FinishError> for WorkerError {
         match e {
             FinishError::Store(e) => WorkerError::Store(e),
             FinishError::Amqp(e) => WorkerError::Amqp(e),
+            FinishError::Fleet(e) => WorkerError::Fleet(e),
+        }
+    }
+}
+
+impl From<ClaimError> for WorkerError {
+    fn from(e: ClaimError) -> Self {
+        match e {
+            ClaimError::Store(e) => WorkerError::Store(e),
+            ClaimError::Fleet(e) => WorkerError::Fleet(e),
         }
     }
 }
@@ -75,6 +90,9 @@ pub struct Worker {
     locks: KeyLocks,
     health: Arc<Health>,
     auth: AuthGate,
+    fleet: Arc<Fleet>,
+    /// Set by `run`; calls not yet sent when it fires are abandoned.
+    shutdown: OnceLock<Shutdown>,
 }
 
 impl Worker {
@@ -90,6 +108,7 @@ impl Worker {
         );
         health.set_store_open(true);
         let worker_id = settings.worker_id();
+        let fleet = Fleet::new(settings.clone(), store.clone(), health.clone());
         let w = &settings.worker;
         Ok(Self {
             caller: Caller {
@@ -108,7 +127,10 @@ impl Worker {
                     queue: settings.amqp.dead_letter_queue.clone(),
                     worker_id: worker_id.clone(),
                 },
+                fleet: fleet.clone(),
             },
+            fleet,
+            shutdown: OnceLock::new(),
             worker_id,
             store,
             locks: KeyLocks::default(),
@@ -129,7 +151,15 @@ impl Worker {
             requests_per_minute = s.rate_limit.requests_per_minute,
             "session worker starting"
         );
+        let mut shutdown: Shutdown = shutdown.into();
+        let _ = self.shutdown.set(shutdown.clone());
         let pruner = tokio::spawn(prune_loop(self.store.clone(), s.store.audit_retention));
+        // The ledger reader outlives the consumer, so in-flight work can still claim and
+        // record while the consumer drains.
+        let (stop_reader, reader_shutdown) = Shutdown::new();
+        let reader = tokio::spawn(self.fleet.clone().run_reader(reader_shutdown));
+        tracing::info!("catching up with the fleet ledger before taking deliveries");
+        let caught_up = self.fleet.caught_up(&mut shutdown).await;
         let opts = ShellOptions {
             name: format!("session-worker {}", self.worker_id),
             queue: s.amqp.inbound_queue.clone(),
@@ -138,12 +168,25 @@ impl Worker {
             concurrency: s.worker.concurrency,
             grace: s.worker.shutdown_grace,
         };
-        let result = shell::run(&s.amqp, &opts, self.clone(), &self.health, shutdown.into()).await;
+        let result = if caught_up {
+            shell::run(&s.amqp, &opts, self.clone(), &self.health, shutdown).await
+        } else {
+            Ok(())
+        };
+        stop_reader.fire();
+        let read = reader.await;
         pruner.abort();
         let _ = pruner.await;
         self.store.flush_now()?;
         tracing::info!("session worker stopped; store flushed");
-        Ok(result?)
+        result?;
+        match read {
+            Ok(r) => Ok(r?),
+            Err(e) => {
+                tracing::error!(error = %e, "the fleet ledger reader task failed");
+                Ok(())
+            }
+        }
     }
 
     /// The stages, in order: intake, claim, call, finish.
@@ -158,10 +201,18 @@ impl Worker {
         };
         tracing::Span::current().record("idempotency_key", job.key.as_str());
         let _guard = self.locks.lock(&job.key).await;
-        let outcome = match claim::claim(&self.store, &mut job, &valid, &self.worker_id)? {
-            Claim::Completed(rec) => Outcome::Replayed(rec),
-            Claim::Conflict(rec) => Outcome::Conflict(rec),
-            Claim::Proceed { .. } => self.caller.call(&mut job, &valid).await,
+        let claimed = claim::claim_key(
+            &self.store,
+            &self.fleet,
+            ch,
+            &mut job,
+            &valid,
+            &self.worker_id,
+        )
+        .await?;
+        let outcome = match claimed {
+            Claimed::Decided(outcome) => *outcome,
+            Claimed::Call => self.call(&mut job, &valid, ch).await,
         };
         let auth_refused = matches!(outcome, Outcome::AuthRefused(_));
         let started = matches!(outcome, Outcome::Started(_));
@@ -175,6 +226,35 @@ impl Worker {
             self.auth.succeeded();
         }
         Ok(settle)
+    }
+}
+
+impl Worker {
+    /// The call stage, with the fleet claim renewed while it runs.
+    async fn call(&self, job: &mut Job, valid: &ValidRequest, ch: &Channel) -> Outcome {
+        let shutdown = self
+            .shutdown
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Shutdown::new().1);
+        let Some(held) = job.held.clone() else {
+            return self.caller.call(job, valid, &shutdown).await;
+        };
+        let key = job.key.clone();
+        let mut tick = tokio::time::interval(self.fleet.renew_every());
+        tick.tick().await;
+        let call = self.caller.call(job, valid, &shutdown);
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                outcome = &mut call => return outcome,
+                _ = tick.tick() => {
+                    if let Err(e) = self.fleet.renew(ch, &key, &held).await {
+                        tracing::warn!(error = %e, "could not renew the fleet claim");
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -15,10 +15,11 @@ use crate::amqp::consumer::Settle;
 use crate::amqp::{self, header, header_i64, int, text, topology, AmqpError, DeadLetters, Failure};
 use crate::config::Settings;
 use crate::event::{EventError, EventKind, Reason, ResultEvent};
+use crate::fleet::{Fleet, FleetError};
 use crate::genesys::{GenesysError, SessionCreated};
 use crate::internal_events;
 use crate::request::{ValidRequest, ValidationError};
-use crate::store::{now_ms, AuditEntry, IdemRecord, IdemState, Store, StoreError};
+use crate::store::{now_ms, AuditEntry, FleetClaim, IdemRecord, IdemState, Store, StoreError};
 use lapin::Channel;
 use std::sync::Arc;
 
@@ -39,6 +40,11 @@ pub enum Outcome {
     Retryable(GenesysError),
     /// Genesys refused the credentials: requeue; the consume loop pauses.
     AuthRefused(GenesysError),
+    /// Another pod holds a live claim on the key: park the copy (no call, no consumer slot
+    /// held) until that pod's outcome is in the ledger, then it replays.
+    Parked(FleetClaim),
+    /// Shutdown came before the call was sent: give the claim back and requeue.
+    Abandoned,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +53,8 @@ pub enum FinishError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
 }
 
 /// Writes outcomes: owns the store, the results exchange and the dead-letter target.
@@ -55,6 +63,7 @@ pub struct Recorder {
     pub store: Store,
     pub worker_id: String,
     pub dead_letters: DeadLetters,
+    pub fleet: Arc<Fleet>,
 }
 
 /// Where a finished delivery goes after its outcome is recorded.
@@ -72,6 +81,11 @@ enum Route {
         queue: String,
         delayed: usize,
         error: String,
+    },
+    /// Back through the first delayed-retry queue, not counted as a retry.
+    Park {
+        queue: String,
+        holder: String,
     },
 }
 
@@ -108,25 +122,25 @@ impl Recorder {
         let plan = self.plan(job, &outcome);
 
         // 1. Record.
+        let mut written = None;
         if let (Some(state), Some(valid)) = (plan.record, valid) {
             let now = now_ms();
             let conversation_id = match &outcome {
                 Outcome::Started(c) => Some(c.conversation_id.clone()),
                 _ => None,
             };
-            self.store.put(
-                &job.key,
-                &IdemRecord {
-                    state,
-                    fingerprint: valid.fingerprint.clone(),
-                    attempts: job.attempts,
-                    conversation_id,
-                    event: plan.event.clone(),
-                    worker_id: self.worker_id.clone(),
-                    created_at_ms: now,
-                    updated_at_ms: now,
-                },
-            )?;
+            let record = IdemRecord {
+                state,
+                fingerprint: valid.fingerprint.clone(),
+                attempts: job.attempts,
+                conversation_id,
+                event: plan.event.clone(),
+                worker_id: self.worker_id.clone(),
+                created_at_ms: now,
+                updated_at_ms: now,
+            };
+            self.store.put(&job.key, &record)?;
+            written = Some(record);
         }
         if let (true, Some(valid)) = (plan.keep_attempts, valid) {
             self.store
@@ -136,6 +150,15 @@ impl Recorder {
             self.store.append_audit(entry)?;
             // 2. Durable before anything leaves the process.
             self.store.durable().await?;
+        }
+        // 2b. Tell the fleet: the key's outcome, or the claim given back.
+        if let Some(held) = &job.held {
+            match (&written, &plan.audit) {
+                (Some(record), Some(entry)) => {
+                    self.fleet.outcome(ch, &job.key, record, entry).await?
+                }
+                _ => self.fleet.release(ch, &job.key, held).await?,
+            }
         }
         // 3. Publish the result event.
         if let Some(event) = &plan.event {
@@ -160,10 +183,23 @@ impl Recorder {
                 Settle::Ack
             }
             Route::Requeue => {
-                if let Some(e) = error_of(&outcome) {
-                    internal_events::auth_refused(&e.to_string());
+                match error_of(&outcome) {
+                    Some(e) => internal_events::auth_refused(&e.to_string()),
+                    None => internal_events::session_abandoned(),
                 }
                 Settle::Requeue
+            }
+            Route::Park { queue, holder } => {
+                amqp::publish_routed(
+                    ch,
+                    "",
+                    &queue,
+                    &job.delivery.data,
+                    job.delivery.properties.clone(),
+                )
+                .await?;
+                internal_events::session_parked(&holder, &queue);
+                Settle::Ack
             }
             Route::DeadLetter {
                 reason,
@@ -291,12 +327,26 @@ impl Recorder {
                     },
                 }
             }
-            Outcome::AuthRefused(_) => Plan {
+            Outcome::AuthRefused(_) | Outcome::Abandoned => Plan {
                 record: None,
                 keep_attempts: true,
                 audit: None,
                 event: None,
                 route: Route::Requeue,
+            },
+            Outcome::Parked(holder) => Plan {
+                record: None,
+                keep_attempts: false,
+                audit: None,
+                event: None,
+                route: match self.settings.amqp.retry_delays.first() {
+                    Some(delay) => Route::Park {
+                        queue: topology::retry_queue_name(&self.settings.amqp, *delay),
+                        holder: holder.worker_id.clone(),
+                    },
+                    // No delayed-retry queue to park in: requeue after the pause.
+                    None => Route::Requeue,
+                },
             },
         }
     }

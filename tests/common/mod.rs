@@ -49,6 +49,7 @@ pub fn test_settings(prefix: &str, sim: &SimHandle, store_dir: &std::path::Path)
         &mut a.dead_letter_exchange,
         &mut a.dead_letter_queue,
         &mut a.webhook_dead_letter_queue,
+        &mut a.ledger_stream,
     ] {
         *name = format!("{prefix}.{name}");
     }

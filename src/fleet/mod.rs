@@ -1,0 +1,195 @@
+//! The fleet: what every pod shares through the broker, so that the promises of SPEC §5 hold
+//! across all of them (SPEC §9). RabbitMQ is the only shared system.
+//!
+//! Each pod's sled store is a materialized view of one **ledger**, a RabbitMQ stream
+//! (`amqp.ledger_stream`). Pods append claim, release and outcome [`record::Record`]s; every
+//! pod's [`reader`] applies the whole stream in order with the same rule ([`apply`]), so
+//! "the first live claim for a key wins" is decided alike everywhere without the pods talking
+//! to each other. A pod remembers the last offset it applied (a restart resumes); an empty
+//! store reads from the start, and the pod is not ready until it has caught up.
+//!
+//! This folder uses the infrastructure (amqp, store, config, health, internal_events); the
+//! worker uses it. It knows nothing of Genesys or the forwarder.
+
+pub mod apply;
+pub mod reader;
+pub mod record;
+
+use crate::amqp::{self, AmqpError};
+use crate::config::Settings;
+use crate::health::Health;
+use crate::shutdown::Shutdown;
+use crate::store::{now_ms, AuditEntry, IdemRecord, Store};
+use apply::Decision;
+use lapin::Channel;
+use record::{Record, RECORD_TYPE};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// How long a claim may take to come back through the ledger before the ledger counts as
+/// unreachable (the delivery is then requeued; no call is made without a claim).
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("cannot append to the fleet ledger: {0}")]
+    Append(#[from] AmqpError),
+    #[error("the fleet ledger did not confirm the claim within {0:?}; is the ledger reader connected? No call is made without a claim")]
+    Unconfirmed(Duration),
+}
+
+/// This pod's handle on the fleet: appends records and waits for the reader's decisions.
+pub struct Fleet {
+    settings: Arc<Settings>,
+    store: Store,
+    health: Arc<Health>,
+    worker_id: String,
+    waiters: Mutex<HashMap<String, oneshot::Sender<Decision>>>,
+    caught_up: watch::Sender<bool>,
+}
+
+/// A claim this pod holds; released or ended by an outcome.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub claim_id: String,
+    pub fingerprint: String,
+}
+
+impl Fleet {
+    pub fn new(settings: Arc<Settings>, store: Store, health: Arc<Health>) -> Arc<Self> {
+        let (caught_up, _) = watch::channel(false);
+        health.set_ledger_ready(false);
+        Arc::new(Self {
+            worker_id: settings.worker_id(),
+            settings,
+            store,
+            health,
+            waiters: Mutex::new(HashMap::new()),
+            caught_up,
+        })
+    }
+
+    /// Run the ledger reader until shutdown.
+    pub async fn run_reader(self: Arc<Self>, shutdown: Shutdown) -> Result<(), AmqpError> {
+        reader::run(self, shutdown).await
+    }
+
+    /// Resolves once the reader has applied everything appended before it connected.
+    /// Returns false if shutdown came first.
+    pub async fn caught_up(&self, shutdown: &mut Shutdown) -> bool {
+        let mut rx = self.caught_up.subscribe();
+        tokio::select! {
+            r = rx.wait_for(|v| *v) => r.is_ok(),
+            _ = shutdown.requested() => false,
+        }
+    }
+
+    fn set_caught_up(&self, v: bool) {
+        self.caught_up.send_replace(v);
+        self.health.set_ledger_ready(v);
+    }
+
+    /// Claim `key` for a call, or learn who holds it or what its outcome was.
+    pub async fn claim(
+        &self,
+        ch: &Channel,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<(Held, Decision), FleetError> {
+        let claim_id = uuid::Uuid::new_v4().simple().to_string();
+        let (tx, rx) = oneshot::channel();
+        self.waiters_lock().insert(claim_id.clone(), tx);
+        let record = self.claim_record(key, &claim_id, fingerprint);
+        if let Err(e) = self.append(ch, &record).await {
+            self.waiters_lock().remove(&claim_id);
+            return Err(e.into());
+        }
+        let held = Held {
+            claim_id: claim_id.clone(),
+            fingerprint: fingerprint.to_string(),
+        };
+        match tokio::time::timeout(CLAIM_TIMEOUT, rx).await {
+            Ok(Ok(decision)) => Ok((held, decision)),
+            _ => {
+                self.waiters_lock().remove(&claim_id);
+                // The claim may still land: give it back so nobody waits out its lease.
+                let _ = self.release(ch, key, &held).await;
+                Err(FleetError::Unconfirmed(CLAIM_TIMEOUT))
+            }
+        }
+    }
+
+    /// Renew a held claim while its call runs.
+    pub async fn renew(&self, ch: &Channel, key: &str, held: &Held) -> Result<(), FleetError> {
+        let record = self.claim_record(key, &held.claim_id, &held.fingerprint);
+        Ok(self.append(ch, &record).await?)
+    }
+
+    /// Give a key back without an outcome.
+    pub async fn release(&self, ch: &Channel, key: &str, held: &Held) -> Result<(), FleetError> {
+        let record = Record::Release {
+            key: key.to_string(),
+            claim_id: held.claim_id.clone(),
+        };
+        Ok(self.append(ch, &record).await?)
+    }
+
+    /// Tell the fleet a key's outcome.
+    pub async fn outcome(
+        &self,
+        ch: &Channel,
+        key: &str,
+        record: &IdemRecord,
+        audit: &AuditEntry,
+    ) -> Result<(), FleetError> {
+        let record = Record::Outcome {
+            key: key.to_string(),
+            record: Box::new(record.clone()),
+            audit: Box::new(audit.clone()),
+        };
+        Ok(self.append(ch, &record).await?)
+    }
+
+    /// How often a held claim is renewed: a third of the lease.
+    pub fn renew_every(&self) -> Duration {
+        (self.settings.worker.claim_lease / 3).max(Duration::from_millis(300))
+    }
+
+    fn claim_record(&self, key: &str, claim_id: &str, fingerprint: &str) -> Record {
+        Record::Claim {
+            key: key.to_string(),
+            claim_id: claim_id.to_string(),
+            worker_id: self.worker_id.clone(),
+            fingerprint: fingerprint.to_string(),
+            at_ms: now_ms(),
+            lease_ms: self.settings.worker.claim_lease.as_millis() as u64,
+        }
+    }
+
+    async fn append(&self, ch: &Channel, record: &Record) -> Result<(), AmqpError> {
+        let props = amqp::json_properties().with_type(RECORD_TYPE.into());
+        amqp::publish_routed(
+            ch,
+            "",
+            &self.settings.amqp.ledger_stream,
+            &record.encode(),
+            props,
+        )
+        .await
+    }
+
+    fn waiters_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Decision>>> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hand a decision to the task waiting for it, if it is this pod's.
+    fn decided(&self, claim_id: &str, decision: Decision) {
+        if let Some(tx) = self.waiters_lock().remove(claim_id) {
+            let _ = tx.send(decision);
+        }
+    }
+}

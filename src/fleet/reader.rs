@@ -1,0 +1,144 @@
+//! The ledger reader: consumes the ledger stream in order (concurrency 1), applies each record
+//! to the store with the one rule of [`super::apply`], remembers the offset, and hands claim
+//! decisions to the tasks waiting for them. On each (re)connect it appends a mark and reports
+//! caught up once it reads that mark back.
+
+use super::apply::{apply, Applied};
+use super::record::{Record, RECORD_TYPE};
+use super::Fleet;
+use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
+use crate::amqp::shell::{self, Pipeline, ShellOptions};
+use crate::amqp::{self, header_i64, topology, AmqpError};
+use crate::internal_events;
+use crate::metrics::metrics;
+use crate::shutdown::Shutdown;
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+/// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
+const PREFETCH: u16 = 2_000;
+
+struct Reader {
+    fleet: Arc<Fleet>,
+    /// The mark appended on this connection.
+    mark: Mutex<Option<String>>,
+}
+
+pub async fn run(fleet: Arc<Fleet>, shutdown: Shutdown) -> Result<(), AmqpError> {
+    let s = fleet.settings.clone();
+    let opts = ShellOptions {
+        name: format!("session-worker ledger {}", fleet.worker_id),
+        queue: s.amqp.ledger_stream.clone(),
+        tag_prefix: format!("{}-ledger", fleet.worker_id),
+        prefetch: PREFETCH,
+        concurrency: 1,
+        grace: s.worker.shutdown_grace,
+    };
+    let health = fleet.health.clone();
+    let reader = Arc::new(Reader {
+        fleet,
+        mark: Mutex::new(None),
+    });
+    shell::run(&s.amqp, &opts, reader, &health, shutdown).await
+}
+
+impl Reader {
+    fn apply(&self, delivery: &Delivery) {
+        let offset = header_i64(&delivery.properties, "x-stream-offset");
+        let Some(record) = Record::decode(&delivery.data) else {
+            internal_events::ledger_record_skipped(offset, delivery.data.len());
+            self.remember(offset);
+            return;
+        };
+        let fleet = &self.fleet;
+        let applied = loop {
+            match apply(&fleet.store, record.clone(), &fleet.worker_id) {
+                Ok(a) => break a,
+                Err(e) => {
+                    internal_events::ledger_apply_failed(&e);
+                    std::thread::sleep(REQUEUE_PAUSE);
+                }
+            }
+        };
+        metrics().ledger_applied.inc();
+        match applied {
+            Applied::Claim { claim_id, decision } => fleet.decided(&claim_id, decision),
+            Applied::Mark { id } => {
+                let mine = self
+                    .mark
+                    .lock()
+                    .map(|m| m.as_deref() == Some(id.as_str()))
+                    .unwrap_or(false);
+                if mine {
+                    tracing::info!(offset, "fleet ledger caught up");
+                    fleet.set_caught_up(true);
+                }
+            }
+            Applied::Foreign(entry) => {
+                if let Err(e) = fleet.store.append_audit(&entry) {
+                    internal_events::ledger_apply_failed(&e);
+                }
+            }
+            Applied::Other => {}
+        }
+        self.remember(offset);
+    }
+
+    fn remember(&self, offset: Option<i64>) {
+        if let Some(o) = offset.and_then(|o| u64::try_from(o).ok()) {
+            if let Err(e) = self.fleet.store.set_ledger_offset(o) {
+                internal_events::ledger_apply_failed(&e);
+            }
+        }
+    }
+}
+
+impl Pipeline for Reader {
+    const NAME: &'static str = "ledger";
+    type Error = Infallible;
+
+    fn span(&self, delivery: &Delivery) -> tracing::Span {
+        tracing::debug_span!("ledger", delivery_tag = delivery.delivery_tag)
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        delivery: Delivery,
+        _publish: Channel,
+    ) -> Result<Settle, Infallible> {
+        self.apply(&delivery);
+        Ok(Settle::Ack)
+    }
+
+    fn arguments(&self) -> FieldTable {
+        let start = match self.fleet.store.ledger_offset() {
+            Ok(Some(o)) => {
+                AMQPValue::LongLongInt(i64::try_from(o.saturating_add(1)).unwrap_or(i64::MAX))
+            }
+            _ => AMQPValue::LongString("first".into()),
+        };
+        amqp::table(vec![("x-stream-offset", start)])
+    }
+
+    async fn connected(&self, conn: &Connection, publish: &Channel) -> Result<(), AmqpError> {
+        let s = &self.fleet.settings;
+        topology::declare_ledger(conn, &s.amqp, s.store.idempotency_ttl).await?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        if let Ok(mut m) = self.mark.lock() {
+            *m = Some(id.clone());
+        }
+        let mark = Record::Mark {
+            id,
+            worker_id: self.fleet.worker_id.clone(),
+        };
+        let props = amqp::json_properties().with_type(RECORD_TYPE.into());
+        amqp::publish_routed(publish, "", &s.amqp.ledger_stream, &mark.encode(), props).await
+    }
+
+    fn disconnected(&self) {
+        self.fleet.set_caught_up(false);
+    }
+}

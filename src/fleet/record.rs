@@ -1,0 +1,65 @@
+//! The records of the fleet ledger: what pods append to the stream and every pod applies in
+//! stream order. A body this program did not write, or cannot parse, decodes to `None` and is
+//! skipped by the reader.
+
+use crate::store::{AuditEntry, IdemRecord};
+use serde::{Deserialize, Serialize};
+
+/// AMQP `type` property of every ledger record this version writes.
+pub const RECORD_TYPE: &str = "session-ledger.v1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    /// A pod takes (or renews) a key. The first live claim in ledger order wins.
+    Claim {
+        key: String,
+        claim_id: String,
+        worker_id: String,
+        fingerprint: String,
+        at_ms: u64,
+        lease_ms: u64,
+    },
+    /// A pod gives a key back without an outcome (shutdown before sending, a delayed retry,
+    /// an auth pause): the next claim wins at once.
+    Release { key: String, claim_id: String },
+    /// A key's outcome: `completed` (every pod replays it) or `failed` (the key is free).
+    /// The audit entry lets `audit show KEY` answer on every pod.
+    Outcome {
+        key: String,
+        record: Box<IdemRecord>,
+        audit: Box<AuditEntry>,
+    },
+    /// Written by a reader when it (re)connects; seeing its own mark means it has applied
+    /// everything appended before it.
+    Mark { id: String, worker_id: String },
+}
+
+impl Record {
+    pub fn encode(&self) -> Vec<u8> {
+        // Strings, numbers and records of them always serialize.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// `None` for anything that is not a record of this version.
+    pub fn decode(bytes: &[u8]) -> Option<Record> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_strangers_are_none() {
+        let r = Record::Release {
+            key: "k".into(),
+            claim_id: "c".into(),
+        };
+        assert_eq!(Record::decode(&r.encode()), Some(r));
+        assert_eq!(Record::decode(b"not json"), None);
+        assert_eq!(Record::decode(br#"{"kind":"mystery","key":"k"}"#), None);
+        assert_eq!(Record::decode(&[0xff, 0xfe]), None);
+    }
+}

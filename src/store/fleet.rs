@@ -1,0 +1,69 @@
+//! This pod's materialized view of the fleet ledger (the broker stream): which pod holds a live
+//! claim on which key, and the offset of the last ledger record applied, so a restart resumes
+//! instead of replaying. Outcomes from the ledger land in the idempotency tree like local ones.
+
+use super::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+pub(super) const CLAIMS_TREE: &str = "fleet_claims";
+pub(super) const META_TREE: &str = "meta";
+const LEDGER_OFFSET: &[u8] = b"ledger_offset";
+
+/// A pod's claim on a key, as the ledger recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetClaim {
+    pub claim_id: String,
+    pub worker_id: String,
+    pub fingerprint: String,
+    /// When the claim was made or last renewed (the claiming pod's clock, ms since the epoch).
+    pub at_ms: u64,
+    pub lease_ms: u64,
+}
+
+impl FleetClaim {
+    /// Whether the claim still holds at `now_ms` (by the clock of whoever asks).
+    pub fn live_at(&self, now_ms: u64) -> bool {
+        now_ms < self.at_ms.saturating_add(self.lease_ms)
+    }
+}
+
+impl Store {
+    /// The live claim on `key`, if the ledger recorded one.
+    pub fn fleet_claim(&self, key: &str) -> Result<Option<FleetClaim>, StoreError> {
+        match self.claims.get(key.as_bytes())? {
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        key: format!("{CLAIMS_TREE}/{key}"),
+                        message: e.to_string(),
+                    })
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_fleet_claim(&self, key: &str, claim: &FleetClaim) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(claim).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.claims.insert(key.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    pub fn remove_fleet_claim(&self, key: &str) -> Result<(), StoreError> {
+        self.claims.remove(key.as_bytes())?;
+        Ok(())
+    }
+
+    /// The offset of the last ledger record applied to this store.
+    pub fn ledger_offset(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.meta.get(LEDGER_OFFSET)?.and_then(|v| {
+            let bytes: [u8; 8] = v.as_ref().try_into().ok()?;
+            Some(u64::from_be_bytes(bytes))
+        }))
+    }
+
+    pub fn set_ledger_offset(&self, offset: u64) -> Result<(), StoreError> {
+        self.meta.insert(LEDGER_OFFSET, &offset.to_be_bytes())?;
+        Ok(())
+    }
+}

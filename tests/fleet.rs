@@ -1,0 +1,228 @@
+//! The fleet (SPEC §9) with real worker processes on the real broker: several pods, each with
+//! its own store and worker id, on the same queues and the same ledger stream.
+
+mod common;
+
+use common::{request, TestEnv};
+use session_worker::sim::Faults;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// One pod: its own store directory, worker id and config file.
+struct Pod {
+    child: Option<Child>,
+    config: tempfile::NamedTempFile,
+    store: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Pod {
+    fn new(env: &TestEnv, name: &str) -> Pod {
+        let dir = tempfile::tempdir().expect("pod dir");
+        let mut settings = env.settings.clone();
+        settings.store.path = dir.path().join("store");
+        settings.worker.id = format!("{}-{name}", env.prefix);
+        let mut config = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("config");
+        std::io::Write::write_all(
+            &mut config,
+            settings.to_redacted_toml().expect("toml").as_bytes(),
+        )
+        .expect("write config");
+        Pod {
+            child: None,
+            config,
+            store: settings.store.path.clone(),
+            _dir: dir,
+        }
+    }
+
+    fn start(&mut self) {
+        self.child = Some(common::spawn_worker_binary(self.config.path(), "warn"));
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; the exit code.
+    fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        None
+    }
+
+    fn config_path(&self) -> &Path {
+        self.config.path()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn bodies(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| request(&format!("{prefix}{i}"))).collect()
+}
+
+async fn publish_all(env: &TestEnv, bodies: &[Vec<u8>]) {
+    let a = env.settings.amqp.clone();
+    env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, bodies)
+        .await;
+}
+
+/// Wait until the inbound queue and the parking (retry) queues stay empty for a second.
+async fn drained(env: &TestEnv, timeout: Duration) -> bool {
+    let a = &env.settings.amqp;
+    let mut queues = vec![a.inbound_queue.clone()];
+    queues.extend(
+        a.retry_delays
+            .iter()
+            .map(|d| session_worker::amqp::topology::retry_queue_name(a, *d)),
+    );
+    let deadline = Instant::now() + timeout;
+    let mut quiet_since: Option<Instant> = None;
+    while Instant::now() < deadline {
+        let mut total = 0;
+        for q in &queues {
+            total += env.queue_len(q).await;
+        }
+        if total == 0 {
+            let since = *quiet_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(1) {
+                return true;
+            }
+        } else {
+            quiet_since = None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_pods_with_republishes_and_a_kill_make_one_session_per_key() {
+    let faults = Faults {
+        latency_ms: 10,
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |_| {}).await;
+    let concurrency = env.settings.worker.concurrency as u64;
+    let mut pods: Vec<Pod> = (0..3).map(|i| Pod::new(&env, &format!("pod{i}"))).collect();
+    for p in &mut pods {
+        p.start();
+    }
+    let n = 600;
+    let all = bodies("fleet-", n);
+    publish_all(&env, &all).await;
+    // Re-publish every request twice while the pods work, and kill one pod mid-run.
+    publish_all(&env, &all).await;
+    let reached = env
+        .wait_for(Duration::from_secs(60), || {
+            env.sim.sim.stats().distinct_visitors >= n as u64 / 3
+        })
+        .await;
+    assert!(reached, "the fleet made progress");
+    pods[1].kill();
+    publish_all(&env, &all).await;
+    pods[1].start();
+    let done = env
+        .wait_for(Duration::from_secs(120), || {
+            env.sim.sim.stats().distinct_visitors >= n as u64
+        })
+        .await;
+    assert!(
+        drained(&env, Duration::from_secs(120)).await,
+        "queues drained"
+    );
+    let stats = env.sim.sim.stats();
+    for p in &mut pods {
+        assert_eq!(p.stop(), Some(0), "SIGTERM exits 0");
+    }
+    assert!(done, "every key got a session: {stats:?}");
+    assert_eq!(stats.distinct_visitors, n as u64);
+    // Only a pod killed between Genesys's answer and its record may repeat a call: at most
+    // its in-flight count.
+    assert!(
+        stats.duplicate_sessions <= concurrency,
+        "duplicates bounded by the killed pod's in-flight work: {stats:?}"
+    );
+    assert_eq!(env.queue_len(&env.settings.amqp.dead_letter_queue).await, 0);
+    eprintln!(
+        "fleet drill: {n} keys × 3 publishes on 3 pods, one SIGKILL: {} sessions, {} duplicated",
+        stats.sessions_created, stats.duplicate_sessions
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_on_an_empty_store_knows_the_fleets_history() {
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let n = 300;
+    let all = bodies("history-", n);
+
+    let mut first = Pod::new(&env, "first");
+    first.start();
+    publish_all(&env, &all).await;
+    let events = env.events(n, Duration::from_secs(60)).await;
+    assert_eq!(events.len(), n, "the first pod finished every key");
+    assert_eq!(first.stop(), Some(0));
+    let calls_before = env.sim.sim.stats().session_requests;
+    let ids_before: HashSet<_> = events.iter().map(|e| e.event_id.clone()).collect();
+
+    // A new replica on an empty volume receives the same requests again.
+    let mut fresh = Pod::new(&env, "fresh");
+    assert!(
+        !fresh.store.exists(),
+        "the new pod starts on an empty store"
+    );
+    fresh.start();
+    publish_all(&env, &all).await;
+    let replayed = env.events(n, Duration::from_secs(60)).await;
+    assert_eq!(fresh.stop(), Some(0));
+    assert_eq!(replayed.len(), n, "every re-published key was answered");
+    assert_eq!(
+        env.sim.sim.stats().session_requests,
+        calls_before,
+        "no API call for keys the fleet already completed"
+    );
+    let ids_after: HashSet<_> = replayed.iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(ids_after, ids_before, "the same event ids are re-published");
+
+    // `audit show KEY` on the pod that did not process KEY reports its outcome.
+    let key = &events[0].idempotency_key;
+    let out = Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .arg("--config")
+        .arg(fresh.config_path())
+        .args(["audit", "show", key])
+        .output()
+        .expect("audit show runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "audit show: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("\"outcome\":\"started\"") && text.contains("-first"),
+        "the outcome and the pod that produced it: {text}"
+    );
+}

@@ -3,36 +3,78 @@
 //!
 //! After a pause, tasks come back through the bucket with a little jitter, so the resumed
 //! traffic is spread out rather than a thundering herd.
+//!
+//! The rate can change while the process runs ([`Limiter::set_rate`]): the fleet's budget
+//! ([`crate::fleet::budget`]) gives each live pod its share of the deployment's one budget.
 
 use governor::{Jitter, Quota, RateLimiter};
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
 type Bucket = governor::DefaultDirectRateLimiter;
 
 pub struct Limiter {
-    bucket: Bucket,
+    /// The bucket in force and the (requests per minute, burst) it was built for.
+    bucket: RwLock<(Arc<Bucket>, (u32, u32))>,
     /// Until when every task waits, set by a 429.
     paused_until: Mutex<Option<Instant>>,
     /// Spread of the jitter applied to tasks resuming after a pause.
-    resume_jitter: Duration,
+    resume_jitter: Mutex<Duration>,
+}
+
+fn bucket(requests_per_minute: u32, burst: u32) -> (Arc<Bucket>, Duration) {
+    let rpm = NonZeroU32::new(requests_per_minute).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::per_minute(rpm).allow_burst(burst);
+    // One token's worth of time, so resumed tasks spread over roughly one refill step.
+    let per_token = Duration::from_secs(60) / rpm.get();
+    (
+        Arc::new(RateLimiter::direct(quota)),
+        per_token.clamp(Duration::from_millis(10), Duration::from_secs(1)),
+    )
 }
 
 impl Limiter {
     /// `requests_per_minute` and `burst` must be above zero (config validation ensures it).
     pub fn new(requests_per_minute: u32, burst: u32) -> Self {
-        let rpm = NonZeroU32::new(requests_per_minute).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::per_minute(rpm).allow_burst(burst);
-        // One token's worth of time, so resumed tasks spread over roughly one refill step.
-        let per_token = Duration::from_secs(60) / rpm.get();
+        let (b, jitter) = bucket(requests_per_minute, burst);
         Self {
-            bucket: RateLimiter::direct(quota),
+            bucket: RwLock::new((b, (requests_per_minute, burst))),
             paused_until: Mutex::new(None),
-            resume_jitter: per_token.clamp(Duration::from_millis(10), Duration::from_secs(1)),
+            resume_jitter: Mutex::new(jitter),
         }
+    }
+
+    /// Change the rate. A new bucket starts with only one token, so a change never lets a
+    /// burst through; an unchanged rate keeps the bucket as it is.
+    pub fn set_rate(&self, requests_per_minute: u32, burst: u32) {
+        let mut guard = self.bucket.write().unwrap_or_else(|p| p.into_inner());
+        if guard.1 == (requests_per_minute, burst) {
+            return;
+        }
+        let (b, jitter) = bucket(requests_per_minute, burst);
+        // Spend the new bucket's burst, so the switch cannot add requests on top of the old one.
+        let burst_n = NonZeroU32::new(burst.saturating_sub(1)).unwrap_or(NonZeroU32::MIN);
+        if burst > 1 {
+            let _ = b.check_n(burst_n);
+        }
+        *guard = (b, (requests_per_minute, burst));
+        *self.resume_jitter.lock().unwrap_or_else(|p| p.into_inner()) = jitter;
+    }
+
+    /// The rate in force (requests per minute, burst).
+    pub fn rate(&self) -> (u32, u32) {
+        self.bucket.read().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    fn current(&self) -> Arc<Bucket> {
+        self.bucket
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
     }
 
     fn pause_deadline(&self) -> Option<Instant> {
@@ -64,12 +106,12 @@ impl Limiter {
                 resumed = true;
                 continue;
             }
+            let bucket = self.current();
             if resumed {
-                self.bucket
-                    .until_ready_with_jitter(Jitter::up_to(self.resume_jitter))
-                    .await;
+                let jitter = *self.resume_jitter.lock().unwrap_or_else(|p| p.into_inner());
+                bucket.until_ready_with_jitter(Jitter::up_to(jitter)).await;
             } else {
-                self.bucket.until_ready().await;
+                bucket.until_ready().await;
             }
             // A 429 may have arrived while this task waited for its token.
             if self.pause_deadline().is_none() {
@@ -91,7 +133,7 @@ mod tests {
         }
         // The burst is spent: the next token is not available yet, and waiting for it takes
         // (at least most of) one refill step.
-        assert!(l.bucket.check().is_err());
+        assert!(l.current().check().is_err());
         let waited = l.acquire().await;
         assert!(waited >= Duration::from_millis(50), "{waited:?}");
     }
@@ -114,6 +156,16 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(190));
         assert!(wa >= Duration::from_millis(190) && wb >= Duration::from_millis(190));
         assert!(!l.is_paused());
+    }
+
+    #[tokio::test]
+    async fn a_new_rate_applies_without_a_burst() {
+        let l = Limiter::new(60_000, 100);
+        l.set_rate(600, 10);
+        assert_eq!(l.rate(), (600, 10));
+        // The switch spent the new burst but one token.
+        l.acquire().await;
+        assert!(l.current().check().is_err());
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct Metrics {
     /// Fleet ledger records applied, and skipped as unreadable.
     pub ledger_applied: Counter,
     pub ledger_skipped: Counter,
+    /// Pods heard from lately (this one included), and this pod's share of the rate budget.
+    pub fleet_live_pods: Gauge,
+    pub rate_limit_share: Gauge,
 }
 
 impl Metrics {
@@ -76,6 +79,8 @@ impl Metrics {
             broker_reconnects: Family::default(),
             ledger_applied: Counter::default(),
             ledger_skipped: Counter::default(),
+            fleet_live_pods: Gauge::default(),
+            rate_limit_share: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -162,6 +167,16 @@ impl Metrics {
             "ledger_records_skipped",
             "Fleet ledger records skipped because this version cannot read them",
             m.ledger_skipped.clone(),
+        );
+        registry.register(
+            "fleet_live_pods",
+            "Worker pods heard from within the last few seconds, this one included",
+            m.fleet_live_pods.clone(),
+        );
+        registry.register(
+            "rate_limit_share_per_minute",
+            "This pod's share of rate_limit.requests_per_minute",
+            m.rate_limit_share.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -6,6 +6,8 @@
 //! session.results (topic) ──session.*──▶ session.results.webhook
 //! session.dlx (direct) ──session.init.dlq──▶ session.init.dlq
 //!                      ──session.results.webhook.dlq──▶ session.results.webhook.dlq
+//! session.ledger (stream, x-max-age = store.idempotency_ttl)   the fleet ledger
+//! session.fleet (fanout) ──▶ one exclusive queue per live pod     heartbeats for the rate budget
 //! ```
 //! Queue arguments cannot change once a queue exists: a mismatch is reported with the fix.
 
@@ -102,6 +104,7 @@ pub async fn declare(ch: &Channel, s: &AmqpSettings) -> Result<(), AmqpError> {
     exchange(ch, &s.inbound_exchange, ExchangeKind::Direct).await?;
     exchange(ch, &s.results_exchange, ExchangeKind::Topic).await?;
     exchange(ch, &s.dead_letter_exchange, ExchangeKind::Direct).await?;
+    exchange(ch, &s.fleet_exchange, ExchangeKind::Fanout).await?;
 
     let dead_letter_to = |queue: &str| {
         vec![
@@ -237,6 +240,7 @@ pub fn exchange_names(s: &AmqpSettings) -> Vec<String> {
         s.inbound_exchange.clone(),
         s.results_exchange.clone(),
         s.dead_letter_exchange.clone(),
+        s.fleet_exchange.clone(),
     ]
 }
 

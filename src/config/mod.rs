@@ -82,6 +82,7 @@ pub struct AmqpSettings {
     #[serde(with = "duration")]
     pub reconnect_max_delay: Duration,
     pub ledger_stream: String,
+    pub fleet_exchange: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -277,6 +278,7 @@ impl Settings {
                 &a.webhook_dead_letter_queue,
             ),
             ("amqp.ledger_stream", &a.ledger_stream),
+            ("amqp.fleet_exchange", &a.fleet_exchange),
         ] {
             need(
                 !value.trim().is_empty(),

@@ -8,10 +8,14 @@
 //! to each other. A pod remembers the last offset it applied (a restart resumes); an empty
 //! store reads from the start, and the pod is not ready until it has caught up.
 //!
+//! The deployment's one rate budget is shared the same way: [`budget`] hears every live pod's
+//! heartbeat through a fanout exchange and gives this pod `budget ÷ live pods`.
+//!
 //! This folder uses the infrastructure (amqp, store, config, health, internal_events); the
 //! worker uses it. It knows nothing of Genesys or the forwarder.
 
 pub mod apply;
+pub mod budget;
 pub mod reader;
 pub mod record;
 

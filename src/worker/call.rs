@@ -9,12 +9,13 @@ use crate::limiter::Limiter;
 use crate::metrics::metrics;
 use crate::request::ValidRequest;
 use crate::shutdown::Shutdown;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Everything a call needs: the client, the process-wide limiter and the retry policy.
 pub struct Caller {
     pub client: GenesysClient,
-    pub limiter: Limiter,
+    pub limiter: Arc<Limiter>,
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,

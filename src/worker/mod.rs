@@ -29,6 +29,7 @@ use crate::amqp::consumer::Settle;
 use crate::amqp::shell::{self, Pipeline, ShellOptions};
 use crate::amqp::{AmqpError, DeadLetters};
 use crate::config::Settings;
+use crate::fleet::budget::{self, Budget};
 use crate::fleet::{Fleet, FleetError};
 use crate::genesys::{GenesysClient, GenesysError};
 use crate::health::Health;
@@ -91,6 +92,7 @@ pub struct Worker {
     health: Arc<Health>,
     auth: AuthGate,
     fleet: Arc<Fleet>,
+    budget: Arc<Budget>,
     /// Set by `run`; calls not yet sent when it fires are abandoned.
     shutdown: OnceLock<Shutdown>,
 }
@@ -102,13 +104,14 @@ impl Worker {
         health: Arc<Health>,
     ) -> Result<Self, WorkerError> {
         let client = GenesysClient::new(&settings.genesys, settings.worker.concurrency)?;
-        let limiter = Limiter::new(
+        let limiter = Arc::new(Limiter::new(
             settings.rate_limit.requests_per_minute,
             settings.rate_limit.burst,
-        );
+        ));
         health.set_store_open(true);
         let worker_id = settings.worker_id();
         let fleet = Fleet::new(settings.clone(), store.clone(), health.clone());
+        let budget = Budget::new(fleet.clone(), limiter.clone());
         let w = &settings.worker;
         Ok(Self {
             caller: Caller {
@@ -130,6 +133,7 @@ impl Worker {
                 fleet: fleet.clone(),
             },
             fleet,
+            budget,
             shutdown: OnceLock::new(),
             worker_id,
             store,
@@ -157,9 +161,20 @@ impl Worker {
         // The ledger reader outlives the consumer, so in-flight work can still claim and
         // record while the consumer drains.
         let (stop_reader, reader_shutdown) = Shutdown::new();
-        let reader = tokio::spawn(self.fleet.clone().run_reader(reader_shutdown));
-        tracing::info!("catching up with the fleet ledger before taking deliveries");
-        let caught_up = self.fleet.caught_up(&mut shutdown).await;
+        let reader = tokio::spawn(self.fleet.clone().run_reader(reader_shutdown.clone()));
+        let budget = tokio::spawn(self.budget.clone().run(reader_shutdown));
+        tracing::info!(
+            "catching up with the fleet ledger and hearing the other pods before taking deliveries"
+        );
+        let mut listening = shutdown.clone();
+        let warm = async move {
+            tokio::select! {
+                _ = tokio::time::sleep(budget::WARM_UP) => true,
+                _ = listening.requested() => false,
+            }
+        };
+        let (caught_up, warm) = tokio::join!(self.fleet.caught_up(&mut shutdown), warm);
+        let caught_up = caught_up && warm;
         let opts = ShellOptions {
             name: format!("session-worker {}", self.worker_id),
             queue: s.amqp.inbound_queue.clone(),
@@ -173,8 +188,12 @@ impl Worker {
         } else {
             Ok(())
         };
+        self.budget.leave().await;
         stop_reader.fire();
         let read = reader.await;
+        if let Ok(Err(e)) = budget.await {
+            tracing::warn!(error = %e, "the rate budget listener stopped with an error");
+        }
         pruner.abort();
         let _ = pruner.await;
         self.store.flush_now()?;
@@ -215,15 +234,21 @@ impl Worker {
             Claimed::Call => self.call(&mut job, &valid, ch).await,
         };
         let auth_refused = matches!(outcome, Outcome::AuthRefused(_));
-        let started = matches!(outcome, Outcome::Started(_));
+        let started = match &outcome {
+            Outcome::Started(created) => Some(created.rate_limit.allowed),
+            _ => None,
+        };
         let settle = self
             .recorder
             .finish(&job, Some(&valid), outcome, ch)
             .await?;
         if auth_refused {
             self.auth.trip();
-        } else if started {
+        } else if let Some(allowed) = started {
             self.auth.succeeded();
+            if let Some(a) = allowed {
+                self.budget.observe_allowed(a);
+            }
         }
         Ok(settle)
     }

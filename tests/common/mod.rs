@@ -50,6 +50,7 @@ pub fn test_settings(prefix: &str, sim: &SimHandle, store_dir: &std::path::Path)
         &mut a.dead_letter_queue,
         &mut a.webhook_dead_letter_queue,
         &mut a.ledger_stream,
+        &mut a.fleet_exchange,
     ] {
         *name = format!("{prefix}.{name}");
     }

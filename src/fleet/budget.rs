@@ -1,0 +1,257 @@
+//! The fleet's one rate budget (SPEC §9): `rate_limit.requests_per_minute` is the whole
+//! deployment's, and each live pod takes an equal share of it.
+//!
+//! Every pod sends a heartbeat each [`HEARTBEAT`] through the fanout exchange
+//! `amqp.fleet_exchange` and hears everybody's on an exclusive queue of its own. A pod counts
+//! the pods heard within [`PEER_EXPIRY`] (itself included) and sets its limiter to
+//! `budget ÷ live pods`; a pod that shuts down says so and its share returns at once, a pod that
+//! dies is forgotten after [`PEER_EXPIRY`]. The share is also never above what Genesys Cloud
+//! says this pod's token may use (`inin-ratelimit-allowed`).
+
+use super::Fleet;
+use crate::amqp::consumer::Settle;
+use crate::amqp::shell::{self, Pipeline, ShellOptions};
+use crate::amqp::{self, AmqpError};
+use crate::limiter::Limiter;
+use crate::metrics::metrics;
+use crate::shutdown::Shutdown;
+use lapin::message::Delivery;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often a pod says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A pod not heard from for this long no longer counts.
+pub const PEER_EXPIRY: Duration = Duration::from_millis(3_500);
+/// How long a starting pod listens before it takes its share, so it does not start with the
+/// whole budget while others already spend theirs.
+pub const WARM_UP: Duration = Duration::from_millis(2_200);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Heartbeat {
+    worker_id: String,
+    instance: String,
+    leaving: bool,
+}
+
+pub struct Budget {
+    fleet: Arc<Fleet>,
+    limiter: Arc<Limiter>,
+    /// This process (a restarted pod keeps its worker id but is a new instance).
+    instance: String,
+    peers: Mutex<HashMap<String, Instant>>,
+    publish: Mutex<Option<Channel>>,
+    /// Last `inin-ratelimit-allowed` from Genesys Cloud (0: none seen).
+    allowed: AtomicU64,
+}
+
+impl Budget {
+    pub fn new(fleet: Arc<Fleet>, limiter: Arc<Limiter>) -> Arc<Self> {
+        let instance = uuid::Uuid::new_v4().simple().to_string();
+        let mut peers = HashMap::new();
+        peers.insert(instance.clone(), Instant::now());
+        Arc::new(Self {
+            fleet,
+            limiter,
+            instance,
+            peers: Mutex::new(peers),
+            publish: Mutex::new(None),
+            allowed: AtomicU64::new(0),
+        })
+    }
+
+    /// Listen and send heartbeats until `shutdown`; then say goodbye.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), AmqpError> {
+        let s = self.fleet.settings.clone();
+        let opts = ShellOptions {
+            name: format!("session-worker budget {}", self.fleet.worker_id),
+            queue: self.queue_name(),
+            tag_prefix: format!("{}-budget", self.fleet.worker_id),
+            prefetch: 64,
+            concurrency: 1,
+            grace: Duration::from_secs(1),
+        };
+        let beat = tokio::spawn(self.clone().beat(shutdown.clone()));
+        let health = Arc::new(crate::health::Health::default());
+        let result = shell::run(&s.amqp, &opts, self.clone(), &health, shutdown).await;
+        let _ = beat.await;
+        result
+    }
+
+    /// Tell the others this pod is leaving, so they take its share back at once.
+    pub async fn leave(&self) {
+        self.send(true).await;
+    }
+
+    /// What Genesys Cloud says this pod's token may use per minute.
+    pub fn observe_allowed(&self, allowed: u64) {
+        if self.allowed.swap(allowed, Ordering::Relaxed) != allowed {
+            self.apply();
+        }
+    }
+
+    /// The pods heard from lately, this one included.
+    pub fn live_pods(&self) -> usize {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.insert(self.instance.clone(), Instant::now());
+        peers.retain(|_, seen| seen.elapsed() < PEER_EXPIRY);
+        peers.len()
+    }
+
+    /// Set the limiter to this pod's share.
+    fn apply(&self) {
+        let live = self.live_pods();
+        let r = &self.fleet.settings.rate_limit;
+        let (rpm, burst) = share(
+            r.requests_per_minute,
+            r.burst,
+            live,
+            self.allowed.load(Ordering::Relaxed),
+        );
+        if self.limiter.rate() != (rpm, burst) {
+            tracing::info!(
+                live_pods = live,
+                requests_per_minute = rpm,
+                burst,
+                "rate budget share changed"
+            );
+        }
+        self.limiter.set_rate(rpm, burst);
+        metrics().fleet_live_pods.set(live as i64);
+        metrics().rate_limit_share.set(i64::from(rpm));
+    }
+
+    async fn beat(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.requested() => return,
+            }
+            self.send(false).await;
+            self.apply();
+        }
+    }
+
+    async fn send(&self, leaving: bool) {
+        let ch = self
+            .publish
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(ch) = ch else { return };
+        let beat = Heartbeat {
+            worker_id: self.fleet.worker_id.clone(),
+            instance: self.instance.clone(),
+            leaving,
+        };
+        let body = serde_json::to_vec(&beat).unwrap_or_default();
+        let props = amqp::json_properties().with_delivery_mode(1);
+        let exchange = &self.fleet.settings.amqp.fleet_exchange;
+        if let Err(e) = amqp::publish_confirmed(&ch, exchange, "", &body, props).await {
+            tracing::debug!(error = %e, "heartbeat not sent");
+        }
+    }
+
+    fn queue_name(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            self.fleet.settings.amqp.fleet_exchange, self.fleet.worker_id, self.instance
+        )
+    }
+}
+
+/// A pod's share: the budget divided among the live pods (at least 1 per minute), capped by
+/// Genesys Cloud's `inin-ratelimit-allowed` when one was seen; the burst likewise.
+pub fn share(budget: u32, burst: u32, live: usize, allowed: u64) -> (u32, u32) {
+    let live = u32::try_from(live.max(1)).unwrap_or(u32::MAX);
+    let mut rpm = (budget / live).max(1);
+    if allowed > 0 {
+        rpm = rpm.min(u32::try_from(allowed).unwrap_or(u32::MAX));
+    }
+    let burst = burst.div_ceil(live).clamp(1, rpm);
+    (rpm, burst)
+}
+
+impl Pipeline for Budget {
+    const NAME: &'static str = "budget";
+    type Error = Infallible;
+
+    fn span(&self, _delivery: &Delivery) -> tracing::Span {
+        tracing::trace_span!("heartbeat")
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        delivery: Delivery,
+        _publish: Channel,
+    ) -> Result<Settle, Infallible> {
+        if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            if beat.leaving {
+                peers.remove(&beat.instance);
+            } else {
+                peers.insert(beat.instance, Instant::now());
+            }
+            drop(peers);
+            if beat.leaving {
+                self.apply();
+            }
+        }
+        Ok(Settle::Ack)
+    }
+
+    async fn connected(&self, _conn: &Connection, publish: &Channel) -> Result<(), AmqpError> {
+        let queue = self.queue_name();
+        publish
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                amqp::table(vec![("x-queue-type", amqp::text("classic"))]),
+            )
+            .await
+            .map_err(|e| AmqpError::op(format!("declare queue {queue}"), e))?;
+        publish
+            .queue_bind(
+                queue.as_str().into(),
+                self.fleet.settings.amqp.fleet_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| AmqpError::op(format!("bind {queue}"), e))?;
+        *self.publish.lock().unwrap_or_else(|p| p.into_inner()) = Some(publish.clone());
+        Ok(())
+    }
+
+    fn disconnected(&self) {
+        *self.publish.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_shared_among_live_pods_and_capped_by_genesys() {
+        assert_eq!(share(600, 30, 1, 0), (600, 30));
+        assert_eq!(share(600, 30, 3, 0), (200, 10));
+        assert_eq!(share(600, 30, 4, 0), (150, 8));
+        // Genesys says this token may use 100 a minute: never above it.
+        assert_eq!(share(600, 30, 1, 100), (100, 30));
+        assert_eq!(share(2, 10, 5, 0), (1, 1));
+    }
+}

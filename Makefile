@@ -3,6 +3,7 @@ SHELL := /bin/bash
 BIN := target/debug/session-worker
 SIM_LISTEN ?= 127.0.0.1:8089
 CONFIG ?= config/local.toml
+PODS ?= 1
 
 .PHONY: all build broker run sim test fmt lint bench chaos deploy-check clean
 
@@ -16,8 +17,9 @@ broker:
 	@scripts/ensure-broker.sh
 
 ## run: broker + simulator + worker on config/local.toml, with sample traffic; Ctrl-C stops all
+## (PODS=3: a local fleet of three worker pods on the same queues)
 run: broker build
-	@scripts/run-local.sh "$(BIN)" "$(CONFIG)" "$(SIM_LISTEN)"
+	@scripts/run-local.sh "$(BIN)" "$(CONFIG)" "$(SIM_LISTEN)" "$(PODS)"
 
 ## sim: only the Genesys Cloud simulator
 sim: build

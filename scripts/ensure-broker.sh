@@ -2,8 +2,9 @@
 # Make sure RabbitMQ answers on 127.0.0.1:5672.
 # - already answering: nothing to do
 # - installed but stopped: start it with `rabbitmq-server -detached`
-# - not installed: install the Debian package when INSTALL_BROKER=1 (CI) and we are root,
-#   otherwise explain how to get one.
+# - not installed: as root on Debian/Ubuntu, install the rabbitmq-server package (and its
+#   Erlang runtime) from the distribution (set INSTALL_BROKER=0 to refuse); otherwise explain
+#   how to get one.
 set -euo pipefail
 
 HOST=127.0.0.1
@@ -17,8 +18,8 @@ if answers; then
 fi
 
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
-  if [ "${INSTALL_BROKER:-0}" = "1" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "broker: installing the Debian rabbitmq-server package"
+  if [ "${INSTALL_BROKER:-1}" = "1" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "broker: RabbitMQ is missing; installing the Debian package rabbitmq-server (with its Erlang runtime) via apt-get"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq rabbitmq-server >/dev/null
@@ -27,7 +28,7 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
 broker: RabbitMQ is not running on $HOST:$PORT and rabbitmq-server is not installed.
   Debian/Ubuntu:  sudo apt-get install rabbitmq-server   (then run this again)
   Docker:         docker compose -f deploy/compose.yaml up -d rabbitmq
-  Or run with INSTALL_BROKER=1 as root to install the Debian package automatically.
+  As root on Debian/Ubuntu this script installs it itself (INSTALL_BROKER=0 turns that off).
 MSG
     exit 1
   fi

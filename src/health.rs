@@ -69,4 +69,18 @@ mod tests {
         assert_eq!(h.not_ready_reasons().len(), 1);
         assert!(!h.ready());
     }
+
+    #[test]
+    fn a_pod_that_reads_the_ledger_is_ready_only_once_caught_up() {
+        let h = Health::default();
+        h.set_broker_connected(true);
+        h.set_store_open(true);
+        h.set_ledger_ready(false);
+        assert!(h
+            .not_ready_reasons()
+            .iter()
+            .any(|r| r.contains("fleet ledger not caught up")));
+        h.set_ledger_ready(true);
+        assert!(h.ready());
+    }
 }

@@ -10,20 +10,38 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-/// One pod: its own store directory, worker id and config file.
+/// One pod: its own store directory, worker id, HTTP port and config file.
 struct Pod {
     child: Option<Child>,
     config: tempfile::NamedTempFile,
     store: PathBuf,
+    http: String,
     _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 impl Pod {
     fn new(env: &TestEnv, name: &str) -> Pod {
+        Pod::with(env, name, |_| {})
+    }
+
+    fn with(
+        env: &TestEnv,
+        name: &str,
+        tweak: impl FnOnce(&mut session_worker::config::Settings),
+    ) -> Pod {
         let dir = tempfile::tempdir().expect("pod dir");
         let mut settings = env.settings.clone();
         settings.store.path = dir.path().join("store");
         settings.worker.id = format!("{}-{name}", env.prefix);
+        settings.http.listen = format!("127.0.0.1:{}", free_port());
+        tweak(&mut settings);
         let mut config = tempfile::Builder::new()
             .suffix(".toml")
             .tempfile()
@@ -37,6 +55,7 @@ impl Pod {
             child: None,
             config,
             store: settings.store.path.clone(),
+            http: settings.http.listen.clone(),
             _dir: dir,
         }
     }
@@ -71,6 +90,34 @@ impl Pod {
 
     fn config_path(&self) -> &Path {
         self.config.path()
+    }
+
+    /// A gauge or counter from this pod's `/metrics`, if it answers.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let body = reqwest::get(format!("http://{}/metrics", self.http))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Wait until `name` reads `want` on this pod.
+    async fn metric_becomes(&self, name: &str, want: f64, timeout: Duration) -> Option<f64> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.metric(name).await;
+            if last == Some(want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        last
     }
 }
 
@@ -225,4 +272,50 @@ async fn a_pod_on_an_empty_store_knows_the_fleets_history() {
         text.contains("\"outcome\":\"started\"") && text.contains("-first"),
         "the outcome and the pod that produced it: {text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_pods_share_one_rate_budget_and_take_a_leavers_share_back() {
+    let env = TestEnv::new(Faults::default(), |s| {
+        s.rate_limit.requests_per_minute = 600;
+        s.rate_limit.burst = 30;
+    })
+    .await;
+    let mut pods: Vec<Pod> = (0..3).map(|i| Pod::new(&env, &format!("b{i}"))).collect();
+    for p in &mut pods {
+        p.start();
+    }
+    let wait = Duration::from_secs(20);
+    for p in &pods {
+        assert_eq!(
+            p.metric_becomes("fleet_live_pods", 3.0, wait).await,
+            Some(3.0)
+        );
+        assert_eq!(
+            p.metric_becomes("rate_limit_share_per_minute", 200.0, wait)
+                .await,
+            Some(200.0),
+            "three pods take a third of the budget each"
+        );
+    }
+    // Scale down: the leaving pod's share goes back to the other two.
+    assert_eq!(pods[2].stop(), Some(0));
+    for p in &pods[..2] {
+        assert_eq!(
+            p.metric_becomes("rate_limit_share_per_minute", 300.0, wait)
+                .await,
+            Some(300.0),
+            "two pods take half each once the third leaves"
+        );
+    }
+    // A pod that dies without saying goodbye is forgotten after the peer expiry.
+    pods[1].kill();
+    assert_eq!(
+        pods[0]
+            .metric_becomes("rate_limit_share_per_minute", 600.0, wait)
+            .await,
+        Some(600.0),
+        "the last pod takes the whole budget"
+    );
+    assert_eq!(pods[0].stop(), Some(0));
 }

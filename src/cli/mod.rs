@@ -175,6 +175,8 @@ async fn declare_topology(settings: &Settings) -> anyhow::Result<()> {
         .await
         .context("Failed to open a channel")?;
     crate::amqp::topology::declare(&ch, &settings.amqp).await?;
+    crate::amqp::topology::declare_ledger(&conn, &settings.amqp, settings.store.idempotency_ttl)
+        .await?;
     let _ = conn.close(200, "done".into()).await;
     for q in crate::amqp::topology::queue_names(&settings.amqp) {
         println!("queue {q}");

@@ -4,6 +4,9 @@ BIN := target/debug/session-worker
 SIM_LISTEN ?= 127.0.0.1:8089
 CONFIG ?= config/local.toml
 PODS ?= 1
+# The build `make bench` compares the end-to-end rate against: the last commit before the
+# fleet ledger.
+BENCH_BEFORE_REV ?= 5204402
 
 .PHONY: all build broker run sim test fmt lint bench chaos deploy-check clean
 
@@ -29,9 +32,12 @@ sim: build
 test: broker
 	cargo test --lib --bins --tests -- --test-threads=4
 
-## bench: throughput against a bare-consumer baseline measured in the same run (release build)
+## bench: throughput against a bare-consumer baseline and the pre-ledger build, measured in the
+## same run; ledger restore rate; fleet rate sharing (release build)
 bench: broker
-	cargo bench --bench pipeline
+	scripts/build-before.sh $(BENCH_BEFORE_REV) target/bench/session-worker-before
+	BENCH_BEFORE_BIN=$(CURDIR)/target/bench/session-worker-before cargo bench --bench pipeline
+	cargo bench --bench fleet
 
 ## chaos: fault drills (SIGKILL, broker restart, faulty API, malformed input, webhook outage)
 chaos: broker

@@ -112,6 +112,70 @@ async fn sigkill_drill(n: u64, kills: u64) -> Row {
     )
 }
 
+/// Three pods on one queue; one of them SIGKILLed and restarted `kills` times while every
+/// request is re-published (a storm of copies). Lost must be 0; duplicates at most the killed
+/// pod's in-flight count per kill.
+async fn fleet_drill(n: u64, kills: u64) -> Row {
+    let env = TestEnv::new(
+        Faults {
+            latency_ms: 2,
+            ..Default::default()
+        },
+        |s| s.worker.concurrency = 16,
+    )
+    .await;
+    let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("fleet-{i}"))).collect();
+    let mut pods: Vec<common::Pod> = (0..3)
+        .map(|i| common::Pod::new(&env, &format!("pod{i}")))
+        .collect();
+    for p in &mut pods {
+        p.start();
+    }
+    env.publish_requests(&bodies).await;
+    for k in 1..=kills {
+        let target = k * n / (kills + 1);
+        wait_until(Duration::from_secs(120), || {
+            env.sim.sim.stats().distinct_visitors >= target
+        })
+        .await;
+        pods[0].kill();
+        // The storm: every request again while a pod is down.
+        env.publish_requests(&bodies).await;
+        pods[0].start();
+    }
+    wait_until(Duration::from_secs(300), || {
+        env.sim.sim.stats().distinct_visitors >= n
+    })
+    .await;
+    // Let the parked and re-published copies drain (they replay, making no call).
+    let a = env.settings.amqp.clone();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let mut left = queue_len_fresh(&a.inbound_queue).await;
+        for d in &a.retry_delays {
+            left +=
+                queue_len_fresh(&session_worker::amqp::topology::retry_queue_name(&a, *d)).await;
+        }
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for p in &mut pods {
+        p.stop();
+    }
+    let dead = dlq_len(&env).await;
+    row(
+        &format!(
+            "3 pods, one SIGKILLed {kills}×, every request re-published after each kill ({n} keys)"
+        ),
+        n,
+        &env,
+        dead,
+        format!("in-flight bound: {} per kill", 16),
+    )
+}
+
 async fn broker_restart_drill(n: u64) -> Row {
     let env = TestEnv::new(
         Faults {
@@ -345,16 +409,18 @@ fn main() {
                 .unwrap_or(60),
         );
         let mut rows = Vec::new();
-        eprintln!("drill 1/5: SIGKILL");
+        eprintln!("drill 1/6: SIGKILL");
         rows.push(sigkill_drill(kill_n, 5).await);
-        eprintln!("drill 2/5: broker restart");
+        eprintln!("drill 2/6: broker restart");
         rows.push(broker_restart_drill(3000).await);
-        eprintln!("drill 3/5: faulty API");
+        eprintln!("drill 3/6: faulty API");
         rows.push(faulty_api_drill(2000).await);
-        eprintln!("drill 4/5: malformed inputs");
+        eprintln!("drill 4/6: malformed inputs");
         rows.push(malformed_drill(1000).await);
-        eprintln!("drill 5/5: webhook outage");
+        eprintln!("drill 5/6: webhook outage");
         rows.push(webhook_outage_drill(500, outage).await);
+        eprintln!("drill 6/6: fleet: SIGKILL and re-publish storm");
+        rows.push(fleet_drill(3000, 3).await);
         println!();
         println!("| drill | sent | created | duplicated | dead-lettered | lost | notes |");
         println!("|---|---:|---:|---:|---:|---:|---|");

@@ -148,14 +148,28 @@ fn per_msg_us(d: Option<Duration>, n: usize) -> String {
 /// `bodies` through the worker; the rate counts from the worker's start (connecting and
 /// declaring included) to the last result event.
 async fn end_to_end(env: &TestEnv, bodies: &[Vec<u8>], binary: bool) -> (f64, u64, CpuSpent) {
+    end_to_end_with(
+        env,
+        bodies,
+        binary.then_some(env!("CARGO_BIN_EXE_session-worker")),
+    )
+    .await
+}
+
+/// The same with a given binary (`None`: the worker in this process).
+async fn end_to_end_with(
+    env: &TestEnv,
+    bodies: &[Vec<u8>],
+    binary: Option<&str>,
+) -> (f64, u64, CpuSpent) {
     let a = env.settings.amqp.clone();
     env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, bodies)
         .await;
     let file = env.config_file();
     let cpu = CpuMeter::start();
     let started = Instant::now();
-    let (worker, mut child) = if binary {
-        (None, Some(common::spawn_worker_binary(file.path(), "warn")))
+    let (worker, mut child) = if let Some(bin) = binary {
+        (None, Some(common::spawn_binary(bin, file.path(), "warn")))
     } else {
         (Some(env.start_worker(env.open_store())), None)
     };
@@ -319,6 +333,9 @@ fn main() {
             let (mut baselines, mut e2es, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
             let mut dups = 0;
             let mut cpu_rows = Vec::new();
+            // The build before the fleet ledger, if `make bench` built it: same rounds, same run.
+            let before_bin = std::env::var("BENCH_BEFORE_BIN").ok().filter(|p| std::path::Path::new(p).exists());
+            let mut befores = Vec::new();
             for round in 1..=rounds {
                 let env = TestEnv::new(Faults::default(), |s| {
                     s.worker.concurrency = concurrency;
@@ -331,6 +348,19 @@ fn main() {
                     broker_baseline(&env, &bodies, (concurrency * 2) as u16).await;
                 let (e2e, d, e2e_cpu) = end_to_end(&env, &bodies, true).await;
                 dups += d;
+                drop(env);
+                if let Some(bin) = &before_bin {
+                    let before_env = TestEnv::new(Faults::default(), |s| {
+                        s.worker.concurrency = concurrency;
+                        s.amqp.prefetch = (concurrency * 2) as u16;
+                        s.rate_limit.requests_per_minute = 100_000_000;
+                        s.rate_limit.burst = 100_000;
+                    })
+                    .await;
+                    let (before, _, _) = end_to_end_with(&before_env, &bodies, Some(bin)).await;
+                    eprintln!("  round {round}: before the ledger {before:.0} msg/s");
+                    befores.push(before);
+                }
                 eprintln!("  round {round}: baseline {baseline:.0} msg/s, end to end {e2e:.0} msg/s ({:.2})", e2e / baseline);
                 cpu_rows.push(format!(
                     "| {round} | {baseline:.0} msg/s | {e2e:.0} msg/s | {:.2} | {} | {} | {} | {} | {} |",
@@ -344,11 +374,14 @@ fn main() {
                 baselines.push(baseline);
                 e2es.push(e2e);
                 ratios.push(e2e / baseline);
-                drop(env);
             }
             let (baseline, e2e, ratio) = (median(&mut baselines), median(&mut e2es), median(&mut ratios));
             rows.push(format!("| broker baseline: bare consumer, ack only, {n} msgs (median of {rounds}) | {baseline:.0} msg/s | — | 1.00 | — |"));
             rows.push(format!("| end to end: {n} requests, no latency, no limit (median of {rounds}) | {e2e:.0} msg/s | {baseline:.0} msg/s (baseline) | {ratio:.2} | ≥ 0.5 |"));
+            if !befores.is_empty() {
+                let before = median(&mut befores);
+                rows.push(format!("| end to end with the fleet ledger vs the build before it ({} rounds, same run) | {e2e:.0} msg/s | {before:.0} msg/s (before) | {:.2} | ≥ 0.85 |", befores.len(), e2e / before));
+            }
             notes.push(format!("duplicate sessions (end to end, all rounds): {dups}"));
             notes.push(String::new());
             notes.push("Per round, CPU time per message: broker = RabbitMQ (beam.smp); consumer = the bare consumer; worker = the `session-worker run` process; simulator = this process (the simulator, and the queue-length polling):".into());

@@ -260,3 +260,41 @@ fn dockerfile_runs_as_non_root_with_the_store_on_a_volume() {
         );
     }
 }
+
+#[test]
+fn the_pod_meets_the_restricted_profile_and_only_the_metrics_port_is_open() {
+    let sts = yaml_docs(&root().join("deploy/k8s/base/statefulset.yaml")).remove(0);
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0]["securityContext"];
+    assert_eq!(c["allowPrivilegeEscalation"], false);
+    assert_eq!(c["readOnlyRootFilesystem"], true);
+    assert_eq!(c["capabilities"]["drop"][0], "ALL");
+    assert_eq!(c["seccompProfile"]["type"], "RuntimeDefault");
+
+    let policy = yaml_docs(&root().join("deploy/k8s/base/networkpolicy.yaml")).remove(0);
+    assert_eq!(kind(&policy), "NetworkPolicy");
+    let ports: Vec<u64> = policy["spec"]["ingress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_sequence().cloned().unwrap_or_default())
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    let port: u64 = production_settings()
+        .http
+        .listen
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ports, vec![port], "only http.listen's port is let in");
+    let kustomization =
+        std::fs::read_to_string(root().join("deploy/k8s/base/kustomization.yaml")).unwrap();
+    assert!(kustomization.contains("networkpolicy.yaml"));
+}

@@ -245,3 +245,87 @@ async fn next_delivery(
     let next = consumer.next().await?;
     Some((next, permit))
 }
+
+/// Consume `opts.queue` one delivery at a time, in order, running `handle` inline (no task per
+/// delivery) and acking in batches: for a stream that must be applied in order, such as the
+/// fleet ledger. A verdict other than `Ack` is treated as `Ack` after it was logged: a stream
+/// cannot requeue.
+pub async fn consume_in_order<F, Fut>(
+    conn: &Connection,
+    opts: ConsumeOptions<'_>,
+    shutdown: &mut Shutdown,
+    mut handle: F,
+) -> Result<ConsumeEnd, AmqpError>
+where
+    F: FnMut(Delivery) -> Fut,
+    Fut: Future<Output = Settle>,
+{
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::op("channel.open", e))?;
+    ch.basic_qos(opts.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| AmqpError::op("basic.qos", e))?;
+    let mut consumer = ch
+        .basic_consume(
+            opts.queue.into(),
+            opts.consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            opts.arguments.clone(),
+        )
+        .await
+        .map_err(|e| AmqpError::op(format!("basic.consume on {}", opts.queue), e))?;
+    tracing::info!(
+        queue = opts.queue,
+        prefetch = opts.prefetch,
+        "consuming in order"
+    );
+    // Ack once a quarter of the window is handled, or when the stream goes quiet.
+    let batch = u64::from(opts.prefetch / 4).max(1);
+    let mut unacked: Option<u64> = None;
+    let mut pending = 0u64;
+    let end = loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.requested() => break ConsumeEnd::Shutdown,
+            next = tokio::time::timeout(ACK_HOLD, consumer.next()) => next,
+        };
+        match next {
+            Err(_) => {
+                if let Some(tag) = unacked.take() {
+                    send(&ch, &[Action::AckUpTo(tag)]).await;
+                    pending = 0;
+                }
+            }
+            Ok(Some(Ok(delivery))) => {
+                let tag = delivery.delivery_tag;
+                handle(delivery).await;
+                unacked = Some(tag);
+                pending += 1;
+                if pending >= batch {
+                    send(&ch, &[Action::AckUpTo(tag)]).await;
+                    unacked = None;
+                    pending = 0;
+                }
+            }
+            Ok(Some(Err(e))) => break ConsumeEnd::Lost(e.to_string()),
+            Ok(None) => {
+                break ConsumeEnd::Lost(format!(
+                    "consumer on {} was cancelled by the broker",
+                    opts.queue
+                ))
+            }
+        }
+    };
+    if !matches!(end, ConsumeEnd::Lost(_)) {
+        if let Some(tag) = unacked {
+            send(&ch, &[Action::AckUpTo(tag)]).await;
+        }
+        let _ = ch
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        let _ = ch.close(200, "done".into()).await;
+    }
+    Ok(end)
+}

@@ -27,6 +27,10 @@ pub trait Pipeline: Send + Sync + 'static {
     /// Why a delivery could not be finished (broker or store trouble): it is requeued.
     type Error: std::fmt::Display + Send;
 
+    /// Handle deliveries one at a time, in order, inline (a stream applied in order); the
+    /// default runs up to `concurrency` at once, each in its own task.
+    const IN_ORDER: bool = false;
+
     /// The span a delivery is handled in.
     fn span(&self, delivery: &Delivery) -> tracing::Span;
 
@@ -174,6 +178,37 @@ async fn connected<P: Pipeline>(
             grace: opts.grace,
             arguments: pipeline.arguments(),
         };
+        if P::IN_ORDER {
+            let end = consumer::consume_in_order(conn, consume, shutdown, |delivery| {
+                let span = pipeline.span(&delivery);
+                let work = pipeline.clone().handle(delivery, publish_ch.clone());
+                async move {
+                    match work.await {
+                        Ok(verdict) => verdict,
+                        Err(e) => {
+                            internal_events::delivery_failed(P::NAME, &e);
+                            Settle::Ack
+                        }
+                    }
+                }
+                .instrument(span)
+            })
+            .await;
+            return Ok(match end {
+                Ok(ConsumeEnd::Shutdown) => {
+                    let _ = publish_ch.close(200, "shutdown".into()).await;
+                    Next::Stop
+                }
+                Ok(other) => {
+                    internal_events::broker_lost(&format!("{other:?}"));
+                    Next::Reconnect
+                }
+                Err(e) => {
+                    internal_events::broker_lost(&format!("consuming failed: {e}"));
+                    Next::Reconnect
+                }
+            });
+        }
         let end = consumer::consume(conn, consume, shutdown, pipeline.interrupt(), |delivery| {
             let span = pipeline.span(&delivery);
             let work = pipeline.clone().handle(delivery, publish_ch.clone());

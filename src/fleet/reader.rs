@@ -98,6 +98,7 @@ impl Reader {
 
 impl Pipeline for Reader {
     const NAME: &'static str = "ledger";
+    const IN_ORDER: bool = true;
     type Error = Infallible;
 
     fn span(&self, delivery: &Delivery) -> tracing::Span {

@@ -413,7 +413,12 @@ impl<E: std::fmt::Display> Running<E> {
 
 /// Start the real `session-worker run --role worker` binary on a config file.
 pub fn spawn_worker_binary(config: &std::path::Path, rust_log: &str) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+    spawn_binary(env!("CARGO_BIN_EXE_session-worker"), config, rust_log)
+}
+
+/// Start `run --role worker` of a given `session-worker` binary (benchmarks compare builds).
+pub fn spawn_binary(bin: &str, config: &std::path::Path, rust_log: &str) -> std::process::Child {
+    std::process::Command::new(bin)
         .arg("--config")
         .arg(config)
         .args(["run", "--role", "worker"])
@@ -431,4 +436,135 @@ pub fn request(visitor: &str) -> Vec<u8> {
 
 pub fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
     props.headers().as_ref()?.inner().get(name)
+}
+
+/// One pod: its own store directory, worker id, HTTP port and config file.
+pub struct Pod {
+    pub child: Option<std::process::Child>,
+    pub config: tempfile::NamedTempFile,
+    pub store: std::path::PathBuf,
+    pub http: String,
+    _dir: tempfile::TempDir,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Pod {
+    pub fn new(env: &TestEnv, name: &str) -> Pod {
+        Pod::with(env, name, |_| {})
+    }
+
+    pub fn with(
+        env: &TestEnv,
+        name: &str,
+        tweak: impl FnOnce(&mut session_worker::config::Settings),
+    ) -> Pod {
+        let dir = tempfile::tempdir().expect("pod dir");
+        let mut settings = env.settings.clone();
+        settings.store.path = dir.path().join("store");
+        settings.worker.id = format!("{}-{name}", env.prefix);
+        settings.http.listen = format!("127.0.0.1:{}", free_port());
+        tweak(&mut settings);
+        let mut config = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("config");
+        std::io::Write::write_all(
+            &mut config,
+            settings.to_redacted_toml().expect("toml").as_bytes(),
+        )
+        .expect("write config");
+        Pod {
+            child: None,
+            config,
+            store: settings.store.path.clone(),
+            http: settings.http.listen.clone(),
+            _dir: dir,
+        }
+    }
+
+    /// Wait until `/readyz` answers 200; how long that took from now.
+    pub async fn ready_within(&self, timeout: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Ok(r) = reqwest::get(format!("http://{}/readyz", self.http)).await {
+                if r.status().is_success() {
+                    return Some(started.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    pub fn start(&mut self) {
+        self.child = Some(spawn_worker_binary(self.config.path(), "warn"));
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        None
+    }
+
+    pub fn config_path(&self) -> &std::path::Path {
+        self.config.path()
+    }
+
+    /// A gauge or counter from this pod's `/metrics`, if it answers.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let body = reqwest::get(format!("http://{}/metrics", self.http))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Wait until `name` reads `want` on this pod.
+    pub async fn metric_becomes(&self, name: &str, want: f64, timeout: Duration) -> Option<f64> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.metric(name).await;
+            if last == Some(want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        last
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

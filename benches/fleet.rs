@@ -1,0 +1,205 @@
+//! `make bench` (fleet part): what sharing one ledger and one rate budget costs and gives.
+//!
+//! - restore: a pod on an empty store reads N completed keys from the ledger stream; keys
+//!   applied per second, and the time from start to `/readyz` 200;
+//! - fleet rate: 1, 2 and 3 pods against the simulator's limit, with the deployment's budget
+//!   equal to it; achieved ÷ budget and the 429s received.
+//!
+//! Figures are printed as tables. Nothing here asserts timing.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{request, Pod, TestEnv};
+use session_worker::fleet::record::{Record, RECORD_TYPE};
+use session_worker::sim::Faults;
+use session_worker::store::{AuditEntry, IdemRecord, IdemState};
+use std::time::{Duration, Instant};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Append `n` completed outcomes (as another pod would have) to the test's ledger stream.
+async fn fill_ledger(env: &TestEnv, n: usize) {
+    let conn = common::broker().await;
+    session_worker::amqp::topology::declare_ledger(
+        &conn,
+        &env.settings.amqp,
+        env.settings.store.idempotency_ttl,
+    )
+    .await
+    .expect("declare the ledger");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let now = session_worker::store::now_ms();
+    let mut pending = Vec::with_capacity(1024);
+    for i in 0..n {
+        let key = format!("restore-{i:09}");
+        let record = Record::Outcome {
+            key: key.clone(),
+            record: Box::new(IdemRecord {
+                state: IdemState::Completed,
+                fingerprint: format!("fp-{i}"),
+                attempts: 1,
+                conversation_id: Some(format!("conv-{i}")),
+                event: None,
+                worker_id: "another-pod".into(),
+                created_at_ms: now,
+                updated_at_ms: now,
+            }),
+            audit: Box::new(AuditEntry {
+                event_type: "session_init".into(),
+                idempotency_key: Some(key),
+                outcome: "started".into(),
+                worker_id: "another-pod".into(),
+                ..Default::default()
+            }),
+        };
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_type(RECORD_TYPE.into());
+        let c = ch
+            .basic_publish(
+                "".into(),
+                env.settings.amqp.ledger_stream.as_str().into(),
+                Default::default(),
+                &record.encode(),
+                props,
+            )
+            .await
+            .expect("publish");
+        pending.push(c);
+        if pending.len() == 1024 {
+            for c in pending.drain(..) {
+                c.await.expect("confirm");
+            }
+        }
+    }
+    for c in pending {
+        c.await.expect("confirm");
+    }
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// Keys per second a new pod applies, and its time to ready.
+async fn restore(n: usize) -> (f64, Duration) {
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let filled = Instant::now();
+    fill_ledger(&env, n).await;
+    eprintln!(
+        "  ledger filled with {n} outcomes in {:.1} s",
+        filled.elapsed().as_secs_f64()
+    );
+    let mut pod = Pod::new(&env, "restore");
+    pod.start();
+    let started = Instant::now();
+    // Sample the applied counter to get the steady apply rate, start-up excluded.
+    let mut samples: Vec<(Instant, f64)> = Vec::new();
+    let ready = loop {
+        if let Some(v) = pod.metric("ledger_records_applied_total").await {
+            samples.push((Instant::now(), v));
+        }
+        if let Ok(r) = reqwest::get(format!("http://{}/readyz", pod.http)).await {
+            if r.status().is_success() {
+                break started.elapsed();
+            }
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            panic!("the pod did not become ready within 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let lo = samples.iter().find(|(_, v)| *v >= n as f64 * 0.1);
+    let hi = samples.iter().find(|(_, v)| *v >= n as f64 * 0.9);
+    let rate = match (lo, hi) {
+        (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) / (b.0 - a.0).as_secs_f64(),
+        _ => n as f64 / ready.as_secs_f64(),
+    };
+    pod.stop();
+    (rate, ready)
+}
+
+/// `pods` pods against the simulator's limit of `budget` a minute (the deployment's budget
+/// too), over `window`: requests per second achieved, the budget per second, 429s.
+async fn fleet_rate(pods: usize, budget: u32, window: Duration) -> (f64, f64, u64) {
+    let faults = Faults {
+        rate_limit_per_minute: budget,
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| {
+        s.rate_limit.requests_per_minute = budget;
+        s.rate_limit.burst = 1;
+        s.worker.concurrency = 32;
+    })
+    .await;
+    let per_sec = f64::from(budget) / 60.0;
+    let backlog = (per_sec * window.as_secs_f64() * 1.5) as usize + 100;
+    let bodies: Vec<Vec<u8>> = (0..backlog)
+        .map(|i| request(&format!("rate-{pods}-{i:08}")))
+        .collect();
+    let mut fleet: Vec<Pod> = (0..pods)
+        .map(|i| Pod::new(&env, &format!("r{i}")))
+        .collect();
+    for p in &mut fleet {
+        p.start();
+    }
+    for p in &fleet {
+        p.ready_within(Duration::from_secs(60)).await;
+    }
+    let a = env.settings.amqp.clone();
+    env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, &bodies)
+        .await;
+    while env.sim.sim.stats().sessions_created == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let start = env.sim.sim.stats().sessions_created;
+    tokio::time::sleep(window).await;
+    let stats = env.sim.sim.stats();
+    for p in &mut fleet {
+        p.stop();
+    }
+    let achieved = (stats.sessions_created - start) as f64 / window.as_secs_f64();
+    (achieved, per_sec, stats.rate_limited)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        let run = |name: &str| only.is_empty() || only.split(',').any(|s| s == name);
+        let mut rows = Vec::new();
+        if run("restore") {
+            let n: usize = env_or("BENCH_RESTORE_KEYS", 1_000_000);
+            eprintln!("restore: {n} keys in the ledger");
+            let (rate, ready) = restore(n).await;
+            rows.push(format!("| restore: a new pod applies {n} completed keys from the ledger | {rate:.0} keys/s | 50000 keys/s | {:.2} | ≥ 1.0 |", rate / 50_000.0));
+            rows.push(format!("| restore: time from start to `/readyz` 200 with {n} keys in the ledger | {:.1} s | — | — | — |", ready.as_secs_f64()));
+        }
+        if run("fleet-rate") {
+            let window = Duration::from_secs(env_or("BENCH_FLEET_WINDOW_SECS", 55));
+            let budget: u32 = env_or("BENCH_FLEET_BUDGET", 600);
+            for pods in 1..=3 {
+                eprintln!("fleet rate: {pods} pod(s), budget {budget}/min, {} s", window.as_secs());
+                let (achieved, per_sec, r429) = fleet_rate(pods, budget, window).await;
+                let goal = if pods == 1 { "≥ 0.98, 0 × 429" } else { "≥ 0.95, 0 × 429" };
+                rows.push(format!("| fleet rate: {pods} pod(s), budget {budget}/min = simulator limit, {} s | {achieved:.2} req/s, {r429} × 429 | {per_sec:.2} req/s | {:.3} | {goal} |", window.as_secs(), achieved / per_sec));
+            }
+        }
+        println!();
+        println!("| scenario | measured | reference | ratio | goal |");
+        println!("|---|---:|---:|---:|---|");
+        for r in &rows {
+            println!("{r}");
+        }
+    });
+}

@@ -38,7 +38,7 @@ pub enum Applied {
     Other,
 }
 
-pub fn apply(store: &Store, record: Record, worker_id: &str) -> Result<Applied, StoreError> {
+pub fn apply(store: &Store, record: &Record, worker_id: &str) -> Result<Applied, StoreError> {
     match record {
         Record::Claim {
             key,
@@ -48,7 +48,8 @@ pub fn apply(store: &Store, record: Record, worker_id: &str) -> Result<Applied, 
             at_ms,
             lease_ms,
         } => {
-            if let Some(rec) = store.get(&key)? {
+            let (claim_id, at_ms, lease_ms) = (claim_id.clone(), *at_ms, *lease_ms);
+            if let Some(rec) = store.get(key)? {
                 if rec.state == IdemState::Completed {
                     return Ok(Applied::Claim {
                         claim_id,
@@ -56,10 +57,10 @@ pub fn apply(store: &Store, record: Record, worker_id: &str) -> Result<Applied, 
                     });
                 }
             }
-            if let Some(held) = store.fleet_claim(&key)? {
+            if let Some(held) = store.fleet_claim(key)? {
                 // A pod holds a key under its per-key lock until the claim ends, so another
                 // claim from the same pod means the holder restarted: its claim is dead.
-                let restarted = held.worker_id == claimer;
+                let restarted = held.worker_id == *claimer;
                 if held.claim_id != claim_id && held.live_at(at_ms) && !restarted {
                     return Ok(Applied::Claim {
                         claim_id,
@@ -69,12 +70,12 @@ pub fn apply(store: &Store, record: Record, worker_id: &str) -> Result<Applied, 
             }
             let claim = FleetClaim {
                 claim_id: claim_id.clone(),
-                worker_id: claimer,
-                fingerprint,
+                worker_id: claimer.clone(),
+                fingerprint: fingerprint.clone(),
                 at_ms,
                 lease_ms,
             };
-            store.put_fleet_claim(&key, &claim)?;
+            store.put_fleet_claim(key, &claim)?;
             Ok(Applied::Claim {
                 claim_id,
                 decision: Decision::Won,
@@ -82,29 +83,28 @@ pub fn apply(store: &Store, record: Record, worker_id: &str) -> Result<Applied, 
         }
         Record::Release { key, claim_id } => {
             if store
-                .fleet_claim(&key)?
-                .is_some_and(|held| held.claim_id == claim_id)
+                .fleet_claim(key)?
+                .is_some_and(|held| held.claim_id == *claim_id)
             {
-                store.remove_fleet_claim(&key)?;
+                store.remove_fleet_claim(key)?;
             }
             Ok(Applied::Other)
         }
         Record::Outcome { key, record, audit } => {
-            store.remove_fleet_claim(&key)?;
-            let local = store.get(&key)?;
-            let keep_local = local
-                .as_ref()
+            store.remove_fleet_claim(key)?;
+            let keep_local = store
+                .get(key)?
                 .is_some_and(|l| l.state == IdemState::Completed);
             if !keep_local {
-                store.put(&key, &record)?;
+                store.put(key, record)?;
             }
             if record.worker_id != worker_id {
-                Ok(Applied::Foreign(audit))
+                Ok(Applied::Foreign(audit.clone()))
             } else {
                 Ok(Applied::Other)
             }
         }
-        Record::Mark { id, .. } => Ok(Applied::Mark { id }),
+        Record::Mark { id, .. } => Ok(Applied::Mark { id: id.clone() }),
     }
 }
 
@@ -149,25 +149,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
         assert_eq!(
-            decision(apply(&s, claim("a", "w1", 100), "me").unwrap()),
+            decision(apply(&s, &claim("a", "w1", 100), "me").unwrap()),
             Decision::Won
         );
         // A second pod inside the lease loses; the owner renewing keeps it.
         assert!(matches!(
-            decision(apply(&s, claim("b", "w2", 500), "me").unwrap()),
+            decision(apply(&s, &claim("b", "w2", 500), "me").unwrap()),
             Decision::Busy(c) if c.claim_id == "a"
         ));
         assert_eq!(
-            decision(apply(&s, claim("a", "w1", 900), "me").unwrap()),
+            decision(apply(&s, &claim("a", "w1", 900), "me").unwrap()),
             Decision::Won
         );
         assert!(matches!(
-            decision(apply(&s, claim("b", "w2", 1_800), "me").unwrap()),
+            decision(apply(&s, &claim("b", "w2", 1_800), "me").unwrap()),
             Decision::Busy(_)
         ));
         // Past the renewed lease (900 + 1000) the next claim takes over.
         assert_eq!(
-            decision(apply(&s, claim("b", "w2", 1_901), "me").unwrap()),
+            decision(apply(&s, &claim("b", "w2", 1_901), "me").unwrap()),
             Decision::Won
         );
     }
@@ -176,11 +176,11 @@ mod tests {
     async fn release_frees_and_outcome_ends_claims() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        apply(&s, claim("a", "w1", 100), "me").unwrap();
+        apply(&s, &claim("a", "w1", 100), "me").unwrap();
         // A release by someone else's claim id changes nothing.
         apply(
             &s,
-            Record::Release {
+            &Record::Release {
                 key: "k".into(),
                 claim_id: "x".into(),
             },
@@ -188,12 +188,12 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            decision(apply(&s, claim("b", "w2", 200), "me").unwrap()),
+            decision(apply(&s, &claim("b", "w2", 200), "me").unwrap()),
             Decision::Busy(_)
         ));
         apply(
             &s,
-            Record::Release {
+            &Record::Release {
                 key: "k".into(),
                 claim_id: "a".into(),
             },
@@ -201,12 +201,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            decision(apply(&s, claim("b", "w2", 300), "me").unwrap()),
+            decision(apply(&s, &claim("b", "w2", 300), "me").unwrap()),
             Decision::Won
         );
         let applied = apply(
             &s,
-            Record::Outcome {
+            &Record::Outcome {
                 key: "k".into(),
                 record: Box::new(completed("w2")),
                 audit: Box::default(),
@@ -216,7 +216,7 @@ mod tests {
         .unwrap();
         assert!(matches!(applied, Applied::Foreign(_)));
         assert!(matches!(
-            decision(apply(&s, claim("c", "w3", 400), "me").unwrap()),
+            decision(apply(&s, &claim("c", "w3", 400), "me").unwrap()),
             Decision::Done(r) if r.conversation_id.as_deref() == Some("conv")
         ));
     }

@@ -55,7 +55,7 @@ impl Reader {
         };
         let fleet = &self.fleet;
         let applied = loop {
-            match apply(&fleet.store, record.clone(), &fleet.worker_id) {
+            match apply(&fleet.store, &record, &fleet.worker_id) {
                 Ok(a) => break a,
                 Err(e) => {
                     internal_events::ledger_apply_failed(&e);

@@ -18,6 +18,10 @@ pub enum Reason {
     RetriesExhausted,
     /// The webhook receiver refused the event for good (4xx).
     WebhookRejected,
+    /// The session POST was sent and no usable answer came back: not re-sent.
+    OutcomeUnknown,
+    /// A delivery kept failing for a reason no other rule covers.
+    PoisonMessage,
 }
 
 impl Reason {
@@ -27,6 +31,8 @@ impl Reason {
         Reason::PermanentApiError,
         Reason::RetriesExhausted,
         Reason::WebhookRejected,
+        Reason::OutcomeUnknown,
+        Reason::PoisonMessage,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +42,8 @@ impl Reason {
             Reason::PermanentApiError => "permanent_api_error",
             Reason::RetriesExhausted => "retries_exhausted",
             Reason::WebhookRejected => "webhook_rejected",
+            Reason::OutcomeUnknown => "outcome_unknown",
+            Reason::PoisonMessage => "poison_message",
         }
     }
 

@@ -183,3 +183,15 @@ pub fn session_abandoned() {
     tracing::info!("shutdown before the call was sent: claim released, delivery requeued");
     metrics().outcome("requeued_shutdown");
 }
+
+/// A session POST may have been acted on without an answer: recorded `unknown`, not re-sent.
+pub fn unknown_outcome(detail: &str) {
+    tracing::error!(detail, "outcome unknown: Genesys Cloud may have created the session; not re-sent. Check Genesys Cloud, then `dlq replay --reason outcome_unknown --force` to send it once more");
+    metrics().unknown_outcomes.inc();
+}
+
+/// `genesys.retry_unknown_outcome` is on: what may have been acted on is sent again.
+pub fn unknown_outcome_resent(error: &str) {
+    tracing::warn!(error, "re-sending a call whose outcome is unknown (genesys.retry_unknown_outcome = true): a duplicate session is possible");
+    metrics().unknown_outcome_resends.inc();
+}

@@ -56,6 +56,9 @@ pub struct Metrics {
     /// Pods heard from lately (this one included), and this pod's share of the rate budget.
     pub fleet_live_pods: Gauge,
     pub rate_limit_share: Gauge,
+    /// Calls sent without a usable answer (SPEC §5), and those re-sent by opt-in.
+    pub unknown_outcomes: Counter,
+    pub unknown_outcome_resends: Counter,
 }
 
 impl Metrics {
@@ -81,6 +84,8 @@ impl Metrics {
             ledger_skipped: Counter::default(),
             fleet_live_pods: Gauge::default(),
             rate_limit_share: Gauge::default(),
+            unknown_outcomes: Counter::default(),
+            unknown_outcome_resends: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -177,6 +182,16 @@ impl Metrics {
             "rate_limit_share_per_minute",
             "This pod's share of rate_limit.requests_per_minute",
             m.rate_limit_share.clone(),
+        );
+        registry.register(
+            "unknown_outcomes",
+            "Session calls sent without a usable answer: recorded unknown, dead-lettered outcome_unknown",
+            m.unknown_outcomes.clone(),
+        );
+        registry.register(
+            "unknown_outcome_resends",
+            "Calls with an unknown outcome re-sent because genesys.retry_unknown_outcome is on",
+            m.unknown_outcome_resends.clone(),
         );
         Metrics { registry, ..m }
     }

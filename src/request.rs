@@ -94,12 +94,26 @@ impl SessionRequest {
             field: None,
             message: format!("body is not JSON: {e}"),
         })?;
-        if !value.is_object() {
+        let Some(object) = value.as_object() else {
             return Err(ValidationError {
                 field: None,
                 message: format!("body must be a JSON object, got {}", json_kind(&value)),
             });
+        };
+        // JSON allows a key twice and serde keeps the last; a request must say one thing.
+        if let Err(e) = serde_json::from_str::<NoDuplicateKeys>(text) {
+            let message = e.to_string();
+            let field = message.split('"').nth(1).map(str::to_string);
+            return Err(ValidationError {
+                field,
+                message: message
+                    .split(" at line")
+                    .next()
+                    .unwrap_or(&message)
+                    .to_string(),
+            });
         }
+        check_types(object)?;
         let request: SessionRequest =
             serde_json::from_value(value).map_err(|e| schema_error(&e))?;
         request.validate()?;
@@ -245,6 +259,98 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
+/// The JSON type each known field must have (`null` is allowed for the optional ones).
+const FIELD_TYPES: &[(&str, &str, bool)] = &[
+    ("visitor_id", "string", false),
+    ("queue_id", "string", false),
+    ("visitor_name", "string", true),
+    ("bot_score", "number", true),
+    ("source", "string", true),
+    ("external_id", "string", true),
+    ("attributes", "object", true),
+    ("idempotency_key", "string", true),
+];
+
+/// Name the field whose value has the wrong JSON type, before serde would not.
+fn check_types(object: &Map<String, Value>) -> Result<(), ValidationError> {
+    for (field, want, optional) in FIELD_TYPES {
+        let Some(v) = object.get(*field) else {
+            continue;
+        };
+        let ok = match (*want, v) {
+            (_, Value::Null) => *optional,
+            ("string", Value::String(_)) => true,
+            ("number", Value::Number(_)) => true,
+            ("object", Value::Object(_)) => true,
+            _ => false,
+        };
+        if !ok {
+            let article = if *want == "object" { "an" } else { "a" };
+            return Err(invalid(
+                field,
+                format!("must be {article} {want}, got {}", json_kind(v)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Deserializes any JSON and fails on an object that has the same key twice, at any depth.
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeysVisitor)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "key \"{key}\" appears twice in one object; send each field once"
+                )));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(NoDuplicateKeys)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(NoDuplicateKeys)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(NoDuplicateKeys)
+    }
+}
+
 /// Turn serde's message into one that names the field.
 fn schema_error(e: &serde_json::Error) -> ValidationError {
     let msg = e.to_string();
@@ -308,6 +414,34 @@ mod tests {
 
     fn err(body: &[u8]) -> ValidationError {
         SessionRequest::parse(body).unwrap_err()
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field() {
+        let e = err(br#"{"visitor_id": 5, "queue_id": "q"}"#);
+        assert_eq!(e.field.as_deref(), Some("visitor_id"));
+        assert!(
+            e.to_string().contains("must be a string, got a number"),
+            "{e}"
+        );
+        let e = err(br#"{"visitor_id": "v", "queue_id": "q", "attributes": [1]}"#);
+        assert_eq!(e.field.as_deref(), Some("attributes"));
+        let e = err(br#"{"visitor_id": "v", "queue_id": "q", "bot_score": "high"}"#);
+        assert_eq!(e.field.as_deref(), Some("bot_score"));
+    }
+
+    #[test]
+    fn a_key_twice_is_refused_at_any_depth() {
+        let e = err(br#"{"visitor_id": "v", "queue_id": "q", "idempotency_key": "a", "idempotency_key": "b"}"#);
+        assert_eq!(e.field.as_deref(), Some("idempotency_key"));
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e = err(br#"{"visitor_id": "v", "queue_id": "q", "attributes": {"x": 1, "x": 2}}"#);
+        assert_eq!(e.field.as_deref(), Some("x"));
+        // The same key in two different objects is fine.
+        assert!(SessionRequest::parse(
+            br#"{"visitor_id": "v", "queue_id": "q", "attributes": {"visitor_id": "inner"}}"#
+        )
+        .is_ok());
     }
 
     #[test]
@@ -378,7 +512,7 @@ mod tests {
         );
         assert!(err(br#"{"visitor_id":5,"queue_id":"q"}"#)
             .message
-            .contains("invalid type"));
+            .contains("must be a string, got a number"));
         assert_eq!(
             err(br#"{"visitor_id":"v","queue_id":"q","bot_score":1.5}"#)
                 .field
@@ -394,7 +528,7 @@ mod tests {
         assert!(
             err(br#"{"visitor_id":"v","queue_id":"q","bot_score":"high"}"#)
                 .message
-                .contains("invalid type")
+                .contains("must be a number, got a string")
         );
         let unknown = err(br#"{"visitor_id":"v","queue_id":"q","colour":"red"}"#);
         assert_eq!(unknown.field.as_deref(), Some("colour"));
@@ -403,7 +537,7 @@ mod tests {
         assert!(
             err(br#"{"visitor_id":"v","queue_id":"q","attributes":[1]}"#)
                 .message
-                .contains("invalid type")
+                .contains("must be an object, got an array")
         );
     }
 

@@ -89,6 +89,9 @@ pub struct Faults {
     /// Queue ids answered with 404 (unknown routing queue): a permanent error.
     pub reject_queues: Vec<String>,
     pub auth: AuthMode,
+    /// Create the session, then wait this long before answering (0 = answer at once): a
+    /// client whose timeout is shorter sees no answer although the session exists.
+    pub answer_late_ms: u64,
 }
 
 /// Counts of what the simulator saw, served at `GET /sim/stats`.
@@ -474,6 +477,14 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str().filter(|s| !s.is_empty())
 }
 
+/// The late-answer fault: the session exists, the answer takes `answer_late_ms`.
+async fn answer_late(sim: &Sim) {
+    let late = sim.faults().answer_late_ms;
+    if late > 0 {
+        tokio::time::sleep(Duration::from_millis(late)).await;
+    }
+}
+
 fn record_session(sim: &Sim, visitor: &str) -> String {
     bump(&sim.counters.sessions_created);
     *lock(&sim.visitors).entry(visitor.to_string()).or_insert(0) += 1;
@@ -535,6 +546,7 @@ async fn create_conversation(
     }
     let visitor = str_at(&v, &["initiator", "id"]).unwrap_or_default();
     let id = record_session(&sim, visitor);
+    answer_late(&sim).await;
     with_headers(
         (
             StatusCode::CREATED,
@@ -632,6 +644,7 @@ async fn open_message(
     }
     let visitor = str_at(&v, &["channel", "from", "id"]).unwrap_or_default();
     let conversation = record_session(&sim, visitor);
+    answer_late(&sim).await;
     let answer = json!({
         "id": uuid::Uuid::new_v4().to_string(),
         "channel": v.get("channel"),

@@ -214,3 +214,60 @@ async fn open_messaging_backend_creates_sessions() {
     assert_eq!(err.status(), Some(404));
     assert!(err.to_string().contains("no-such-integration"), "{err}");
 }
+
+/// A server whose session endpoint redirects to `target`, counting what reaches `target`.
+async fn redirecting_to(sim: &SimHandle, status: u16) -> String {
+    let target = format!("{}/api/v2/conversations/messaging", sim.base_url());
+    let login = sim.base_url();
+    let app = axum::Router::new()
+        .route(
+            "/oauth/token",
+            axum::routing::post(move || {
+                let login = login.clone();
+                async move {
+                    (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [("location", format!("{login}/oauth/token"))],
+                    )
+                }
+            }),
+        )
+        .fallback(move || {
+            let target = target.clone();
+            async move {
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    [("location", target)],
+                )
+            }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn redirects_are_never_followed_with_a_visitors_data() {
+    let sim = sim_with(Faults::default()).await;
+    for status in [302, 307, 308] {
+        let redirector = redirecting_to(&sim, status).await;
+        // The session endpoint redirects: a permanent error naming where, nothing sent there.
+        let client = client_for(&sim, |s| s.genesys.api_base_url = redirector.clone());
+        let err = client.create_session(&req("r"), "r").await.unwrap_err();
+        assert_eq!(err.disposition(), Disposition::Permanent, "{status}: {err}");
+        assert!(err.to_string().contains("never followed"), "{err}");
+        // The token endpoint redirects: the client credentials are not re-sent either.
+        let client = client_for(&sim, |s| s.genesys.login_base_url = redirector.clone());
+        assert!(client.create_session(&req("t"), "t").await.is_err());
+    }
+    let stats = sim.sim.stats();
+    assert_eq!(
+        stats.session_requests, 0,
+        "no session body reached the redirect target"
+    );
+    assert_eq!(
+        stats.token_grants, 3,
+        "one grant per client with a direct login; none through a redirect"
+    );
+}

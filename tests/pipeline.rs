@@ -128,7 +128,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_original_bytes() {
         (
             "wrong type",
             br#"{"visitor_id":42,"queue_id":"q"}"#.to_vec(),
-            "invalid type",
+            "visitor_id: must be a string",
         ),
         (
             "missing field",
@@ -388,4 +388,87 @@ async fn rate_limit_429_pauses_and_every_request_completes() {
     let stats = env.sim.sim.stats();
     assert!(stats.rate_limited > 0);
     assert_eq!(stats.duplicate_sessions, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_is_an_unknown_outcome_never_resent() {
+    // The simulator creates each session and answers after 2 s; the client gives up after 1 s.
+    let faults = Faults {
+        answer_late_ms: 2_000,
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| {
+        s.genesys.request_timeout = Duration::from_secs(1);
+        s.worker.max_attempts = 5;
+    })
+    .await;
+    let worker = env.start_worker(env.open_store());
+    let n = 5;
+    for i in 0..n {
+        env.publish(&request(&format!("late{i}")), None).await;
+    }
+    let dead = env.dead_letters(n, WAIT).await;
+    let events = env.events(n, WAIT).await;
+    // Published again: replayed from the record, no call.
+    for i in 0..n {
+        env.publish(&request(&format!("late{i}")), None).await;
+    }
+    let replayed = env.events(n, WAIT).await;
+    worker.stop().await;
+    let stats = env.sim.sim.stats();
+    assert_eq!(
+        stats.sessions_created, n as u64,
+        "one call per request, none re-sent"
+    );
+    assert_eq!(stats.duplicate_sessions, 0);
+    assert_eq!(dead.len(), n);
+    for d in &dead {
+        let props = &d.delivery.properties;
+        assert_eq!(
+            header_string(props, "x-failure-reason").as_deref(),
+            Some("outcome_unknown")
+        );
+        let detail = header_string(props, "x-failure-detail").unwrap_or_default();
+        assert!(detail.contains("no answer within"), "{detail}");
+    }
+    assert_eq!(events.len(), n);
+    for e in events.iter().chain(replayed.iter()) {
+        assert_eq!(e.event, EventKind::SessionFailed);
+        assert_eq!(
+            e.error.as_ref().map(|x| x.reason.as_str()),
+            Some("outcome_unknown")
+        );
+    }
+    assert_eq!(replayed.len(), n, "a re-publish replays the outcome");
+    assert_eq!(env.queue_len(&env.settings.amqp.dead_letter_queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_unknown_outcome_opts_into_resending() {
+    let faults = Faults {
+        answer_late_ms: 1_500,
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| {
+        s.genesys.request_timeout = Duration::from_millis(500);
+        s.genesys.retry_unknown_outcome = true;
+        s.worker.max_attempts = 2;
+        s.amqp.retry_delays = vec![];
+    })
+    .await;
+    let worker = env.start_worker(env.open_store());
+    env.publish(&request("resend"), None).await;
+    let dead = env.dead_letters(1, WAIT).await;
+    worker.stop().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header_string(&dead[0].delivery.properties, "x-failure-reason").as_deref(),
+        Some("retries_exhausted"),
+        "treated like a retryable error"
+    );
+    assert_eq!(
+        env.sim.sim.stats().sessions_created,
+        2,
+        "re-sent once: the duplicate the operator opted into"
+    );
 }

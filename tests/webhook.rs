@@ -209,3 +209,47 @@ async fn publish_tool_publishes_only_valid_lines() {
         .iter()
         .all(|m| m.delivery.properties.delivery_mode() == &Some(2)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_receiver_is_a_failure_and_the_event_goes_nowhere_else() {
+    for status in [302u16, 307] {
+        let (target, target_url) = start_receiver(0, 200).await;
+        let app = axum::Router::new().fallback(move || {
+            let target_url = target_url.clone();
+            async move {
+                (
+                    StatusCode::from_u16(status).unwrap(),
+                    [("location", target_url)],
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let env = TestEnv::new(Faults::default(), |s| {
+            s.webhook.url = format!("http://{addr}/hook");
+        })
+        .await;
+        let store = env.open_store();
+        let worker = env.start_worker(store.clone());
+        let forwarder = env.start_forwarder(store.clone());
+        env.publish(&request("redirected"), None).await;
+        let dead = env
+            .take(&env.settings.amqp.webhook_dead_letter_queue, 1, WAIT)
+            .await;
+        worker.stop().await;
+        forwarder.stop().await;
+        assert_eq!(dead.len(), 1, "{status}: the event is dead-lettered");
+        let props = &dead[0].delivery.properties;
+        let detail = header_string(props, "x-failure-detail").unwrap_or_default();
+        assert!(detail.contains("never followed"), "{detail}");
+        assert_eq!(
+            header_i64(props, "x-failure-status"),
+            Some(i64::from(status))
+        );
+        assert!(
+            target.received.lock().unwrap().is_empty(),
+            "{status}: nothing reached the Location"
+        );
+    }
+}

@@ -180,6 +180,9 @@ pub struct SimArgs {
     /// Latency added to every session request.
     #[arg(long, default_value = "0ms", value_parser = config::parse_duration)]
     pub latency: Duration,
+    /// Create each session, then answer only after this long (a slow Genesys answer).
+    #[arg(long, default_value = "0ms", value_parser = config::parse_duration)]
+    pub answer_late: Duration,
     /// Fraction of session requests answered 503.
     #[arg(long, default_value = "0", value_parser = sim::parse_rate)]
     pub fail_rate: f64,

@@ -122,6 +122,7 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         integration_ids: args.integration_ids,
         faults: Faults {
             latency_ms: args.latency.as_millis() as u64,
+            answer_late_ms: args.answer_late.as_millis() as u64,
             fail_rate: args.fail_rate,
             throttle_rate: args.throttle_rate,
             rate_limit_per_minute: args.rate_limit,

@@ -125,6 +125,8 @@ pub struct GenesysSettings {
     pub request_timeout: Duration,
     #[serde(with = "duration")]
     pub token_refresh_margin: Duration,
+    #[serde(default)]
+    pub retry_unknown_outcome: bool,
 }
 
 impl GenesysSettings {
@@ -167,6 +169,7 @@ pub struct StoreSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     pub secret: Secret,
     #[serde(with = "duration")]
@@ -376,7 +379,15 @@ impl Settings {
         if !h.url.trim().is_empty() {
             need(
                 is_http_url(&h.url),
-                format!("webhook.url: not an http(s) URL: {:?}", h.url),
+                format!("webhook.url: not an http(s) URL: {:?}", redact_url(&h.url)),
+            );
+        }
+        if let Some(encoded) = h.secret.expose().strip_prefix("whsec_") {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim());
+            need(
+                decoded.is_ok_and(|k| !k.is_empty()),
+                "webhook.secret: starts with whsec_ but the rest is not base64 (a Standard Webhooks secret is whsec_ followed by the base64 of the key); fix ANALYTICS_WEBHOOK_SECRET".into(),
             );
         }
         need(
@@ -506,6 +517,44 @@ mod tests {
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         f.write_all(contents.as_bytes()).unwrap();
         f
+    }
+
+    #[test]
+    fn an_unusable_webhook_secret_is_a_configuration_error() {
+        let mut env = HashMap::new();
+        env.insert(
+            "ANALYTICS_WEBHOOK_SECRET".to_string(),
+            "whsec_not*base64!".to_string(),
+        );
+        let err = Settings::load_from(None, &env).unwrap_err().to_string();
+        assert!(
+            err.contains("webhook.secret") && err.contains("base64"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("not*base64"),
+            "the secret is not shown: {err}"
+        );
+    }
+
+    #[test]
+    fn credentials_in_urls_never_print() {
+        let mut env = HashMap::new();
+        env.insert(
+            "ANALYTICS_WEBHOOK_URL".to_string(),
+            "https://u:pw1@hooks.example/in?token=tk2".to_string(),
+        );
+        env.insert(
+            "SESSION_WORKER__AMQP__URL".to_string(),
+            "amqp://guest:pw3@127.0.0.1:5672/%2f?password=pw4".to_string(),
+        );
+        let shown = Settings::load_from(None, &env)
+            .unwrap()
+            .to_redacted_toml()
+            .unwrap();
+        for secret in ["pw1", "tk2", "pw3", "pw4"] {
+            assert!(!shown.contains(secret), "{secret} printed:\n{shown}");
+        }
     }
 
     #[test]

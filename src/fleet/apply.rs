@@ -50,7 +50,7 @@ pub fn apply(store: &Store, record: &Record, worker_id: &str) -> Result<Applied,
         } => {
             let (claim_id, at_ms, lease_ms) = (claim_id.clone(), *at_ms, *lease_ms);
             if let Some(rec) = store.get(key)? {
-                if rec.state == IdemState::Completed {
+                if rec.state.is_final() {
                     return Ok(Applied::Claim {
                         claim_id,
                         decision: Decision::Done(Box::new(rec)),
@@ -95,6 +95,8 @@ pub fn apply(store: &Store, record: &Record, worker_id: &str) -> Result<Applied,
             let keep_local = store
                 .get(key)?
                 .is_some_and(|l| l.state == IdemState::Completed);
+            // An `unknown` from the ledger does not overwrite a local `completed` either; a
+            // local `unknown` is replaced by whatever the fleet learned.
             if !keep_local {
                 store.put(key, record)?;
             }

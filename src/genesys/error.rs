@@ -15,6 +15,9 @@ pub enum Disposition {
     Permanent,
     /// Credentials or scopes are wrong; every request would fail. Pause, do not dead-letter.
     Auth,
+    /// The request was sent and no usable answer came back: Genesys may have created the
+    /// session. Never re-sent automatically (SPEC §5).
+    Unknown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,12 @@ pub enum GenesysError {
         message: String,
         hint: String,
     },
+    #[error("outcome unknown: {detail}")]
+    Unknown {
+        status: Option<u16>,
+        detail: String,
+        correlation_id: Option<String>,
+    },
     #[error("unexpected answer from Genesys Cloud ({status}): {message}")]
     InvalidResponse {
         status: u16,
@@ -70,6 +79,7 @@ impl GenesysError {
                 Disposition::Permanent
             }
             GenesysError::Auth { .. } => Disposition::Auth,
+            GenesysError::Unknown { .. } => Disposition::Unknown,
         }
     }
 
@@ -81,6 +91,7 @@ impl GenesysError {
             | GenesysError::Permanent { status, .. }
             | GenesysError::Auth { status, .. }
             | GenesysError::InvalidResponse { status, .. } => Some(*status),
+            GenesysError::Unknown { status, .. } => *status,
             GenesysError::Timeout(_) | GenesysError::Connection(_) => None,
         }
     }
@@ -91,8 +102,32 @@ impl GenesysError {
             GenesysError::RateLimited { correlation_id, .. }
             | GenesysError::Server { correlation_id, .. }
             | GenesysError::Permanent { correlation_id, .. }
-            | GenesysError::InvalidResponse { correlation_id, .. } => correlation_id.as_deref(),
+            | GenesysError::InvalidResponse { correlation_id, .. }
+            | GenesysError::Unknown { correlation_id, .. } => correlation_id.as_deref(),
             _ => None,
+        }
+    }
+
+    /// A transport error of a session POST: only a failure to connect (DNS, refused, connect
+    /// timeout, TLS handshake) proves the request was not written; anything later (a read
+    /// timeout, a reset after writing) leaves the outcome unknown.
+    pub fn from_session_transport(err: &reqwest::Error) -> Self {
+        if err.is_connect() {
+            return GenesysError::Connection(describe_chain(err));
+        }
+        let what = if err.is_timeout() {
+            "no answer within genesys.request_timeout"
+        } else {
+            "the connection failed after the request was sent"
+        };
+        GenesysError::Unknown {
+            status: None,
+            detail: format!(
+                "{what} ({}) at {}; Genesys Cloud may have created the session",
+                describe_chain(err),
+                crate::event::now_rfc3339()
+            ),
+            correlation_id: None,
         }
     }
 
@@ -131,6 +166,15 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8], auth_hint: &str) 
         .clone()
         .unwrap_or_else(|| truncate(&String::from_utf8_lossy(body)));
     match status {
+        300..=399 => GenesysError::Permanent {
+            status,
+            code: "redirect".into(),
+            message: format!(
+                "answered with a redirect to {}; redirects are never followed (check genesys.region / api_base_url / login_base_url)",
+                header_str(headers, "location").as_deref().map(crate::secret::redact_url).unwrap_or_else(|| "nowhere".into())
+            ),
+            correlation_id,
+        },
         429 => GenesysError::RateLimited {
             retry_after: retry_after(headers).unwrap_or(Duration::from_secs(1)),
             code,
@@ -140,6 +184,14 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8], auth_hint: &str) 
             status,
             message,
             hint: auth_hint.to_string(),
+        },
+        500 | 502 | 504 => GenesysError::Unknown {
+            status: Some(status),
+            detail: format!(
+                "Genesys Cloud answered {status} {code} ({message}) at {}; it may have created the session",
+                crate::event::now_rfc3339()
+            ),
+            correlation_id,
         },
         408 => GenesysError::Server {
             status,
@@ -231,7 +283,7 @@ mod tests {
 
     #[test]
     fn server_errors_retry_except_501() {
-        for status in [500, 502, 503, 504, 408] {
+        for status in [503, 408] {
             assert_eq!(
                 classify(status, &HeaderMap::new(), b"", "").disposition(),
                 Disposition::Retry { after: None }
@@ -267,6 +319,35 @@ mod tests {
         assert_eq!(
             classify(401, &HeaderMap::new(), b"", "").disposition(),
             Disposition::Auth
+        );
+    }
+
+    #[test]
+    fn answers_that_may_have_acted_are_unknown() {
+        for status in [500, 502, 504] {
+            let e = classify(status, &HeaderMap::new(), b"", "");
+            assert_eq!(e.disposition(), Disposition::Unknown, "{status}");
+            assert_eq!(e.status(), Some(status));
+        }
+    }
+
+    #[test]
+    fn redirects_are_permanent_and_name_the_location() {
+        let e = classify(
+            307,
+            &headers(&[("location", "https://elsewhere.example/x?token=abc")]),
+            b"",
+            "",
+        );
+        assert_eq!(e.disposition(), Disposition::Permanent);
+        let text = e.to_string();
+        assert!(
+            text.contains("elsewhere.example") && text.contains("never followed"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("abc"),
+            "credentials in the Location are redacted: {text}"
         );
     }
 

@@ -109,6 +109,8 @@ impl GenesysClient {
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(max_connections.max(1))
             .user_agent(concat!("session-worker/", env!("CARGO_PKG_VERSION")))
+            // A visitor's data goes to the configured host only (SPEC §4): a 3xx is an error.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| GenesysError::Connection(crate::text::describe_chain(&e)))?;
         let backend = Backend::from_settings(settings);
@@ -293,7 +295,7 @@ impl GenesysClient {
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|e| GenesysError::from_transport(&e))?;
+            .map_err(|e| GenesysError::from_session_transport(&e))?;
         let status = response.status().as_u16();
         let headers = response.headers();
         let correlation_id = crate::http_headers::header_str(headers, "inin-correlation-id");
@@ -304,10 +306,8 @@ impl GenesysClient {
         if !(200..300).contains(&status) {
             // Errors are the rare path: their headers (Retry-After, ...) are kept for classifying.
             let headers = headers.clone();
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| GenesysError::from_transport(&e))?;
+            // The status decides; a body cut off on the way only loses the message.
+            let bytes = response.bytes().await.unwrap_or_default();
             return Err(error::classify(
                 status,
                 &headers,
@@ -315,10 +315,15 @@ impl GenesysClient {
                 inner.backend.auth_hint(),
             ));
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| GenesysError::from_transport(&e))?;
+        let bytes = response.bytes().await.map_err(|e| GenesysError::Unknown {
+            status: Some(status),
+            detail: format!(
+                "Genesys Cloud answered {status} but the body was lost ({}) at {}; the session exists, its id is unknown",
+                crate::text::describe_chain(&e),
+                crate::event::now_rfc3339()
+            ),
+            correlation_id: correlation_id.clone(),
+        })?;
         let latency = started.elapsed();
         let json: serde_json::Value =
             serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);

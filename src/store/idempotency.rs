@@ -10,6 +10,16 @@ pub enum IdemState {
     InProgress,
     Completed,
     Failed,
+    /// Sent, no usable answer: Genesys may have created the session. Replayed, never re-sent,
+    /// until an operator clears it (`dlq replay --force`).
+    Unknown,
+}
+
+impl IdemState {
+    /// A state a redelivery replays instead of calling Genesys.
+    pub fn is_final(self) -> bool {
+        matches!(self, IdemState::Completed | IdemState::Unknown)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,7 +72,7 @@ impl Store {
             .filter(|r| r.updated_at_ms.saturating_add(ttl_ms) >= now);
         let attempts = match existing {
             Some(rec) if rec.fingerprint != fingerprint => return Ok(Claim::Conflict(rec)),
-            Some(rec) if rec.state == IdemState::Completed => return Ok(Claim::Completed(rec)),
+            Some(rec) if rec.state.is_final() => return Ok(Claim::Completed(rec)),
             Some(rec) => {
                 if rec.state == IdemState::InProgress {
                     tracing::info!(idempotency_key = key, previous_worker = %rec.worker_id, "resuming a key left in progress");

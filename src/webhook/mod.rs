@@ -111,6 +111,8 @@ impl Forwarder {
             .connect_timeout(settings.webhook.timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(settings.webhook.concurrency)
             .user_agent(concat!("session-worker/", env!("CARGO_PKG_VERSION")))
+            // A signed event goes to the configured URL only (SPEC §4): a 3xx is a failure.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ForwarderError::Client(e.to_string()))?;
         let worker_id = settings.worker_id();
@@ -193,6 +195,15 @@ impl Forwarder {
         match req.body(body.to_vec()).send().await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
+                if (300..400).contains(&status) {
+                    let location = crate::http_headers::header_str(resp.headers(), "location")
+                        .map(|l| crate::secret::redact_url(&l))
+                        .unwrap_or_else(|| "nowhere".into());
+                    return Outcome::Rejected {
+                        status,
+                        detail: format!("receiver answered {status} redirecting to {location}; redirects are never followed"),
+                    };
+                }
                 let retry_after = crate::http_headers::retry_after(resp.headers());
                 let text = resp.text().await.unwrap_or_default();
                 classify(status, retry_after, &text)

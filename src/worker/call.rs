@@ -19,6 +19,8 @@ pub struct Caller {
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// `genesys.retry_unknown_outcome`: re-send what may have been acted on.
+    pub retry_unknown: bool,
 }
 
 impl Caller {
@@ -54,7 +56,15 @@ impl Caller {
                 Ok(created) => return Outcome::Started(created),
                 Err(e) => e,
             };
-            match err.disposition() {
+            let disposition = match err.disposition() {
+                Disposition::Unknown if self.retry_unknown => {
+                    internal_events::unknown_outcome_resent(&err.to_string());
+                    Disposition::Retry { after: None }
+                }
+                d => d,
+            };
+            match disposition {
+                Disposition::Unknown => return Outcome::Unknown(err),
                 Disposition::Permanent => return Outcome::Rejected(err),
                 Disposition::Auth => return Outcome::AuthRefused(err),
                 Disposition::Retry { after } => {

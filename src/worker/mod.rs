@@ -120,6 +120,7 @@ impl Worker {
                 max_attempts: w.max_attempts,
                 backoff_base: w.backoff_base,
                 backoff_max: w.backoff_max,
+                retry_unknown: settings.genesys.retry_unknown_outcome,
             },
             recorder: Recorder {
                 settings: settings.clone(),

@@ -45,6 +45,9 @@ pub enum Outcome {
     Parked(FleetClaim),
     /// Shutdown came before the call was sent: give the claim back and requeue.
     Abandoned,
+    /// The call was sent and no usable answer came: the key is `unknown`, dead-lettered
+    /// `outcome_unknown`, never re-sent by itself.
+    Unknown(GenesysError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +218,9 @@ impl Recorder {
                 };
                 self.dead_letters.send(ch, &job.delivery, &failure).await?;
                 internal_events::session_dead_lettered(reason, attempts, &detail);
+                if reason == Reason::OutcomeUnknown {
+                    internal_events::unknown_outcome(&detail);
+                }
                 Settle::Ack
             }
             Route::DelayedRetry {
@@ -301,6 +307,11 @@ impl Recorder {
                 self.rejection(job, Reason::IdempotencyConflict, detail, None)
             }
             Outcome::Rejected(err) => self.failure(job, Reason::PermanentApiError, err),
+            Outcome::Unknown(err) => {
+                let mut plan = self.failure(job, Reason::OutcomeUnknown, err);
+                plan.record = Some(IdemState::Unknown);
+                plan
+            }
             Outcome::Retryable(err) => {
                 let delayed = header_i64(&job.delivery.properties, header::DELAYED_RETRIES)
                     .unwrap_or(0)
@@ -446,7 +457,10 @@ fn error_event(
 
 fn error_of(outcome: &Outcome) -> Option<&GenesysError> {
     match outcome {
-        Outcome::Rejected(e) | Outcome::Retryable(e) | Outcome::AuthRefused(e) => Some(e),
+        Outcome::Rejected(e)
+        | Outcome::Retryable(e)
+        | Outcome::AuthRefused(e)
+        | Outcome::Unknown(e) => Some(e),
         _ => None,
     }
 }

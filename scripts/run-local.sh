@@ -56,7 +56,7 @@ if command -v curl >/dev/null 2>&1; then
   curl -s "$SIM_URL/sim/stats"; echo
   echo "    (sessions_created = distinct_visitors and duplicate_sessions = 0: one session per key)"
 fi
-echo "==> latest audit entries (session-worker audit tail, read through the worker's HTTP endpoint):"
+echo "==> latest audit entries (session-worker audit tail, read through the running worker's admin socket):"
 "$BIN" --config "$CONFIG" audit tail -n 6 || true
 echo "==> metrics: curl -s http://127.0.0.1:9464/metrics | grep session_requests_total"
 echo "==> running; Ctrl-C to stop. Publish more with: $BIN --config $CONFIG publish FILE"

@@ -1,54 +1,48 @@
 //! Reading the audit trail: `session-worker audit tail|show|export|stats` (SPEC §6).
 //!
 //! sled allows one process per store. The commands open the store themselves when it is free;
-//! when a running worker holds it, they ask that worker's HTTP endpoint (`GET /audit` on
-//! `http.listen`) instead. The same two paths append the audit entries of the `dlq` commands.
+//! when a running worker holds it, they ask that worker's admin endpoint (a Unix socket beside
+//! the store, reachable only inside its pod; see [`crate::admin`]) instead. The same two paths
+//! record the audit entries of the `dlq` commands; neither can write anything else.
 
+use crate::admin::{AdminClient, AdminError, Operation};
 use crate::config::Settings;
 use crate::store::{AuditEntry, AuditQuery, Store, StoreError};
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("the store is held by a running worker, and its HTTP endpoint http://{addr} did not answer: {message}")]
-    Remote { addr: String, message: String },
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("there is no store at {0} (store.path); check --config and SESSION_WORKER__STORE__PATH: this command reads the store of the worker it runs beside")]
+    NoStore(PathBuf),
     #[error(
         "{0:?} is neither an RFC 3339 time (2026-11-24T10:00:00Z) nor a duration ago (90m, 24h)"
     )]
     BadTime(String),
 }
 
-/// Where audit entries are read from and written to.
+/// Where audit entries are read from, and operator actions recorded.
 pub enum AuditAccess {
     Local(Store),
-    Remote { base: String, http: reqwest::Client },
+    Remote(AdminClient),
 }
 
 impl AuditAccess {
-    /// Open the store, or fall back to the running worker's endpoint if it holds the store.
+    /// Open the store, or reach the running worker's admin endpoint if it holds the store.
+    /// A store that does not exist is an error, not an empty trail.
     pub fn open(settings: &Settings) -> Result<Self, AuditError> {
-        match Store::open(&settings.store.path, settings.store.idempotency_ttl) {
+        let path = &settings.store.path;
+        if !path.exists() {
+            return Err(AuditError::NoStore(path.clone()));
+        }
+        match Store::open(path, settings.store.idempotency_ttl) {
             Ok(store) => Ok(AuditAccess::Local(store)),
-            Err(StoreError::Locked { .. }) => {
-                let addr = settings
-                    .http
-                    .listen
-                    .replace("0.0.0.0", "127.0.0.1")
-                    .replace("[::]", "[::1]");
-                Ok(AuditAccess::Remote {
-                    base: format!("http://{addr}"),
-                    http: reqwest::Client::builder()
-                        .timeout(Duration::from_secs(30))
-                        .build()
-                        .map_err(|e| AuditError::Remote {
-                            addr: addr.clone(),
-                            message: e.to_string(),
-                        })?,
-                })
-            }
+            Err(StoreError::Locked { .. }) => Ok(AuditAccess::Remote(AdminClient::new(path))),
             Err(e) => Err(e.into()),
         }
     }
@@ -56,66 +50,19 @@ impl AuditAccess {
     pub async fn query(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, AuditError> {
         match self {
             AuditAccess::Local(store) => Ok(store.audit_query(q)?),
-            AuditAccess::Remote { base, http } => {
-                let mut params: Vec<(&str, String)> = Vec::new();
-                if let Some(v) = q.since_us {
-                    params.push(("since_us", v.to_string()));
-                }
-                if let Some(v) = q.until_us {
-                    params.push(("until_us", v.to_string()));
-                }
-                if let Some(v) = &q.key {
-                    params.push(("key", v.clone()));
-                }
-                if let Some(v) = q.tail {
-                    params.push(("tail", v.to_string()));
-                }
-                let remote = |message: String| AuditError::Remote {
-                    addr: base.trim_start_matches("http://").to_string(),
-                    message,
-                };
-                let url = reqwest::Url::parse_with_params(&format!("{base}/audit"), &params)
-                    .map_err(|e| remote(e.to_string()))?;
-                let resp = http
-                    .get(url)
-                    .send()
-                    .await
-                    .map_err(|e| remote(e.to_string()))?;
-                if !resp.status().is_success() {
-                    return Err(remote(format!("HTTP {}", resp.status())));
-                }
-                let bytes = resp.bytes().await.map_err(|e| remote(e.to_string()))?;
-                serde_json::from_slice(&bytes).map_err(|e| remote(e.to_string()))
-            }
+            AuditAccess::Remote(client) => Ok(client.audit_query(q).await?),
         }
     }
 
-    pub async fn append(&self, entry: &AuditEntry) -> Result<(), AuditError> {
+    /// Record an operator action (`dlq replay`, `dlq purge`) in the trail.
+    pub async fn record(&self, operation: &Operation) -> Result<(), AuditError> {
         match self {
             AuditAccess::Local(store) => {
-                store.append_audit(entry)?;
+                store.append_audit(&operation.entry())?;
                 store.flush_now()?;
                 Ok(())
             }
-            AuditAccess::Remote { base, http } => {
-                let remote = |message: String| AuditError::Remote {
-                    addr: base.trim_start_matches("http://").to_string(),
-                    message,
-                };
-                let body = serde_json::to_vec(entry).map_err(|e| remote(e.to_string()))?;
-                let resp = http
-                    .post(format!("{base}/audit"))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| remote(e.to_string()))?;
-                if resp.status().is_success() {
-                    Ok(())
-                } else {
-                    Err(remote(format!("HTTP {}", resp.status())))
-                }
-            }
+            AuditAccess::Remote(client) => Ok(client.record_operation(operation).await?),
         }
     }
 }
@@ -204,6 +151,7 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn entry(kind: &str, outcome: &str, latency: Option<f64>) -> AuditEntry {
         AuditEntry {

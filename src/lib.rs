@@ -9,6 +9,7 @@
 //! **Operations** (what operators and producers run)
 //! - [`dlq`]: list, show, replay and purge the dead-letter queues.
 //! - [`audit`]: read the audit trail, from the store or through the running worker.
+//! - [`admin`]: the running worker's admin endpoint, an owner-only Unix socket.
 //! - [`publish`]: the producer tool, validating with the worker's own code.
 //! - [`sim`]: a local Genesys Cloud simulator for development and tests.
 //!
@@ -35,6 +36,7 @@
 
 pub mod cli;
 
+pub mod admin;
 pub mod audit;
 pub mod dlq;
 pub mod publish;

@@ -189,7 +189,6 @@ async fn readiness_flips_under_auth_failure_and_metrics_move_with_traffic() {
     let server = tokio::spawn(session_worker::http::serve(
         listener,
         health,
-        store,
         std::future::pending(),
     ));
     let http = reqwest::Client::new();
@@ -204,6 +203,17 @@ async fn readiness_flips_under_auth_failure_and_metrics_move_with_traffic() {
     assert!(env.wait_for(WAIT, || worker.health.ready()).await);
     assert_eq!(get("/readyz").await.0, 200);
     assert_eq!(get("/healthz").await.0, 200);
+    // The metrics port serves no audit data and takes no writes.
+    assert_eq!(get("/audit").await.0, 404);
+    let forged = http
+        .post(format!("{base}/audit"))
+        .header("content-type", "application/json")
+        .body(r#"{"timestamp":"","event_type":"session_init","outcome":"started","worker_id":"attacker"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 404);
+    drop(store);
     let count = |text: &str, name: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(name))
@@ -295,4 +305,70 @@ async fn audit_commands_read_a_stopped_workers_store() {
         run(&["audit", "show", "no-such-key"]).status.code(),
         Some(1)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_and_dlq_commands_work_beside_a_running_worker_through_its_admin_socket() {
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let mut pod = common::Pod::new(&env, "admin");
+    pod.start();
+    assert!(pod.ready_within(Duration::from_secs(60)).await.is_some());
+    env.publish(&request("beside"), Some("beside-key")).await;
+    assert_eq!(env.events(1, WAIT).await.len(), 1);
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+            .arg("--config")
+            .arg(pod.config_path())
+            .args(args)
+            .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
+            .output()
+            .unwrap()
+    };
+    let show = run(&["audit", "show", "beside-key"]);
+    assert_eq!(
+        show.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    assert!(String::from_utf8_lossy(&show.stdout).contains("\"outcome\":\"started\""));
+    // The socket sits beside the store, owner-only.
+    let socket = session_worker::admin::socket_path(&pod.store);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // A replay beside the running worker writes its audit entry through the socket.
+    let replay = run(&["dlq", "replay", "--reason", "permanent_api_error"]);
+    assert_eq!(
+        replay.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let tail = run(&["audit", "tail", "-n", "1"]);
+    assert!(
+        String::from_utf8_lossy(&tail.stdout).contains("dlq_replay"),
+        "{}",
+        String::from_utf8_lossy(&tail.stdout)
+    );
+    assert_eq!(pod.stop(), Some(0));
+    assert!(
+        !socket.exists(),
+        "the socket is removed when the worker stops"
+    );
+    // A store that does not exist is an error, not an empty trail.
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .arg("--config")
+        .arg(pod.config_path())
+        .args(["audit", "stats"])
+        .env(
+            "SESSION_WORKER__STORE__PATH",
+            "/nonexistent/session-worker-store",
+        )
+        .output()
+        .unwrap();
+    assert_ne!(missing.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no store at"));
 }

@@ -204,12 +204,19 @@ async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals();
     let http = {
         let mut rx = shutdown.clone();
-        tokio::spawn(crate::http::serve(
-            listener,
-            health.clone(),
-            store.clone(),
-            async move { rx.requested().await },
-        ))
+        tokio::spawn(crate::http::serve(listener, health.clone(), async move {
+            rx.requested().await
+        }))
+    };
+    let admin = {
+        let store = store.clone();
+        let path = settings.store.path.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(store, &path, shutdown).await {
+                tracing::error!(error = %e, "the admin endpoint is not available; audit and dlq commands beside this worker will fail");
+            }
+        })
     };
     let forwarder = match role {
         Role::Worker => None,
@@ -235,5 +242,6 @@ async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
         task.await.context("webhook forwarder task failed")??;
     }
     http.abort();
+    let _ = admin.await;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use super::args::{AuditAction, DlqAction, DlqFilterArgs};
 use super::exit::{fail, usage, EXIT_OK};
+use crate::admin::Operation;
 use crate::audit::{self, AuditAccess};
 use crate::config::Settings;
 use crate::dlq::{self, DlqMessage, Filter};
@@ -56,32 +57,28 @@ fn table_header() -> String {
     )
 }
 
-async fn record(settings: &Settings, entry: AuditEntry) {
-    match AuditAccess::open(settings) {
-        Ok(access) => {
-            if let Err(e) = access.append(&entry).await {
-                eprintln!("warning: the audit entry could not be written: {e}");
-            }
-        }
-        Err(e) => eprintln!("warning: the audit entry could not be written: {e}"),
+async fn record(settings: &Settings, operation: Operation) {
+    let written = match AuditAccess::open(settings) {
+        Ok(access) => access.record(&operation).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        eprintln!("warning: the audit entry could not be written: {e}");
     }
 }
 
-fn ops_entry(kind: &str, queue: &str, count: usize, detail: String) -> AuditEntry {
-    AuditEntry {
-        timestamp: crate::event::now_rfc3339(),
-        event_type: kind.into(),
-        queue_id: Some(queue.to_string()),
+fn operation(kind: &str, queue: &str, count: usize, detail: String) -> Operation {
+    Operation {
+        kind: kind.into(),
+        queue: queue.to_string(),
+        count: count as u64,
+        operator: operator(),
         outcome: if count > 0 {
             "done".into()
         } else {
             "nothing_matched".into()
         },
-        count: Some(count as u64),
-        operator: Some(operator()),
-        worker_id: "operator".into(),
-        detail: Some(detail),
-        ..Default::default()
+        detail,
     }
 }
 
@@ -208,7 +205,7 @@ async fn replay(
                 let detail = format!("replayed {} message(s) (filter: {:?})", moved.moved, args);
                 record(
                     settings,
-                    ops_entry("dlq_replay", &queue, moved.moved, detail),
+                    operation("dlq_replay", &queue, moved.moved, detail),
                 )
                 .await;
             }
@@ -244,7 +241,7 @@ async fn purge(
             let detail = format!("purged {} message(s) (filter: {:?})", moved.moved, args);
             record(
                 settings,
-                ops_entry("dlq_purge", &queue, moved.moved, detail),
+                operation("dlq_purge", &queue, moved.moved, detail),
             )
             .await;
             EXIT_OK

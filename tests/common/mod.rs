@@ -269,6 +269,26 @@ impl TestEnv {
             .await
     }
 
+    /// The settings as a config file without `keys` (`section.key`): for an older binary that
+    /// does not know them.
+    pub fn config_file_without(&self, keys: &[&str]) -> tempfile::NamedTempFile {
+        let text = self.settings.to_redacted_toml().expect("toml");
+        let mut doc: toml::Table = text.parse().expect("our own TOML parses");
+        for key in keys {
+            if let Some((section, name)) = key.split_once('.') {
+                if let Some(toml::Value::Table(t)) = doc.get_mut(section) {
+                    t.remove(name);
+                }
+            }
+        }
+        let mut f = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp file");
+        std::io::Write::write_all(&mut f, doc.to_string().as_bytes()).expect("write config");
+        f
+    }
+
     /// This test's settings as a config file for the worker binary (secrets come from the
     /// environment `spawn_worker_binary` sets).
     pub fn config_file(&self) -> tempfile::NamedTempFile {

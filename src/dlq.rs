@@ -9,6 +9,7 @@
 
 use crate::amqp::{self, header, header_i64, header_string, int, AmqpError};
 use crate::config::Settings;
+use crate::event::Reason;
 use base64::Engine;
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
@@ -385,6 +386,46 @@ pub struct Moved {
     pub depth: u32,
     pub matched: usize,
     pub moved: usize,
+    /// Matching `outcome_unknown` messages left in place because `--force` was not given.
+    pub held_back: usize,
+}
+
+/// How a replay runs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReplayOptions {
+    /// Messages per second at most.
+    pub rate_per_sec: Option<f64>,
+    /// List what would move; move nothing.
+    pub dry_run: bool,
+    /// Replay `outcome_unknown` messages too, clearing their keys fleet-wide first, so the
+    /// replayed copy is sent to Genesys once more (SPEC §5, §7).
+    pub force: bool,
+}
+
+/// The idempotency key the worker derived for a dead-lettered session request, if its body
+/// is valid (an invalid body never had a key state to clear).
+fn idempotency_key(props: &BasicProperties, body: &[u8]) -> Option<String> {
+    let message_id = props.message_id().as_ref().map(|m| m.as_str().to_string());
+    crate::request::validate_message(body, message_id.as_deref())
+        .ok()
+        .map(|v| v.idempotency_key)
+}
+
+/// Clear an `unknown` key in every pod's store: a `forget` record in the fleet ledger, which
+/// every pod applies before it can claim the key again.
+async fn forget(ch: &Channel, settings: &Settings, key: &str) -> Result<(), AmqpError> {
+    let record = crate::fleet::record::Record::Forget {
+        key: key.to_string(),
+    };
+    let props = amqp::json_properties().with_type(crate::fleet::record::RECORD_TYPE.into());
+    amqp::publish_routed(
+        ch,
+        "",
+        &settings.amqp.ledger_stream,
+        &record.encode(),
+        props,
+    )
+    .await
 }
 
 /// Replay (or, with `dry_run`, only list) matching messages. `on_each` sees every match.
@@ -393,10 +434,14 @@ pub async fn replay(
     settings: &Settings,
     kind: DlqKind,
     filter: &Filter,
-    rate_per_sec: Option<f64>,
-    dry_run: bool,
+    options: ReplayOptions,
     mut on_each: impl FnMut(&DlqMessage),
 ) -> Result<Moved, AmqpError> {
+    let ReplayOptions {
+        rate_per_sec,
+        dry_run,
+        force,
+    } = options;
     let publish_ch = amqp::confirm_channel(conn).await?;
     let mut pass = Pass::open(conn, queue_name(settings, kind)).await?;
     let mut result = Moved {
@@ -413,10 +458,21 @@ pub async fn replay(
         if !msg.matches(filter) {
             continue;
         }
+        let unknown = msg.reason.as_deref() == Some(Reason::OutcomeUnknown.as_str());
+        if unknown && !force {
+            // Genesys may have created this session: only an operator who checked says so.
+            result.held_back += 1;
+            continue;
+        }
         result.matched += 1;
         on_each(&msg);
         if dry_run {
             continue;
+        }
+        if unknown && kind == DlqKind::Worker {
+            if let Some(key) = idempotency_key(&m.delivery.properties, &m.delivery.data) {
+                forget(&publish_ch, settings, &key).await?;
+            }
         }
         let (exchange, routing_key) = replay_target(settings, kind, &m.delivery.properties);
         let props = replay_properties(&m.delivery.properties);

@@ -59,6 +59,8 @@ pub struct Metrics {
     /// Calls sent without a usable answer (SPEC §5), and those re-sent by opt-in.
     pub unknown_outcomes: Counter,
     pub unknown_outcome_resends: Counter,
+    /// Records per fleet ledger message (appends are batched).
+    pub ledger_batch_records: Histogram,
 }
 
 impl Metrics {
@@ -86,6 +88,7 @@ impl Metrics {
             rate_limit_share: Gauge::default(),
             unknown_outcomes: Counter::default(),
             unknown_outcome_resends: Counter::default(),
+            ledger_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             registry: Registry::default(),
         };
         registry.register(
@@ -192,6 +195,11 @@ impl Metrics {
             "unknown_outcome_resends",
             "Calls with an unknown outcome re-sent because genesys.retry_unknown_outcome is on",
             m.unknown_outcome_resends.clone(),
+        );
+        registry.register(
+            "ledger_batch_records",
+            "Records carried by one fleet ledger message",
+            m.ledger_batch_records.clone(),
         );
         Metrics { registry, ..m }
     }

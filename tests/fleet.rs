@@ -201,3 +201,161 @@ async fn live_pods_share_one_rate_budget_and_take_a_leavers_share_back() {
     );
     assert_eq!(pods[0].stop(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_completed_before_the_ledger_existed_still_deduplicate() {
+    use session_worker::store::{IdemRecord, IdemState};
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let store = env.open_store();
+    // What a pod of the previous version left in its store: a completed key, no ledger.
+    let body = request("upgraded");
+    let valid = session_worker::request::validate_message(&body, Some("old-key")).unwrap();
+    let now = session_worker::store::now_ms();
+    store
+        .put(
+            &valid.idempotency_key,
+            &IdemRecord {
+                state: IdemState::Completed,
+                fingerprint: valid.fingerprint.clone(),
+                attempts: 1,
+                conversation_id: Some("conv-from-before".into()),
+                event: None,
+                worker_id: "old-pod".into(),
+                created_at_ms: now,
+                updated_at_ms: now,
+            },
+        )
+        .unwrap();
+    let worker = env.start_worker(store);
+    env.publish(&body, Some("old-key")).await;
+    let events = env.events(1, Duration::from_secs(30)).await;
+    worker.stop().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].conversation_id.as_deref(),
+        Some("conv-from-before")
+    );
+    assert_eq!(env.sim.sim.stats().session_requests, 0, "no API call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_ledger_means_no_call_and_not_ready_and_strangers_are_skipped() {
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let worker = env.start_worker(env.open_store());
+    assert!(
+        env.wait_for(Duration::from_secs(30), || worker.health.ready())
+            .await
+    );
+    let stream = env.settings.amqp.ledger_stream.clone();
+    // Records this program did not write: skipped, never a crash or a stall.
+    for body in [
+        &b"not json"[..],
+        br#"{"kind":"mystery"}"#,
+        &[0xff, 0x00][..],
+    ] {
+        env.ch
+            .basic_publish(
+                "".into(),
+                stream.as_str().into(),
+                Default::default(),
+                body,
+                Default::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    env.publish(&request("after-strangers"), None).await;
+    assert_eq!(env.events(1, Duration::from_secs(30)).await.len(), 1);
+    // The ledger goes away: the pod is not ready and makes no call without a claim.
+    env.ch
+        .queue_delete(stream.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let calls = env.sim.sim.stats().session_requests;
+    env.publish(&request("no-ledger"), None).await;
+    let not_ready = env
+        .wait_for(Duration::from_secs(20), || !worker.health.ready())
+        .await;
+    assert!(not_ready, "not ready while the ledger is gone");
+    // The reader declares the stream again on reconnect; the request then goes through, once.
+    let events = env.events(1, Duration::from_secs(60)).await;
+    worker.stop().await;
+    assert_eq!(events.len(), 1, "processed once the ledger is back");
+    assert_eq!(env.sim.sim.stats().session_requests, calls + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_killed_mid_call_loses_its_key_after_the_lease_and_sigterm_gives_claims_back() {
+    // The simulator answers after 3 s; the lease is 4 s.
+    let env = TestEnv::new(
+        Faults {
+            latency_ms: 3_000,
+            ..Default::default()
+        },
+        |s| s.worker.claim_lease = Duration::from_secs(4),
+    )
+    .await;
+    let mut a = Pod::new(&env, "a");
+    a.start();
+    assert!(a.ready_within(Duration::from_secs(30)).await.is_some());
+    env.publish(&request("mid-call"), None).await;
+    assert!(
+        env.wait_for(Duration::from_secs(20), || env
+            .sim
+            .sim
+            .stats()
+            .session_requests
+            >= 1)
+            .await
+    );
+    a.kill();
+    let killed_at = Instant::now();
+    let mut b = Pod::new(&env, "b");
+    b.start();
+    let events = env.events(1, Duration::from_secs(60)).await;
+    let taken_over_after = killed_at.elapsed();
+    assert_eq!(events.len(), 1, "another pod finished the key");
+    assert!(
+        taken_over_after >= Duration::from_secs(4),
+        "not before the lease lapsed ({taken_over_after:?})"
+    );
+    // The killed pod's call was answered too: the one duplicate SPEC §9 allows per in-flight call.
+    assert!(env.sim.sim.stats().sessions_created <= 2);
+
+    // SIGTERM while calls wait for the rate limiter: those claims are given back at once.
+    let env2 = TestEnv::new(Faults::default(), |s| {
+        s.rate_limit.requests_per_minute = 2;
+        s.rate_limit.burst = 1;
+        s.worker.claim_lease = Duration::from_secs(600);
+    })
+    .await;
+    let mut slow = Pod::new(&env2, "slow");
+    slow.start();
+    assert!(slow.ready_within(Duration::from_secs(30)).await.is_some());
+    for i in 0..4 {
+        env2.publish(&request(&format!("queued{i}")), None).await;
+    }
+    assert!(
+        env2.wait_for(Duration::from_secs(20), || env2
+            .sim
+            .sim
+            .stats()
+            .sessions_created
+            >= 1)
+            .await
+    );
+    assert_eq!(slow.stop(), Some(0), "SIGTERM exits 0");
+    let mut fast = Pod::with(&env2, "fast", |s| s.rate_limit.requests_per_minute = 6_000);
+    fast.start();
+    // Far less than the 10-minute lease: the released keys were free at once.
+    let done = env2
+        .wait_for(Duration::from_secs(60), || {
+            env2.sim.sim.stats().distinct_visitors >= 4
+        })
+        .await;
+    assert_eq!(fast.stop(), Some(0));
+    assert!(done, "{:?}", env2.sim.sim.stats());
+    assert_eq!(env2.sim.sim.stats().duplicate_sessions, 0);
+}

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{request, TestEnv};
-use session_worker::dlq::{self, DlqKind, Filter};
+use session_worker::dlq::{self, DlqKind, Filter, ReplayOptions};
 use session_worker::sim::{AuthMode, Faults};
 use std::io::Write;
 use std::time::Duration;
@@ -83,8 +83,10 @@ async fn list_leaves_the_dlq_unchanged_and_dry_run_moves_nothing() {
         &env.settings,
         DlqKind::Worker,
         &Filter::default(),
-        None,
-        true,
+        ReplayOptions {
+            dry_run: true,
+            ..Default::default()
+        },
         |_| {},
     )
     .await
@@ -119,8 +121,10 @@ async fn replay_by_reason_moves_only_matches_which_then_get_processed_even_with_
         &env.settings,
         DlqKind::Worker,
         &filter,
-        Some(100.0),
-        false,
+        ReplayOptions {
+            rate_per_sec: Some(100.0),
+            ..Default::default()
+        },
         |_| {},
     )
     .await
@@ -371,4 +375,86 @@ async fn audit_and_dlq_commands_work_beside_a_running_worker_through_its_admin_s
         .unwrap();
     assert_ne!(missing.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no store at"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcome_unknown_is_replayed_only_with_force_and_then_sent_once_more() {
+    let env = TestEnv::new(
+        Faults {
+            answer_late_ms: 2_000,
+            ..Default::default()
+        },
+        |s| s.genesys.request_timeout = Duration::from_secs(1),
+    )
+    .await;
+    let worker = env.start_worker(env.open_store());
+    env.publish(&request("unsure"), Some("unsure-key")).await;
+    let q = env.settings.amqp.dead_letter_queue.clone();
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = dlq::list(&env.conn, &q, &Filter::default())
+            .await
+            .unwrap()
+            .1;
+        if !listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].reason.as_deref(), Some("outcome_unknown"));
+    assert_eq!(env.sim.sim.stats().sessions_created, 1);
+    let unknown = Filter {
+        reason: Some("outcome_unknown".into()),
+        ..Default::default()
+    };
+    // Without --force the message stays where it is.
+    let held = dlq::replay(
+        &env.conn,
+        &env.settings,
+        DlqKind::Worker,
+        &unknown,
+        ReplayOptions::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((held.moved, held.held_back), (0, 1));
+    assert_eq!(
+        dlq::list(&env.conn, &q, &Filter::default())
+            .await
+            .unwrap()
+            .1
+            .len(),
+        1
+    );
+    // The operator checked Genesys Cloud: no session. Now Genesys answers at once.
+    env.sim.sim.set_faults(Faults::default());
+    let forced = dlq::replay(
+        &env.conn,
+        &env.settings,
+        DlqKind::Worker,
+        &unknown,
+        ReplayOptions {
+            force: true,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(forced.moved, 1);
+    let done = env
+        .wait_for(WAIT, || env.sim.sim.stats().sessions_created >= 2)
+        .await;
+    let events = env.events(2, Duration::from_secs(10)).await;
+    worker.stop().await;
+    assert!(done, "the replayed request was sent once more");
+    assert_eq!(env.sim.sim.stats().sessions_created, 2);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.event == session_worker::event::EventKind::SessionStarted),
+        "{events:?}"
+    );
 }

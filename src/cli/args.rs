@@ -140,6 +140,10 @@ pub enum DlqAction {
         /// Print what would move; move nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Also replay `outcome_unknown` messages, after checking in Genesys Cloud that no
+        /// session exists: their keys are cleared on every pod and each is sent once more.
+        #[arg(long)]
+        force: bool,
     },
     /// Remove matching messages (needs --yes).
     Purge {

@@ -6,7 +6,7 @@ use super::exit::{fail, usage, EXIT_OK};
 use crate::admin::Operation;
 use crate::audit::{self, AuditAccess};
 use crate::config::Settings;
-use crate::dlq::{self, DlqMessage, Filter};
+use crate::dlq::{self, DlqMessage, Filter, ReplayOptions};
 use crate::store::{AuditEntry, AuditQuery};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -137,7 +137,15 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
             filter,
             rate,
             dry_run,
-        } => replay(settings, &conn, &filter, rate, dry_run).await,
+            force,
+        } => {
+            let options = ReplayOptions {
+                rate_per_sec: rate,
+                dry_run,
+                force,
+            };
+            replay(settings, &conn, &filter, options).await
+        }
         DlqAction::Purge { filter, yes } => purge(settings, &conn, &filter, yes).await,
     };
     let _ = conn.close(200, "done".into()).await;
@@ -148,9 +156,9 @@ async fn replay(
     settings: &Settings,
     conn: &lapin::Connection,
     args: &DlqFilterArgs,
-    rate: Option<f64>,
-    dry_run: bool,
+    options: ReplayOptions,
 ) -> i32 {
+    let (rate, dry_run) = (options.rate_per_sec, options.dry_run);
     let filter = match to_filter(args) {
         Ok(f) => f,
         Err(e) => return usage(e),
@@ -172,21 +180,13 @@ async fn replay(
     if dry_run {
         println!("dry run: nothing is moved\n{}", table_header());
     }
-    let result = dlq::replay(
-        conn,
-        settings,
-        args.queue.into(),
-        &filter,
-        rate,
-        dry_run,
-        |m| {
-            if dry_run {
-                println!("{}", table_row(m));
-            } else {
-                bar.inc(1);
-            }
-        },
-    )
+    let result = dlq::replay(conn, settings, args.queue.into(), &filter, options, |m| {
+        if dry_run {
+            println!("{}", table_row(m));
+        } else {
+            bar.inc(1);
+        }
+    })
     .await;
     bar.finish_and_clear();
     let queue = dlq::queue_name(settings, args.queue.into()).to_string();
@@ -203,6 +203,12 @@ async fn replay(
                     moved.moved, moved.depth
                 );
                 let detail = format!("replayed {} message(s) (filter: {:?})", moved.moved, args);
+                if moved.held_back > 0 {
+                    println!(
+                        "{} outcome_unknown message(s) stay in {queue}: Genesys Cloud may have created their sessions. Check there, then replay them with --force",
+                        moved.held_back
+                    );
+                }
                 record(
                     settings,
                     operation("dlq_replay", &queue, moved.moved, detail),

@@ -6,8 +6,9 @@
 //!   a new claim from the pod that holds the key wins too (the pod restarted: a live pod
 //!   works on a key under its per-key lock, so it never claims a key it still holds);
 //! - a **release** frees the key if the releasing claim holds it;
-//! - an **outcome** ends every claim on the key; `completed` is stored for replay, `failed`
-//!   frees the key (a local `completed` is never overwritten).
+//! - an **outcome** ends every claim on the key; `completed` and `unknown` are stored for
+//!   replay, `failed` frees the key (a local `completed` is never overwritten);
+//! - a **forget** (an operator's `dlq replay --force`) clears an `unknown` key.
 
 use super::record::Record;
 use crate::store::{AuditEntry, FleetClaim, IdemRecord, IdemState, Store, StoreError};
@@ -105,6 +106,16 @@ pub fn apply(store: &Store, record: &Record, worker_id: &str) -> Result<Applied,
             } else {
                 Ok(Applied::Other)
             }
+        }
+        Record::Forget { key } => {
+            if store
+                .get(key)?
+                .is_some_and(|r| r.state == IdemState::Unknown)
+            {
+                store.remove(key)?;
+            }
+            store.remove_fleet_claim(key)?;
+            Ok(Applied::Other)
         }
         Record::Mark { id, .. } => Ok(Applied::Mark { id: id.clone() }),
     }

@@ -32,7 +32,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const PEER_EXPIRY: Duration = Duration::from_millis(3_500);
 /// How long a starting pod listens before it takes its share, so it does not start with the
 /// whole budget while others already spend theirs.
-pub const WARM_UP: Duration = Duration::from_millis(2_200);
+pub const WARM_UP: Duration = Duration::from_millis(1_500);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Heartbeat {

@@ -30,7 +30,7 @@ use record::{Record, RECORD_TYPE};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How long a claim may take to come back through the ledger before the ledger counts as
 /// unreachable (the delivery is then requeued; no call is made without a claim).
@@ -52,6 +52,64 @@ pub struct Fleet {
     worker_id: String,
     waiters: Mutex<HashMap<String, oneshot::Sender<Decision>>>,
     caught_up: watch::Sender<bool>,
+    /// Records on their way to the ledger; one task publishes them in batches.
+    appends: mpsc::UnboundedSender<Append>,
+}
+
+/// One record to append, the channel to publish on, and who waits for the confirm.
+struct Append {
+    ch: Channel,
+    record: Record,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The most records one ledger message carries.
+const MAX_BATCH: usize = 256;
+
+/// Publish what tasks append, many records per ledger message: while one batch waits for its
+/// confirm, the next one gathers (group commit, as the store does for fsyncs), so the broker
+/// handles one message per batch instead of one per record.
+async fn append_batches(stream: String, mut rx: mpsc::UnboundedReceiver<Append>) {
+    let mut pending: Option<Append> = None;
+    loop {
+        let first = match pending.take() {
+            Some(a) => a,
+            None => match rx.recv().await {
+                Some(a) => a,
+                None => return,
+            },
+        };
+        let ch = first.ch.clone();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                // A batch goes out on one channel; another channel's record starts the next.
+                Ok(a) if a.ch.id() == ch.id() => batch.push(a),
+                Ok(a) => {
+                    pending = Some(a);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let (records, done): (Vec<Record>, Vec<_>) =
+            batch.into_iter().map(|a| (a.record, a.done)).unzip();
+        let body = if records.len() == 1 {
+            records[0].encode()
+        } else {
+            Record::encode_batch(&records)
+        };
+        let props = amqp::json_properties().with_type(RECORD_TYPE.into());
+        let result = amqp::publish_routed(&ch, "", &stream, &body, props)
+            .await
+            .map_err(|e| e.to_string());
+        crate::metrics::metrics()
+            .ledger_batch_records
+            .observe(records.len() as f64);
+        for d in done {
+            let _ = d.send(result.clone());
+        }
+    }
 }
 
 /// A claim this pod holds; released or ended by an outcome.
@@ -65,7 +123,10 @@ impl Fleet {
     pub fn new(settings: Arc<Settings>, store: Store, health: Arc<Health>) -> Arc<Self> {
         let (caught_up, _) = watch::channel(false);
         health.set_ledger_ready(false);
+        let (appends, rx) = mpsc::unbounded_channel();
+        tokio::spawn(append_batches(settings.amqp.ledger_stream.clone(), rx));
         Arc::new(Self {
+            appends,
             worker_id: settings.worker_id(),
             settings,
             store,
@@ -173,15 +234,18 @@ impl Fleet {
     }
 
     async fn append(&self, ch: &Channel, record: &Record) -> Result<(), AmqpError> {
-        let props = amqp::json_properties().with_type(RECORD_TYPE.into());
-        amqp::publish_routed(
-            ch,
-            "",
-            &self.settings.amqp.ledger_stream,
-            &record.encode(),
-            props,
-        )
-        .await
+        let (done, confirmed) = oneshot::channel();
+        let append = Append {
+            ch: ch.clone(),
+            record: record.clone(),
+            done,
+        };
+        let gone = || AmqpError::op("append to the fleet ledger", "the appending task stopped");
+        self.appends.send(append).map_err(|_| gone())?;
+        confirmed
+            .await
+            .map_err(|_| gone())?
+            .map_err(|e| AmqpError::op("append to the fleet ledger", e))
     }
 
     fn waiters_lock(

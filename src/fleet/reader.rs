@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
-const PREFETCH: u16 = 2_000;
+const PREFETCH: u16 = 1_000;
 
 struct Reader {
     fleet: Arc<Fleet>,
@@ -48,14 +48,24 @@ pub async fn run(fleet: Arc<Fleet>, shutdown: Shutdown) -> Result<(), AmqpError>
 impl Reader {
     fn apply(&self, delivery: &Delivery) {
         let offset = header_i64(&delivery.properties, "x-stream-offset");
-        let Some(record) = Record::decode(&delivery.data) else {
+        let Some(records) = Record::decode_message(&delivery.data) else {
             internal_events::ledger_record_skipped(offset, delivery.data.len());
             self.remember(offset);
             return;
         };
+        for record in records {
+            match record {
+                Some(record) => self.apply_one(&record, offset),
+                None => internal_events::ledger_record_skipped(offset, delivery.data.len()),
+            }
+        }
+        self.remember(offset);
+    }
+
+    fn apply_one(&self, record: &Record, offset: Option<i64>) {
         let fleet = &self.fleet;
         let applied = loop {
-            match apply(&fleet.store, &record, &fleet.worker_id) {
+            match apply(&fleet.store, record, &fleet.worker_id) {
                 Ok(a) => break a,
                 Err(e) => {
                     internal_events::ledger_apply_failed(&e);
@@ -84,7 +94,6 @@ impl Reader {
             }
             Applied::Other => {}
         }
-        self.remember(offset);
     }
 
     fn remember(&self, offset: Option<i64>) {

@@ -30,6 +30,9 @@ pub enum Record {
         record: Box<IdemRecord>,
         audit: Box<AuditEntry>,
     },
+    /// An operator cleared an `unknown` key (`dlq replay --force`): every pod forgets that
+    /// outcome, so the replayed request is sent once more.
+    Forget { key: String },
     /// Written by a reader when it (re)connects; seeing its own mark means it has applied
     /// everything appended before it.
     Mark { id: String, worker_id: String },
@@ -44,6 +47,29 @@ impl Record {
     /// `None` for anything that is not a record of this version.
     pub fn decode(bytes: &[u8]) -> Option<Record> {
         serde_json::from_slice(bytes).ok()
+    }
+
+    /// Several records in one ledger message: a JSON array, applied in order.
+    pub fn encode_batch(records: &[Record]) -> Vec<u8> {
+        serde_json::to_vec(records).unwrap_or_default()
+    }
+
+    /// The records of one ledger message: a single record or an array of them. Elements
+    /// this version cannot read are `None` (skipped one by one); a body that is neither is
+    /// `None` as a whole.
+    pub fn decode_message(bytes: &[u8]) -> Option<Vec<Option<Record>>> {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
+        if *first == b'[' {
+            let items: Vec<serde_json::Value> = serde_json::from_slice(bytes).ok()?;
+            Some(
+                items
+                    .into_iter()
+                    .map(|v| serde_json::from_value(v).ok())
+                    .collect(),
+            )
+        } else {
+            Some(vec![Some(Record::decode(bytes)?)])
+        }
     }
 }
 
@@ -61,5 +87,22 @@ mod tests {
         assert_eq!(Record::decode(b"not json"), None);
         assert_eq!(Record::decode(br#"{"kind":"mystery","key":"k"}"#), None);
         assert_eq!(Record::decode(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn a_batch_keeps_order_and_skips_strangers_one_by_one() {
+        let a = Record::Forget { key: "a".into() };
+        let b = Record::Forget { key: "b".into() };
+        let body = Record::encode_batch(&[a.clone(), b.clone()]);
+        assert_eq!(
+            Record::decode_message(&body),
+            Some(vec![Some(a.clone()), Some(b)])
+        );
+        let mixed = br#"[{"kind":"forget","key":"a"},{"kind":"mystery"},7]"#;
+        assert_eq!(
+            Record::decode_message(mixed),
+            Some(vec![Some(a), None, None])
+        );
+        assert_eq!(Record::decode_message(b"garbage"), None);
     }
 }

@@ -113,6 +113,12 @@ impl Store {
         Ok(())
     }
 
+    /// Forget a key (an operator cleared its `unknown` outcome).
+    pub fn remove(&self, key: &str) -> Result<(), StoreError> {
+        self.idem.remove(key.as_bytes())?;
+        Ok(())
+    }
+
     pub fn put(&self, key: &str, record: &IdemRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Io(e.to_string()))?;
         self.idem.insert(key.as_bytes(), bytes)?;

@@ -7,7 +7,7 @@ use super::outcome::Outcome;
 use crate::fleet::apply::Decision;
 use crate::fleet::{Fleet, FleetError};
 use crate::request::ValidRequest;
-use crate::store::{Claim, Store, StoreError};
+use crate::store::{Claim, IdemState, Store, StoreError};
 use lapin::Channel;
 
 /// Take the key for this job. On `Proceed`, `job.attempts` covers every earlier attempt.
@@ -42,7 +42,12 @@ pub async fn claim_key(
     worker_id: &str,
 ) -> Result<Claimed, ClaimError> {
     match claim(store, job, valid, worker_id)? {
-        Claim::Completed(rec) => return Ok(Claimed::Decided(Box::new(Outcome::Replayed(rec)))),
+        // An `unknown` key may have been cleared by an operator (`dlq replay --force`) in a
+        // ledger record this pod has not applied yet: the fleet claim below decides.
+        Claim::Completed(rec) if rec.state != IdemState::Unknown => {
+            return Ok(Claimed::Decided(Box::new(Outcome::Replayed(rec))))
+        }
+        Claim::Completed(_) => {}
         Claim::Conflict(rec) => return Ok(Claimed::Decided(Box::new(Outcome::Conflict(rec)))),
         Claim::Proceed { .. } => {}
     }

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub unknown_outcome_resends: Counter,
     /// Records per fleet ledger message (appends are batched).
     pub ledger_batch_records: Histogram,
+    /// From appending a claim to knowing its decision; and a ledger append's confirm.
+    pub ledger_claim_seconds: Histogram,
+    pub ledger_append_seconds: Histogram,
 }
 
 impl Metrics {
@@ -89,6 +92,8 @@ impl Metrics {
             unknown_outcomes: Counter::default(),
             unknown_outcome_resends: Counter::default(),
             ledger_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            ledger_claim_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            ledger_append_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             registry: Registry::default(),
         };
         registry.register(
@@ -195,6 +200,16 @@ impl Metrics {
             "unknown_outcome_resends",
             "Calls with an unknown outcome re-sent because genesys.retry_unknown_outcome is on",
             m.unknown_outcome_resends.clone(),
+        );
+        registry.register(
+            "ledger_claim_seconds",
+            "Time from appending a claim to the fleet ledger to knowing its decision",
+            m.ledger_claim_seconds.clone(),
+        );
+        registry.register(
+            "ledger_append_seconds",
+            "Time a fleet ledger append waits for the broker's confirm",
+            m.ledger_append_seconds.clone(),
         );
         registry.register(
             "ledger_batch_records",

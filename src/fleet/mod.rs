@@ -100,9 +100,13 @@ async fn append_batches(stream: String, mut rx: mpsc::UnboundedReceiver<Append>)
             Record::encode_batch(&records)
         };
         let props = amqp::json_properties().with_type(RECORD_TYPE.into());
+        let sent = std::time::Instant::now();
         let result = amqp::publish_routed(&ch, "", &stream, &body, props)
             .await
             .map_err(|e| e.to_string());
+        crate::metrics::metrics()
+            .ledger_append_seconds
+            .observe(sent.elapsed().as_secs_f64());
         crate::metrics::metrics()
             .ledger_batch_records
             .observe(records.len() as f64);
@@ -163,6 +167,7 @@ impl Fleet {
         key: &str,
         fingerprint: &str,
     ) -> Result<(Held, Decision), FleetError> {
+        let started = std::time::Instant::now();
         let claim_id = uuid::Uuid::new_v4().simple().to_string();
         let (tx, rx) = oneshot::channel();
         self.waiters_lock().insert(claim_id.clone(), tx);
@@ -176,7 +181,12 @@ impl Fleet {
             fingerprint: fingerprint.to_string(),
         };
         match tokio::time::timeout(CLAIM_TIMEOUT, rx).await {
-            Ok(Ok(decision)) => Ok((held, decision)),
+            Ok(Ok(decision)) => {
+                crate::metrics::metrics()
+                    .ledger_claim_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok((held, decision))
+            }
             _ => {
                 self.waiters_lock().remove(&claim_id);
                 // The claim may still land: give it back so nobody waits out its lease.

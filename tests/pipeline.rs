@@ -472,3 +472,38 @@ async fn retry_unknown_outcome_opts_into_resending() {
         "re-sent once: the duplicate the operator opted into"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_redelivered_too_often_is_dead_lettered_as_poison() {
+    let env = TestEnv::new(Faults::default(), |s| s.worker.max_redeliveries = 5).await;
+    let worker = env.start_worker(env.open_store());
+    // What the broker's x-delivery-count says after five failed deliveries.
+    let mut headers = FieldTable::default();
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(5));
+    env.publish_with(&request("poisoned"), None, headers).await;
+    // One delivery below the limit goes through.
+    let mut headers = FieldTable::default();
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(4));
+    env.publish_with(&request("not-yet"), None, headers).await;
+    let dead = env.dead_letters(1, WAIT).await;
+    let events = env.events(2, WAIT).await;
+    worker.stop().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header_string(&dead[0].delivery.properties, "x-failure-reason").as_deref(),
+        Some("poison_message")
+    );
+    let detail =
+        header_string(&dead[0].delivery.properties, "x-failure-detail").unwrap_or_default();
+    assert!(detail.contains("delivered 5 times"), "{detail}");
+    assert_eq!(
+        env.sim.sim.stats().distinct_visitors,
+        1,
+        "only the other request was sent"
+    );
+    assert!(events
+        .iter()
+        .any(|e| e.visitor_id == "not-yet" && e.event == EventKind::SessionStarted));
+    assert!(events.iter().any(|e| e.visitor_id == "poisoned"
+        && e.error.as_ref().map(|x| x.reason.as_str()) == Some("poison_message")));
+}

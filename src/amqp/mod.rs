@@ -277,6 +277,20 @@ pub fn with_headers(props: &BasicProperties, extra: Vec<(&str, AMQPValue)>) -> B
     props.clone().with_headers(table)
 }
 
+/// The properties without the named headers.
+pub fn without_headers(props: &BasicProperties, names: &[&str]) -> BasicProperties {
+    let Some(table) = props.headers() else {
+        return props.clone();
+    };
+    let kept: std::collections::BTreeMap<_, _> = table
+        .inner()
+        .iter()
+        .filter(|(k, _)| !names.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    props.clone().with_headers(FieldTable::from(kept))
+}
+
 pub fn text(value: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(value.into().into())
 }

@@ -99,6 +99,7 @@ pub struct WorkerSettings {
     pub id: String,
     #[serde(with = "duration")]
     pub claim_lease: Duration,
+    pub max_redeliveries: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -301,6 +302,10 @@ impl Settings {
         need(
             w.concurrency > 0,
             "worker.concurrency: must be at least 1".into(),
+        );
+        need(
+            w.max_redeliveries > 0,
+            "worker.max_redeliveries: must be at least 1".into(),
         );
         need(
             w.claim_lease >= std::time::Duration::from_secs(1),

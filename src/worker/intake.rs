@@ -37,10 +37,16 @@ impl Job {
 pub enum Intake {
     Valid(Job, ValidRequest),
     Invalid(Job, ValidationError),
+    /// Redelivered `max_redeliveries` times without being finished: dead-letter it.
+    Poison(Job, u32),
 }
 
-/// Validate the body and derive the key.
-pub fn accept(delivery: Delivery) -> Intake {
+/// Validate the body and derive the key. A delivery the broker has handed out
+/// `max_redeliveries` times already (`x-delivery-count`, set by quorum queues) is poison.
+pub fn accept(delivery: Delivery, max_redeliveries: u32) -> Intake {
+    let deliveries = header_i64(&delivery.properties, "x-delivery-count")
+        .unwrap_or(0)
+        .clamp(0, i64::from(u32::MAX)) as u32;
     let message_id = delivery
         .properties
         .message_id()
@@ -62,7 +68,11 @@ pub fn accept(delivery: Delivery) -> Intake {
                 held: None,
                 delivery,
             };
-            Intake::Valid(job, valid)
+            if deliveries >= max_redeliveries {
+                Intake::Poison(job, deliveries)
+            } else {
+                Intake::Valid(job, valid)
+            }
         }
         Err(e) => {
             // Best effort to say who the request was for, from whatever parses.
@@ -85,7 +95,11 @@ pub fn accept(delivery: Delivery) -> Intake {
                 held: None,
                 delivery,
             };
-            Intake::Invalid(job, e)
+            if deliveries >= max_redeliveries {
+                Intake::Poison(job, deliveries)
+            } else {
+                Intake::Invalid(job, e)
+            }
         }
     }
 }

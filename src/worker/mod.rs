@@ -211,8 +211,14 @@ impl Worker {
 
     /// The stages, in order: intake, claim, call, finish.
     async fn process(&self, delivery: Delivery, ch: &Channel) -> Result<Settle, WorkerError> {
-        let (mut job, valid) = match intake::accept(delivery) {
+        let max_redeliveries = self.settings.worker.max_redeliveries;
+        let (mut job, valid) = match intake::accept(delivery, max_redeliveries) {
             Intake::Valid(job, valid) => (job, valid),
+            Intake::Poison(job, deliveries) => {
+                tracing::Span::current().record("idempotency_key", job.key.as_str());
+                let outcome = Outcome::Poison(deliveries);
+                return Ok(self.recorder.finish(&job, None, outcome, ch).await?);
+            }
             Intake::Invalid(job, err) => {
                 tracing::Span::current().record("idempotency_key", job.key.as_str());
                 let outcome = Outcome::Invalid(err);

@@ -48,6 +48,8 @@ pub enum Outcome {
     /// The call was sent and no usable answer came: the key is `unknown`, dead-lettered
     /// `outcome_unknown`, never re-sent by itself.
     Unknown(GenesysError),
+    /// Delivered this many times without being finished: dead-lettered `poison_message`.
+    Poison(u32),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,9 @@ enum Route {
         queue: String,
         holder: String,
     },
+    /// A fresh copy to the inbound queue, then ack: a requeue that does not count towards the
+    /// broker's `x-delivery-count` (auth pauses and shutdowns are not the message's fault).
+    Republish,
 }
 
 /// What finishing one outcome writes and sends.
@@ -185,12 +190,23 @@ impl Recorder {
                 }
                 Settle::Ack
             }
-            Route::Requeue => {
+            Route::Requeue => Settle::Requeue,
+            Route::Republish => {
+                let properties =
+                    amqp::without_headers(&job.delivery.properties, &["x-delivery-count"]);
+                amqp::publish_routed(
+                    ch,
+                    "",
+                    &self.settings.amqp.inbound_queue,
+                    &job.delivery.data,
+                    properties,
+                )
+                .await?;
                 match error_of(&outcome) {
                     Some(e) => internal_events::auth_refused(&e.to_string()),
                     None => internal_events::session_abandoned(),
                 }
-                Settle::Requeue
+                Settle::Ack
             }
             Route::Park { queue, holder } => {
                 amqp::publish_routed(
@@ -198,7 +214,7 @@ impl Recorder {
                     "",
                     &queue,
                     &job.delivery.data,
-                    job.delivery.properties.clone(),
+                    amqp::without_headers(&job.delivery.properties, &["x-delivery-count"]),
                 )
                 .await?;
                 internal_events::session_parked(&holder, &queue);
@@ -229,7 +245,7 @@ impl Recorder {
                 error,
             } => {
                 let properties = amqp::with_headers(
-                    &job.delivery.properties,
+                    &amqp::without_headers(&job.delivery.properties, &["x-delivery-count"]),
                     vec![
                         (header::ATTEMPTS, int(i64::from(job.attempts))),
                         (header::DELAYED_RETRIES, int(delayed as i64 + 1)),
@@ -343,8 +359,20 @@ impl Recorder {
                 keep_attempts: true,
                 audit: None,
                 event: None,
-                route: Route::Requeue,
+                route: Route::Republish,
             },
+            Outcome::Poison(deliveries) => {
+                let detail = format!(
+                    "delivered {deliveries} times without being finished (worker.max_redeliveries = {}); the failures are in the workers' logs and delivery_errors_total",
+                    self.settings.worker.max_redeliveries
+                );
+                let mut plan = self.rejection(job, Reason::PoisonMessage, detail, None);
+                if let Some(ev) = plan.event.as_mut() {
+                    ev.event = EventKind::SessionFailed;
+                    ev.event_id = crate::event::event_id(&job.key, EventKind::SessionFailed);
+                }
+                plan
+            }
             Outcome::Parked(holder) => Plan {
                 record: None,
                 keep_attempts: false,

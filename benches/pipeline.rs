@@ -176,6 +176,7 @@ async fn end_to_end_with(
             "amqp.ledger_stream",
             "amqp.fleet_exchange",
             "worker.claim_lease",
+            "worker.max_redeliveries",
             "genesys.retry_unknown_outcome",
         ]),
         _ => env.config_file(),

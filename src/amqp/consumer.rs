@@ -55,6 +55,30 @@ pub struct ConsumeOptions<'a> {
     pub arguments: FieldTable,
 }
 
+/// A new channel of `conn` with `basic.qos` set, consuming `opts.queue`.
+async fn open(
+    conn: &Connection,
+    opts: &ConsumeOptions<'_>,
+) -> Result<(Channel, lapin::Consumer), AmqpError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::op("channel.open", e))?;
+    ch.basic_qos(opts.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| AmqpError::op("basic.qos", e))?;
+    let consumer = ch
+        .basic_consume(
+            opts.queue.into(),
+            opts.consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            opts.arguments.clone(),
+        )
+        .await
+        .map_err(|e| AmqpError::op(format!("basic.consume on {}", opts.queue), e))?;
+    Ok((ch, consumer))
+}
+
 /// Consume `opts.queue` on a new channel of `conn`, running `handle` for each delivery and
 /// settling it with the broker as `handle` decides.
 pub async fn consume<F, Fut>(
@@ -68,22 +92,7 @@ where
     F: Fn(Delivery) -> Fut,
     Fut: Future<Output = Settle> + Send + 'static,
 {
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| AmqpError::op("channel.open", e))?;
-    ch.basic_qos(opts.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| AmqpError::op("basic.qos", e))?;
-    let mut consumer = ch
-        .basic_consume(
-            opts.queue.into(),
-            opts.consumer_tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            opts.arguments.clone(),
-        )
-        .await
-        .map_err(|e| AmqpError::op(format!("basic.consume on {}", opts.queue), e))?;
+    let (ch, mut consumer) = open(conn, &opts).await?;
     tracing::info!(
         queue = opts.queue,
         prefetch = opts.prefetch,
@@ -260,22 +269,7 @@ where
     F: FnMut(Delivery) -> Fut,
     Fut: Future<Output = Settle>,
 {
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| AmqpError::op("channel.open", e))?;
-    ch.basic_qos(opts.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| AmqpError::op("basic.qos", e))?;
-    let mut consumer = ch
-        .basic_consume(
-            opts.queue.into(),
-            opts.consumer_tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            opts.arguments.clone(),
-        )
-        .await
-        .map_err(|e| AmqpError::op(format!("basic.consume on {}", opts.queue), e))?;
+    let (ch, mut consumer) = open(conn, &opts).await?;
     tracing::info!(
         queue = opts.queue,
         prefetch = opts.prefetch,

@@ -180,18 +180,7 @@ async fn connected<P: Pipeline>(
         };
         if P::IN_ORDER {
             let end = consumer::consume_in_order(conn, consume, shutdown, |delivery| {
-                let span = pipeline.span(&delivery);
-                let work = pipeline.clone().handle(delivery, publish_ch.clone());
-                async move {
-                    match work.await {
-                        Ok(verdict) => verdict,
-                        Err(e) => {
-                            internal_events::delivery_failed(P::NAME, &e);
-                            Settle::Ack
-                        }
-                    }
-                }
-                .instrument(span)
+                handled(pipeline, delivery, &publish_ch)
             })
             .await;
             return Ok(match end {
@@ -210,19 +199,7 @@ async fn connected<P: Pipeline>(
             });
         }
         let end = consumer::consume(conn, consume, shutdown, pipeline.interrupt(), |delivery| {
-            let span = pipeline.span(&delivery);
-            let work = pipeline.clone().handle(delivery, publish_ch.clone());
-            async move {
-                match work.await {
-                    Ok(verdict) => verdict,
-                    Err(e) => {
-                        internal_events::delivery_failed(P::NAME, &e);
-                        tokio::time::sleep(REQUEUE_PAUSE).await;
-                        Settle::Requeue
-                    }
-                }
-            }
-            .instrument(span)
+            handled(pipeline, delivery, &publish_ch)
         })
         .await;
         match end {
@@ -247,6 +224,32 @@ async fn connected<P: Pipeline>(
             }
         }
     }
+}
+
+/// One delivery through the pipeline, in its span. A failure is logged and counted here, once;
+/// the delivery is then requeued after [`REQUEUE_PAUSE`] (a stream, which cannot requeue, moves
+/// on: its pipeline retries inside `handle`).
+fn handled<P: Pipeline>(
+    pipeline: &Arc<P>,
+    delivery: Delivery,
+    publish: &Channel,
+) -> impl Future<Output = Settle> + Send + 'static {
+    let span = pipeline.span(&delivery);
+    let work = pipeline.clone().handle(delivery, publish.clone());
+    async move {
+        match work.await {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                internal_events::delivery_failed(P::NAME, &e);
+                if P::IN_ORDER {
+                    return Settle::Ack;
+                }
+                tokio::time::sleep(REQUEUE_PAUSE).await;
+                Settle::Requeue
+            }
+        }
+    }
+    .instrument(span)
 }
 
 /// Declare the topology and open a confirm channel for publishing.

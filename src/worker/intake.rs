@@ -56,52 +56,58 @@ pub fn accept(delivery: Delivery, max_redeliveries: u32) -> Intake {
     let header_attempts = header_i64(&delivery.properties, header::ATTEMPTS)
         .unwrap_or(0)
         .clamp(0, i64::from(u32::MAX)) as u32;
-    match request::validate_message(&delivery.data, message_id.as_deref()) {
-        Ok(valid) => {
-            let job = Job {
-                key: valid.idempotency_key.clone(),
-                visitor_id: valid.request.visitor_id.clone(),
-                queue_id: valid.request.queue_id.clone(),
-                bot_score: valid.request.bot_score,
-                attempts: header_attempts,
-                call_started: None,
-                held: None,
-                delivery,
-            };
-            if deliveries >= max_redeliveries {
-                Intake::Poison(job, deliveries)
-            } else {
-                Intake::Valid(job, valid)
-            }
-        }
+    let checked = request::validate_message(&delivery.data, message_id.as_deref());
+    let delivery_bytes = if checked.is_err() {
+        delivery.data.clone()
+    } else {
+        Vec::new()
+    };
+    let job = |key: String, visitor_id, queue_id, bot_score, attempts| Job {
+        key,
+        visitor_id,
+        queue_id,
+        bot_score,
+        attempts,
+        call_started: None,
+        held: None,
+        delivery,
+    };
+    let (job, verdict) = match checked {
+        Ok(valid) => (
+            job(
+                valid.idempotency_key.clone(),
+                valid.request.visitor_id.clone(),
+                valid.request.queue_id.clone(),
+                valid.request.bot_score,
+                header_attempts,
+            ),
+            Ok(valid),
+        ),
         Err(e) => {
             // Best effort to say who the request was for, from whatever parses.
-            let loose: serde_json::Value =
-                serde_json::from_slice(&delivery.data).unwrap_or_default();
-            let field = |k: &str| {
-                loose
-                    .get(k)
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            let job = Job {
-                key: message_id.unwrap_or_else(|| crate::text::sha256_hex(&delivery.data)),
-                visitor_id: field("visitor_id"),
-                queue_id: field("queue_id"),
-                bot_score: None,
-                attempts: 0,
-                call_started: None,
-                held: None,
-                delivery,
-            };
-            if deliveries >= max_redeliveries {
-                Intake::Poison(job, deliveries)
-            } else {
-                Intake::Invalid(job, e)
-            }
+            let (visitor_id, queue_id) = loose_ids(&delivery_bytes);
+            let key = message_id.unwrap_or_else(|| crate::text::sha256_hex(&delivery_bytes));
+            (job(key, visitor_id, queue_id, None, 0), Err(e))
         }
+    };
+    match verdict {
+        _ if deliveries >= max_redeliveries => Intake::Poison(job, deliveries),
+        Ok(valid) => Intake::Valid(job, valid),
+        Err(e) => Intake::Invalid(job, e),
     }
+}
+
+/// The visitor and queue ids of a body that did not validate, as far as it parses.
+fn loose_ids(bytes: &[u8]) -> (String, String) {
+    let loose: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+    let field = |k: &str| {
+        loose
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    (field("visitor_id"), field("queue_id"))
 }
 
 pub fn round_ms(ms: f64) -> f64 {

@@ -15,6 +15,14 @@ pub mod ops;
 pub use args::{AuditAction, Cli, Command, DlqAction, DlqFilterArgs, Role, SimArgs};
 pub use exit::{EXIT_OK, EXIT_RUNTIME, EXIT_USAGE};
 
+/// The stack every thread of the process gets (`RUST_MIN_STACK` for std threads such as
+/// lapin's I/O thread, and the tokio runtime's). AMQP field tables are parsed, copied,
+/// printed and dropped recursively, and a producer may nest headers as deep as a frame allows:
+/// about 26,000 levels in RabbitMQ's 128 KiB frame, which overflows the default 2 MiB stack
+/// (the process aborts, and every restart with it). This is virtual memory; only the pages a
+/// thread touches become resident.
+pub const THREAD_STACK: usize = 1 << 30;
+
 use crate::config::{self, Settings};
 use crate::health::Health;
 use crate::shutdown::Shutdown;
@@ -40,6 +48,7 @@ pub fn main() -> i32 {
     crate::telemetry::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(THREAD_STACK)
         .build()
     {
         Ok(rt) => rt,

@@ -400,6 +400,22 @@ impl TestEnv {
     }
 
     /// Wait until `cond` holds, polling; false on timeout.
+    /// Wait until an async condition holds, at most `timeout`.
+    pub async fn wait_for_async<F, Fut>(&self, timeout: Duration, mut cond: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if cond().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cond().await
+    }
+
     pub async fn wait_for(&self, timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {

@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 /// How often a pod says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A pod not heard from for this long no longer counts.
-pub const PEER_EXPIRY: Duration = Duration::from_millis(3_500);
+pub const PEER_EXPIRY: Duration = Duration::from_secs(5);
 /// How long a starting pod listens before it takes its share, so it does not start with the
 /// whole budget while others already spend theirs.
-pub const WARM_UP: Duration = Duration::from_millis(1_500);
+pub const WARM_UP: Duration = Duration::from_millis(2_500);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Heartbeat {
@@ -233,6 +233,8 @@ impl Pipeline for Budget {
             .await
             .map_err(|e| AmqpError::op(format!("bind {queue}"), e))?;
         *self.publish.lock().unwrap_or_else(|p| p.into_inner()) = Some(publish.clone());
+        // Say hello at once, so the others count this pod before it starts consuming.
+        self.send(false).await;
         Ok(())
     }
 

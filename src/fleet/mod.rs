@@ -64,7 +64,7 @@ struct Append {
 }
 
 /// The most records one ledger message carries.
-const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 128;
 
 /// Publish what tasks append, many records per ledger message: while one batch waits for its
 /// confirm, the next one gathers (group commit, as the store does for fsyncs), so the broker

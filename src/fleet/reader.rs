@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
-const PREFETCH: u16 = 1_000;
+const PREFETCH: u16 = 200;
 
 struct Reader {
     fleet: Arc<Fleet>,

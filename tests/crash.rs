@@ -7,26 +7,15 @@ use common::{request, TestEnv};
 use session_worker::sim::Faults;
 use std::collections::HashSet;
 use std::io::Write;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 fn spawn_worker(config: &std::path::Path) -> Child {
     common::spawn_worker_binary(config, "warn")
 }
 
 fn terminate(child: &mut Child) -> Option<i32> {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.code();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    None
+    common::terminate(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

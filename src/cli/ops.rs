@@ -268,6 +268,7 @@ pub async fn audit_command(settings: &Settings, action: AuditAction) -> i32 {
         Err(e) => return fail(e),
     };
     let bound = |t: &Option<String>| t.as_deref().map(audit::parse_time).transpose();
+    let stats = matches!(action, AuditAction::Stats { .. });
     match action {
         AuditAction::Tail { n, follow } => {
             let entries = match access
@@ -327,29 +328,19 @@ pub async fn audit_command(settings: &Settings, action: AuditAction) -> i32 {
                     .unwrap_or_default(),
             )
         }
-        AuditAction::Export { since, until } => {
+        AuditAction::Export { since, until } | AuditAction::Stats { since, until } => {
             let q = AuditQuery {
                 since_us: bound(&since).ok().flatten(),
                 until_us: bound(&until).ok().flatten(),
                 ..Default::default()
             };
             match access.query(&q).await {
-                Ok(entries) => {
-                    print_jsonl(&entries);
+                Ok(entries) if stats => {
+                    print!("{}", audit::stats(&entries).render());
                     EXIT_OK
                 }
-                Err(e) => fail(e),
-            }
-        }
-        AuditAction::Stats { since, until } => {
-            let q = AuditQuery {
-                since_us: bound(&since).ok().flatten(),
-                until_us: bound(&until).ok().flatten(),
-                ..Default::default()
-            };
-            match access.query(&q).await {
                 Ok(entries) => {
-                    print!("{}", audit::stats(&entries).render());
+                    print_jsonl(&entries);
                     EXIT_OK
                 }
                 Err(e) => fail(e),

@@ -466,6 +466,22 @@ pub fn spawn_binary(bin: &str, config: &std::path::Path, rust_log: &str) -> std:
         .expect("worker binary starts")
 }
 
+/// SIGTERM a child process and wait up to 30 s; its exit code (SIGKILL and `None` after that).
+pub fn terminate(child: &mut std::process::Child) -> Option<i32> {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
+
 pub fn request(visitor: &str) -> Vec<u8> {
     format!(r#"{{"visitor_id":"{visitor}","queue_id":"queue-1","bot_score":0.1,"source":"test","external_id":"ext-{visitor}"}}"#).into_bytes()
 }
@@ -552,18 +568,7 @@ impl Pod {
     /// SIGTERM and wait; the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = c.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = c.kill();
-        None
+        terminate(&mut c)
     }
 
     pub fn config_path(&self) -> &std::path::Path {

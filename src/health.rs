@@ -11,11 +11,29 @@ pub struct Health {
     ledger_ready: AtomicBool,
     /// Whether this process runs a ledger reader at all (the forwarder alone does not).
     ledger_used: AtomicBool,
+    /// Why the last connection attempt failed (0: it did not), as `BrokerProblem` codes.
+    broker_problem: std::sync::atomic::AtomicU8,
+}
+
+/// Why the broker cannot be reached, for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerProblem {
+    Unreachable = 1,
+    LoginRefused = 2,
+    NoVhost = 3,
 }
 
 impl Health {
     pub fn set_broker_connected(&self, v: bool) {
         self.broker_connected.store(v, Ordering::Relaxed);
+        if v {
+            self.broker_problem.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The last connection attempt failed for this reason.
+    pub fn set_broker_problem(&self, problem: BrokerProblem) {
+        self.broker_problem.store(problem as u8, Ordering::Relaxed);
     }
     pub fn set_store_open(&self, v: bool) {
         self.store_open.store(v, Ordering::Relaxed);
@@ -35,7 +53,12 @@ impl Health {
     pub fn not_ready_reasons(&self) -> Vec<&'static str> {
         let mut reasons = Vec::new();
         if !self.broker_connected.load(Ordering::Relaxed) {
-            reasons.push("broker not connected");
+            reasons.push(match self.broker_problem.load(Ordering::Relaxed) {
+                2 => "broker refused the login (check the user and password in amqp.url)",
+                3 => "broker has no such virtual host, or the user may not use it (check amqp.url)",
+                1 => "broker unreachable (see the logs for why)",
+                _ => "broker not connected",
+            });
         }
         if !self.store_open.load(Ordering::Relaxed) {
             reasons.push("store not open");

@@ -206,3 +206,35 @@ fn sim_serves_tokens_sessions_and_429_headers() {
     }
     assert_eq!(bad, 401);
 }
+
+#[test]
+fn broker_connection_errors_name_the_real_fix() {
+    let cases = [
+        (
+            "amqp://guest:wrong-password@127.0.0.1:5672/%2f",
+            "refused the login",
+        ),
+        (
+            "amqp://guest:guest@127.0.0.1:5672/no-such-vhost",
+            "virtual host",
+        ),
+        (
+            "amqp://guest:guest@127.0.0.1:5999/%2f",
+            "nothing listens there",
+        ),
+    ];
+    for (url, fix) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+            .args(["topology", "declare"])
+            .env("SESSION_WORKER__AMQP__URL", url)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {err}");
+        assert!(err.contains(fix), "{url}: {err}");
+        assert!(
+            !err.contains("wrong-password"),
+            "the password is not shown: {err}"
+        );
+    }
+}

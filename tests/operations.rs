@@ -458,3 +458,23 @@ async fn outcome_unknown_is_replayed_only_with_force_and_then_sent_once_more() {
         "{events:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_is_its_own_not_ready_reason() {
+    let env = TestEnv::new(Faults::default(), |s| {
+        s.amqp.url = "amqp://guest:not-the-password@127.0.0.1:5672/%2f".into();
+    })
+    .await;
+    let worker = env.start_worker(env.open_store());
+    let named = env
+        .wait_for(WAIT, || {
+            worker
+                .health
+                .not_ready_reasons()
+                .iter()
+                .any(|r| r.contains("refused the login"))
+        })
+        .await;
+    assert!(named, "{:?}", worker.health.not_ready_reasons());
+    worker.stop().await;
+}

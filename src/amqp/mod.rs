@@ -37,8 +37,12 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
-    #[error("cannot connect to RabbitMQ at {url}: {message}; is the broker running? (`make broker` starts a local one)")]
-    Connect { url: String, message: String },
+    #[error("cannot connect to RabbitMQ at {url}: {message}; {}", problem.fix())]
+    Connect {
+        url: String,
+        message: String,
+        problem: ConnectProblem,
+    },
     #[error("RabbitMQ {operation} failed: {message}")]
     Operation { operation: String, message: String },
     /// The broker refused a declaration (e.g. a queue exists with other arguments):
@@ -52,6 +56,46 @@ pub enum AmqpError {
         exchange: String,
         routing_key: String,
     },
+}
+
+/// Why a connection failed, as far as the broker's answer tells: each has its own fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectProblem {
+    /// Nothing answers at the address.
+    Refused,
+    /// The broker refused the user or password.
+    LoginRefused,
+    /// The virtual host does not exist, or the user may not use it.
+    NoVhost,
+    /// No answer within `amqp.connect_timeout`.
+    Timeout,
+    Other,
+}
+
+impl ConnectProblem {
+    fn classify(err: &lapin::Error) -> Self {
+        let text = err.to_string();
+        if text.contains("ACCESS_REFUSED") || text.contains("ACCESS-REFUSED") {
+            ConnectProblem::LoginRefused
+        } else if text.contains("NOT_ALLOWED") && text.contains("vhost") {
+            ConnectProblem::NoVhost
+        } else if text.contains("Connection refused") {
+            ConnectProblem::Refused
+        } else {
+            ConnectProblem::Other
+        }
+    }
+
+    /// What to do about it.
+    pub fn fix(self) -> &'static str {
+        match self {
+            ConnectProblem::Refused => "nothing listens there: is the broker running? (`make broker` starts a local one)",
+            ConnectProblem::LoginRefused => "the broker refused the login: check the user and password in amqp.url (SESSION_WORKER__AMQP__URL)",
+            ConnectProblem::NoVhost => "the virtual host in amqp.url does not exist or the user may not use it: create it (`rabbitmqctl add_vhost NAME` and `set_permissions`) or fix the URL's path (%2f is the default vhost)",
+            ConnectProblem::Timeout => "no answer in time: check the host and port in amqp.url, the network, and amqp.connect_timeout",
+            ConnectProblem::Other => "check amqp.url and the broker's log",
+        }
+    }
 }
 
 impl AmqpError {
@@ -81,11 +125,13 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(AmqpError::Connect {
             url: shown,
+            problem: ConnectProblem::classify(&e),
             message: e.to_string(),
         }),
         Err(_) => Err(AmqpError::Connect {
             url: shown,
             message: format!("no answer within {:?}", settings.connect_timeout),
+            problem: ConnectProblem::Timeout,
         }),
     }
 }

@@ -6,7 +6,7 @@
 use super::consumer::{self, ConsumeEnd, ConsumeOptions, Settle, REQUEUE_PAUSE};
 use super::{connect, reconnect_delay, AmqpError};
 use crate::config::AmqpSettings;
-use crate::health::Health;
+use crate::health::{BrokerProblem, Health};
 use crate::internal_events;
 use crate::shutdown::Shutdown;
 use lapin::message::Delivery;
@@ -103,6 +103,13 @@ pub async fn run<P: Pipeline>(
         let conn = match connect(settings, &opts.name).await {
             Ok(c) => c,
             Err(e) => {
+                if let AmqpError::Connect { problem, .. } = &e {
+                    health.set_broker_problem(match problem {
+                        super::ConnectProblem::LoginRefused => BrokerProblem::LoginRefused,
+                        super::ConnectProblem::NoVhost => BrokerProblem::NoVhost,
+                        _ => BrokerProblem::Unreachable,
+                    });
+                }
                 let delay = reconnect_delay(attempt, settings.reconnect_max_delay);
                 attempt = attempt.saturating_add(1);
                 internal_events::broker_unavailable(&e, delay);

@@ -281,10 +281,34 @@ impl Metrics {
     }
 }
 
-/// The process-wide metrics.
+/// The process-wide metrics. Every series an alert watches exists from the first scrape (at
+/// zero), so a rate over it works on a fresh pod.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::new)
+    METRICS.get_or_init(|| {
+        let m = Metrics::new();
+        for reason in crate::event::Reason::ALL {
+            let _ = m.dead_lettered.get_or_create(&ReasonLabel {
+                reason: reason.as_str().to_string(),
+            });
+        }
+        for kind in ["in_process", "delayed", "webhook"] {
+            let _ = m.retries.get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            });
+        }
+        for outcome in ["started", "duplicate", "retry_scheduled"] {
+            let _ = m.session_requests.get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            });
+        }
+        for outcome in ["delivered", "retry_scheduled", "dead_lettered"] {
+            let _ = m.webhook_deliveries.get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            });
+        }
+        m
+    })
 }
 
 /// Counts a delivery as in flight for as long as it lives.
@@ -334,6 +358,21 @@ mod tests {
             "idempotent_replays_total",
             "webhook_deliveries_total{outcome=\"delivered\"}",
             "inflight_requests",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_series_alerts_watch_exist_before_anything_happens() {
+        let text = Metrics::new().encode();
+        assert!(!text.contains("dead_lettered_total{"), "a bare registry has none");
+        let text = metrics().encode();
+        for name in [
+            "dead_lettered_total{reason=\"retries_exhausted\"}",
+            "dead_lettered_total{reason=\"outcome_unknown\"}",
+            "retries_total{kind=\"delayed\"}",
+            "webhook_deliveries_total{outcome=\"dead_lettered\"}",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -1,5 +1,6 @@
 //! Logging: `tracing` events to stderr, JSON when `LOG_FORMAT=json`, level from `RUST_LOG`
-//! (default `info`).
+//! (default `info`). Colours only when stderr is a terminal, so a log file or a pipe gets
+//! plain text.
 
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -10,6 +11,7 @@ pub fn init() {
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = if json {
         builder

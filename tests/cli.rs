@@ -238,3 +238,33 @@ fn broker_connection_errors_name_the_real_fix() {
         );
     }
 }
+
+#[test]
+fn an_unknown_dlq_reason_lists_the_valid_ones() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .args(["dlq", "list", "--reason", "retries_exhausetd"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("retries_exhausted") && err.contains("outcome_unknown"),
+        "{err}"
+    );
+}
+
+#[test]
+fn commands_work_outside_the_repository_without_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .arg("check-config")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -16,8 +16,9 @@ use std::time::Duration;
 )]
 pub struct Cli {
     /// Configuration file layered over the built-in defaults.
-    #[arg(long, global = true, default_value = "config/default.toml")]
-    pub config: PathBuf,
+    /// (Optional: the defaults are compiled in; `config/default.toml` lists them.)
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -97,7 +98,7 @@ pub struct DlqFilterArgs {
     #[arg(long, value_enum, default_value_t = QueueArg::Worker)]
     pub queue: QueueArg,
     /// Only messages with this x-failure-reason.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_reason)]
     pub reason: Option<String>,
     /// Only the message with this message id.
     #[arg(long)]
@@ -116,7 +117,8 @@ pub enum DlqAction {
     List {
         #[arg(long, value_enum, default_value_t = QueueArg::Worker)]
         queue: QueueArg,
-        #[arg(long)]
+        /// Only messages with this x-failure-reason.
+        #[arg(long, value_parser = parse_reason)]
         reason: Option<String>,
         #[arg(long)]
         limit: Option<usize>,
@@ -199,6 +201,23 @@ pub struct SimArgs {
     /// Queue ids answered 404 (repeatable).
     #[arg(long = "reject-queue")]
     pub reject_queues: Vec<String>,
+}
+
+/// `--reason`: one of the failure reasons the worker and the forwarder write; a typo would
+/// otherwise match nothing, silently.
+fn parse_reason(text: &str) -> Result<String, String> {
+    crate::event::Reason::parse(text.trim())
+        .map(|r| r.as_str().to_string())
+        .ok_or_else(|| {
+            let known: Vec<&str> = crate::event::Reason::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .collect();
+            format!(
+                "unknown reason {text:?}; the reasons are: {}",
+                known.join(", ")
+            )
+        })
 }
 
 /// `--queue worker|webhook`.

@@ -62,7 +62,7 @@ pub fn main() -> i32 {
 
 async fn dispatch(cli: Cli) -> i32 {
     let config_path = cli.config.clone();
-    let load = || Settings::load(Some(&config_path));
+    let load = || Settings::load(config_path.as_deref());
     match cli.command {
         Command::Sim(args) => report(run_sim(args).await),
         Command::CheckConfig => match load() {

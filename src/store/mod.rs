@@ -41,7 +41,7 @@ pub enum StoreError {
     Open { path: PathBuf, message: String },
     #[error("store I/O error: {0}")]
     Io(String),
-    #[error("corrupt record under key {key:?}: {message}")]
+    #[error("corrupt record under key {key:?} ({message}); the store is damaged: stop the worker, move store.path aside, and start it on an empty store (it restores the completed keys from the fleet ledger before it consumes)")]
     Corrupt { key: String, message: String },
 }
 

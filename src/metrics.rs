@@ -366,7 +366,10 @@ mod tests {
     #[test]
     fn the_series_alerts_watch_exist_before_anything_happens() {
         let text = Metrics::new().encode();
-        assert!(!text.contains("dead_lettered_total{"), "a bare registry has none");
+        assert!(
+            !text.contains("dead_lettered_total{"),
+            "a bare registry has none"
+        );
         let text = metrics().encode();
         for name in [
             "dead_lettered_total{reason=\"retries_exhausted\"}",

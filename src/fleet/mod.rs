@@ -172,7 +172,7 @@ impl Fleet {
         let (tx, rx) = oneshot::channel();
         self.waiters_lock().insert(claim_id.clone(), tx);
         let record = self.claim_record(key, &claim_id, fingerprint);
-        if let Err(e) = self.append(ch, &record).await {
+        if let Err(e) = self.append(ch, record).await {
             self.waiters_lock().remove(&claim_id);
             return Err(e.into());
         }
@@ -199,7 +199,7 @@ impl Fleet {
     /// Renew a held claim while its call runs.
     pub async fn renew(&self, ch: &Channel, key: &str, held: &Held) -> Result<(), FleetError> {
         let record = self.claim_record(key, &held.claim_id, &held.fingerprint);
-        Ok(self.append(ch, &record).await?)
+        Ok(self.append(ch, record).await?)
     }
 
     /// Give a key back without an outcome.
@@ -208,7 +208,7 @@ impl Fleet {
             key: key.to_string(),
             claim_id: held.claim_id.clone(),
         };
-        Ok(self.append(ch, &record).await?)
+        Ok(self.append(ch, record).await?)
     }
 
     /// Tell the fleet a key's outcome.
@@ -224,7 +224,7 @@ impl Fleet {
             record: Box::new(record.clone()),
             audit: Box::new(audit.clone()),
         };
-        Ok(self.append(ch, &record).await?)
+        Ok(self.append(ch, record).await?)
     }
 
     /// How often a held claim is renewed: a third of the lease.
@@ -243,11 +243,11 @@ impl Fleet {
         }
     }
 
-    async fn append(&self, ch: &Channel, record: &Record) -> Result<(), AmqpError> {
+    async fn append(&self, ch: &Channel, record: Record) -> Result<(), AmqpError> {
         let (done, confirmed) = oneshot::channel();
         let append = Append {
             ch: ch.clone(),
-            record: record.clone(),
+            record,
             done,
         };
         let gone = || AmqpError::op("append to the fleet ledger", "the appending task stopped");

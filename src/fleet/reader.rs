@@ -18,6 +18,9 @@ use lapin::{Channel, Connection};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
+/// How often a record is tried against a failing store before the reader moves on.
+const APPLY_TRIES: u32 = 5;
+
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
 const PREFETCH: u16 = 200;
 
@@ -46,7 +49,7 @@ pub async fn run(fleet: Arc<Fleet>, shutdown: Shutdown) -> Result<(), AmqpError>
 }
 
 impl Reader {
-    fn apply(&self, delivery: &Delivery) {
+    async fn apply(&self, delivery: &Delivery) {
         let offset = header_i64(&delivery.properties, "x-stream-offset");
         let Some(records) = Record::decode_message(&delivery.data) else {
             internal_events::ledger_record_skipped(offset, delivery.data.len());
@@ -55,21 +58,30 @@ impl Reader {
         };
         for record in records {
             match record {
-                Some(record) => self.apply_one(&record, offset),
+                Some(record) => self.apply_one(&record, offset).await,
                 None => internal_events::ledger_record_skipped(offset, delivery.data.len()),
             }
         }
         self.remember(offset);
     }
 
-    fn apply_one(&self, record: &Record, offset: Option<i64>) {
+    async fn apply_one(&self, record: &Record, offset: Option<i64>) {
         let fleet = &self.fleet;
+        let mut tries = 0;
         let applied = loop {
             match apply(&fleet.store, record, &fleet.worker_id) {
                 Ok(a) => break a,
                 Err(e) => {
                     internal_events::ledger_apply_failed(&e);
-                    std::thread::sleep(REQUEUE_PAUSE);
+                    tries += 1;
+                    if tries >= APPLY_TRIES {
+                        // The store keeps failing: move on rather than stall the reader (and
+                        // with it shutdown). A claim left undecided times out and its delivery
+                        // is requeued; the offset is not advanced past a failing store either.
+                        internal_events::ledger_record_skipped(offset, 0);
+                        return;
+                    }
+                    tokio::time::sleep(REQUEUE_PAUSE).await;
                 }
             }
         };
@@ -119,7 +131,7 @@ impl Pipeline for Reader {
         delivery: Delivery,
         _publish: Channel,
     ) -> Result<Settle, Infallible> {
-        self.apply(&delivery);
+        self.apply(&delivery).await;
         Ok(Settle::Ack)
     }
 

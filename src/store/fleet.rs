@@ -57,6 +57,24 @@ impl Store {
         Ok(())
     }
 
+    /// Forget claims whose lease lapsed more than `ttl_ms` ago (a pod that died and never came
+    /// back, a key never finished): they can no longer block anybody. Returns how many.
+    pub(super) fn prune_fleet_claims(&self, now_ms: u64, ttl_ms: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for item in self.claims.iter() {
+            let (k, v) = item?;
+            let dead = match serde_json::from_slice::<FleetClaim>(&v) {
+                Ok(c) => c.at_ms.saturating_add(c.lease_ms).saturating_add(ttl_ms) < now_ms,
+                Err(_) => true,
+            };
+            if dead {
+                self.claims.remove(k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// The offset of the last ledger record applied to this store.
     pub fn ledger_offset(&self) -> Result<Option<u64>, StoreError> {
         Ok(self.meta.get(LEDGER_OFFSET)?.and_then(|v| {
@@ -68,5 +86,30 @@ impl Store {
     pub fn set_ledger_offset(&self, offset: u64) -> Result<(), StoreError> {
         self.meta.insert(LEDGER_OFFSET, &offset.to_be_bytes())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn lapsed_claims_are_pruned_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_millis(10)).unwrap();
+        let claim = |at_ms| FleetClaim {
+            claim_id: "c".into(),
+            worker_id: "w".into(),
+            fingerprint: "fp".into(),
+            at_ms,
+            lease_ms: 1_000,
+        };
+        let now = super::super::now_ms();
+        s.put_fleet_claim("old", &claim(now - 60_000)).unwrap();
+        s.put_fleet_claim("live", &claim(now)).unwrap();
+        assert_eq!(s.prune(Duration::from_secs(3600)).unwrap().0, 1);
+        assert!(s.fleet_claim("old").unwrap().is_none());
+        assert!(s.fleet_claim("live").unwrap().is_some());
     }
 }

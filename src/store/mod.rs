@@ -165,6 +165,7 @@ impl Store {
                 records += 1;
             }
         }
+        records += self.prune_fleet_claims(now, ttl_ms)?;
         let cutoff_us = now
             .saturating_mul(1000)
             .saturating_sub(audit_retention.as_micros() as u64);

@@ -59,27 +59,12 @@ pub enum WorkerError {
     Amqp(#[from] AmqpError),
     #[error(transparent)]
     Fleet(#[from] FleetError),
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    #[error(transparent)]
+    Finish(#[from] FinishError),
     #[error("cannot build the Genesys Cloud client: {0}")]
     Client(#[from] GenesysError),
-}
-
-impl From<FinishError> for WorkerError {
-    fn from(e: FinishError) -> Self {
-        match e {
-            FinishError::Store(e) => WorkerError::Store(e),
-            FinishError::Amqp(e) => WorkerError::Amqp(e),
-            FinishError::Fleet(e) => WorkerError::Fleet(e),
-        }
-    }
-}
-
-impl From<ClaimError> for WorkerError {
-    fn from(e: ClaimError) -> Self {
-        match e {
-            ClaimError::Store(e) => WorkerError::Store(e),
-            ClaimError::Fleet(e) => WorkerError::Fleet(e),
-        }
-    }
 }
 
 pub struct Worker {

@@ -13,6 +13,8 @@ pub struct Health {
     ledger_used: AtomicBool,
     /// Why the last connection attempt failed (0: it did not), as `BrokerProblem` codes.
     broker_problem: std::sync::atomic::AtomicU8,
+    /// Why the store fails writes, while it does.
+    store_failure: std::sync::Mutex<Option<String>>,
 }
 
 /// Why the broker cannot be reached, for `/readyz`.
@@ -38,6 +40,10 @@ impl Health {
     pub fn set_store_open(&self, v: bool) {
         self.store_open.store(v, Ordering::Relaxed);
     }
+    /// The store fails writes (`Some(why)`), or takes them again (`None`).
+    pub fn set_store_failure(&self, why: Option<String>) {
+        *self.store_failure.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
     pub fn set_auth_paused(&self, v: bool) {
         self.auth_paused.store(v, Ordering::Relaxed);
     }
@@ -50,24 +56,32 @@ impl Health {
     }
 
     /// Why the process is not ready; empty when it is.
-    pub fn not_ready_reasons(&self) -> Vec<&'static str> {
-        let mut reasons = Vec::new();
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut reasons: Vec<String> = Vec::new();
         if !self.broker_connected.load(Ordering::Relaxed) {
             reasons.push(match self.broker_problem.load(Ordering::Relaxed) {
                 2 => "broker refused the login (check the user and password in amqp.url)",
                 3 => "broker has no such virtual host, or the user may not use it (check amqp.url)",
                 1 => "broker unreachable (see the logs for why)",
                 _ => "broker not connected",
-            });
+            }
+            .into());
         }
         if !self.store_open.load(Ordering::Relaxed) {
-            reasons.push("store not open");
+            reasons.push("store not open".into());
+        }
+        if let Some(why) = &*self.store_failure.lock().unwrap_or_else(|p| p.into_inner()) {
+            reasons.push(format!(
+                "store fails writes ({why}); intake paused, answered outcomes held; resumes by itself once a write succeeds (free space on the volume)"
+            ));
         }
         if self.ledger_used.load(Ordering::Relaxed) && !self.ledger_ready.load(Ordering::Relaxed) {
-            reasons.push("fleet ledger not caught up (catching up after start, or the ledger stream is unreachable)");
+            reasons.push("fleet ledger not caught up (catching up after start, or the ledger stream is unreachable)".into());
         }
         if self.auth_paused() {
-            reasons.push("paused: Genesys Cloud refused the credentials (see logs for the fix)");
+            reasons.push(
+                "paused: Genesys Cloud refused the credentials (see logs for the fix)".into(),
+            );
         }
         reasons
     }
@@ -91,6 +105,11 @@ mod tests {
         h.set_auth_paused(true);
         assert_eq!(h.not_ready_reasons().len(), 1);
         assert!(!h.ready());
+        h.set_auth_paused(false);
+        h.set_store_failure(Some("No space left on device".into()));
+        assert!(h.not_ready_reasons()[0].contains("No space left on device"));
+        h.set_store_failure(None);
+        assert!(h.ready());
     }
 
     #[test]

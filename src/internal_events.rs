@@ -195,3 +195,39 @@ pub fn unknown_outcome_resent(error: &str) {
     tracing::warn!(error, "re-sending a call whose outcome is unknown (genesys.retry_unknown_outcome = true): a duplicate session is possible");
     metrics().unknown_outcome_resends.inc();
 }
+
+/// The store began failing writes: intake pauses, `/readyz` says why, the store is reopened
+/// until a write succeeds.
+pub fn store_failed(error: &str) {
+    tracing::error!(error, "the store fails writes (disk full or I/O error): intake paused, answered outcomes held; retrying every second, resumes by itself once a write succeeds");
+    let m = metrics();
+    m.store_failures.inc();
+    m.store_failing.set(1);
+}
+
+/// A write and flush succeeded again after a failure.
+pub fn store_recovered(failed_for: Duration) {
+    tracing::info!(
+        failed_for_s = failed_for.as_secs_f64(),
+        "the store takes writes again; intake resumes"
+    );
+    metrics().store_failing.set(0);
+}
+
+/// Genesys Cloud answered but the store could not record it: the outcome is held in memory
+/// (and told to the fleet ledger) until a write succeeds; never re-sent.
+pub fn outcome_held(error: &dyn std::fmt::Display, in_ledger: bool) {
+    tracing::warn!(error = %error, in_ledger, "cannot record an answered outcome: holding it until the store takes writes again");
+    metrics().outcomes_held.inc();
+}
+
+/// A held outcome was written.
+pub fn outcome_released() {
+    metrics().outcomes_held.dec();
+}
+
+/// The store failed before anything was sent: the delivery went back to the queue.
+pub fn session_deferred(error: &dyn std::fmt::Display) {
+    tracing::warn!(error = %error, "store failing before the call: delivery put back on the queue, no call made");
+    metrics().outcome("requeued_store");
+}

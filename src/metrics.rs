@@ -59,6 +59,11 @@ pub struct Metrics {
     /// Calls sent without a usable answer (SPEC §5), and those re-sent by opt-in.
     pub unknown_outcomes: Counter,
     pub unknown_outcome_resends: Counter,
+    /// Times the store began failing (disk full, I/O error), whether it fails now, and the
+    /// answered outcomes held in memory until the store takes them.
+    pub store_failures: Counter,
+    pub store_failing: Gauge,
+    pub outcomes_held: Gauge,
     /// Records per fleet ledger message (appends are batched).
     pub ledger_batch_records: Histogram,
     /// From appending a claim to knowing its decision; and a ledger append's confirm.
@@ -91,6 +96,9 @@ impl Metrics {
             rate_limit_share: Gauge::default(),
             unknown_outcomes: Counter::default(),
             unknown_outcome_resends: Counter::default(),
+            store_failures: Counter::default(),
+            store_failing: Gauge::default(),
+            outcomes_held: Gauge::default(),
             ledger_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             ledger_claim_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             ledger_append_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -195,6 +203,21 @@ impl Metrics {
             "unknown_outcomes",
             "Session calls sent without a usable answer: recorded unknown, dead-lettered outcome_unknown",
             m.unknown_outcomes.clone(),
+        );
+        registry.register(
+            "store_failures",
+            "Times the store began failing writes (disk full, I/O error); intake pauses until it recovers",
+            m.store_failures.clone(),
+        );
+        registry.register(
+            "store_failing",
+            "1 while the store fails writes (intake paused, /readyz not ready)",
+            m.store_failing.clone(),
+        );
+        registry.register(
+            "outcomes_held",
+            "Answered session outcomes held in memory until the failing store takes them",
+            m.outcomes_held.clone(),
         );
         registry.register(
             "unknown_outcome_resends",

@@ -444,6 +444,50 @@ async fn a_late_answer_is_an_unknown_outcome_never_resent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grace_that_runs_out_mid_call_is_an_unknown_outcome() {
+    // The simulator creates the session at once and answers after 10 s; shutdown gives
+    // in-flight work 1 s.
+    let faults = Faults {
+        answer_late_ms: 10_000,
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| {
+        s.genesys.request_timeout = Duration::from_secs(30);
+        s.worker.shutdown_grace = Duration::from_secs(1);
+    })
+    .await;
+    let worker = env.start_worker(env.open_store());
+    env.publish(&request("grace"), None).await;
+    let sent = env
+        .wait_for(WAIT, || env.sim.sim.stats().sessions_created == 1)
+        .await;
+    assert!(sent, "the call reached the simulator");
+    let stopping = std::time::Instant::now();
+    worker.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown kept to the grace, not the late answer"
+    );
+    let dead = env.dead_letters(1, WAIT).await;
+    assert_eq!(dead.len(), 1);
+    let props = &dead[0].delivery.properties;
+    assert_eq!(
+        header_string(props, "x-failure-reason").as_deref(),
+        Some("outcome_unknown")
+    );
+    let detail = header_string(props, "x-failure-detail").unwrap_or_default();
+    assert!(detail.contains("shutdown_grace"), "{detail}");
+    let events = env.events(1, WAIT).await;
+    assert_eq!(events.len(), 1);
+    let record = env
+        .open_store()
+        .get(&events[0].idempotency_key)
+        .expect("read")
+        .expect("record");
+    assert_eq!(record.state, IdemState::Unknown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_unknown_outcome_opts_into_resending() {
     let faults = Faults {
         answer_late_ms: 1_500,

@@ -209,6 +209,7 @@ async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
         })?;
     let health = Arc::new(Health::default());
     health.set_store_open(true);
+    tokio::spawn(follow_store(store.failures(), health.clone()));
     let listener = crate::http::bind(&settings.http.listen).await?;
     let shutdown = Shutdown::on_signals();
     let http = {
@@ -253,4 +254,18 @@ async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
     http.abort();
     let _ = admin.await;
     Ok(())
+}
+
+/// Mirror the store's failure state in `/readyz`.
+async fn follow_store(
+    mut failures: tokio::sync::watch::Receiver<Option<String>>,
+    health: Arc<Health>,
+) {
+    loop {
+        let why = failures.borrow_and_update().clone();
+        health.set_store_failure(why);
+        if failures.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -16,10 +16,8 @@ use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// How often a record is tried against a failing store before the reader moves on.
-const APPLY_TRIES: u32 = 5;
 
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
 const PREFETCH: u16 = 200;
@@ -28,6 +26,10 @@ struct Reader {
     fleet: Arc<Fleet>,
     /// The mark appended on this connection.
     mark: Mutex<Option<String>>,
+    /// Set when shutdown came while a record waited for a failing store: nothing after it is
+    /// applied or remembered, so the next start resumes at that record.
+    stopped: AtomicBool,
+    shutdown: Shutdown,
 }
 
 pub async fn run(fleet: Arc<Fleet>, shutdown: Shutdown) -> Result<(), AmqpError> {
@@ -44,12 +46,17 @@ pub async fn run(fleet: Arc<Fleet>, shutdown: Shutdown) -> Result<(), AmqpError>
     let reader = Arc::new(Reader {
         fleet,
         mark: Mutex::new(None),
+        stopped: AtomicBool::new(false),
+        shutdown: shutdown.clone(),
     });
     shell::run(&s.amqp, &opts, reader, &health, shutdown).await
 }
 
 impl Reader {
     async fn apply(&self, delivery: &Delivery) {
+        if self.stopped.load(Ordering::SeqCst) {
+            return;
+        }
         let offset = header_i64(&delivery.properties, "x-stream-offset");
         let Some(records) = Record::decode_message(&delivery.data) else {
             internal_events::ledger_record_skipped(offset, delivery.data.len());
@@ -58,30 +65,39 @@ impl Reader {
         };
         for record in records {
             match record {
-                Some(record) => self.apply_one(&record, offset).await,
+                Some(record) => {
+                    if !self.apply_one(&record, offset).await {
+                        return;
+                    }
+                }
                 None => internal_events::ledger_record_skipped(offset, delivery.data.len()),
             }
         }
         self.remember(offset);
     }
 
-    async fn apply_one(&self, record: &Record, offset: Option<i64>) {
+    /// Apply one record, waiting out a failing store: a record is never skipped for the
+    /// store's sake (that would let this pod decide claims on a view missing an outcome).
+    /// False if shutdown came first; the reader then stops applying.
+    async fn apply_one(&self, record: &Record, offset: Option<i64>) -> bool {
         let fleet = &self.fleet;
-        let mut tries = 0;
         let applied = loop {
             match apply(&fleet.store, record, &fleet.worker_id) {
                 Ok(a) => break a,
                 Err(e) => {
                     internal_events::ledger_apply_failed(&e);
-                    tries += 1;
-                    if tries >= APPLY_TRIES {
-                        // The store keeps failing: move on rather than stall the reader (and
-                        // with it shutdown). A claim left undecided times out and its delivery
-                        // is requeued; the offset is not advanced past a failing store either.
-                        internal_events::ledger_record_skipped(offset, 0);
-                        return;
+                    let mut shutdown = self.shutdown.clone();
+                    let healed = tokio::select! {
+                        _ = tokio::time::sleep(REQUEUE_PAUSE) => {
+                            fleet.store.writable(&mut shutdown).await
+                        }
+                        _ = shutdown.requested() => false,
+                    };
+                    if !healed {
+                        tracing::warn!(offset, "shutdown while the store fails: the ledger reader stops here and resumes at this record");
+                        self.stopped.store(true, Ordering::SeqCst);
+                        return false;
                     }
-                    tokio::time::sleep(REQUEUE_PAUSE).await;
                 }
             }
         };
@@ -106,6 +122,7 @@ impl Reader {
             }
             Applied::Other => {}
         }
+        true
     }
 
     fn remember(&self, offset: Option<i64>) {

@@ -48,13 +48,15 @@ impl Store {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        let seq = self.db.generate_id()?;
-        let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&micros.to_be_bytes());
-        key[8..].copy_from_slice(&seq.to_be_bytes());
         let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.audit.insert(key, bytes)?;
-        Ok(())
+        self.write(|t| {
+            let seq = t.db.generate_id()?;
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&micros.to_be_bytes());
+            key[8..].copy_from_slice(&seq.to_be_bytes());
+            t.audit.insert(key, bytes)?;
+            Ok(())
+        })
     }
 
     /// Audit entries with timestamps in `[since, until)` (microseconds since the epoch), oldest first.
@@ -62,20 +64,26 @@ impl Store {
         &self,
         since_us: u64,
         until_us: u64,
-    ) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<AuditEntry, StoreError>> {
         let start = since_us.to_be_bytes();
         let end = until_us.to_be_bytes();
-        self.audit.range(start..end).map(|item| {
-            let (k, v) = item?;
-            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                key: format!("audit/{}", crate::text::hex(&k)),
-                message: e.to_string(),
-            })
-        })
+        let (range, opened) = match self.trees() {
+            Ok(t) => (Some(t.audit.range(start..end)), None),
+            Err(e) => (None, Some(Err(e))),
+        };
+        opened
+            .into_iter()
+            .chain(range.into_iter().flatten().map(|item| {
+                let (k, v) = item?;
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    key: format!("audit/{}", crate::text::hex(&k)),
+                    message: e.to_string(),
+                })
+            }))
     }
 
     /// Every audit entry, oldest first.
-    pub fn audit_all(&self) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+    pub fn audit_all(&self) -> impl Iterator<Item = Result<AuditEntry, StoreError>> {
         self.audit_range(0, u64::MAX)
     }
 
@@ -100,6 +108,6 @@ impl Store {
     }
 
     pub fn audit_len(&self) -> usize {
-        self.audit.len()
+        self.trees().map_or(0, |t| t.audit.len())
     }
 }

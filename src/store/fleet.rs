@@ -30,7 +30,7 @@ impl FleetClaim {
 impl Store {
     /// The live claim on `key`, if the ledger recorded one.
     pub fn fleet_claim(&self, key: &str) -> Result<Option<FleetClaim>, StoreError> {
-        match self.claims.get(key.as_bytes())? {
+        match self.trees()?.claims.get(key.as_bytes())? {
             Some(bytes) => {
                 serde_json::from_slice(&bytes)
                     .map(Some)
@@ -45,30 +45,32 @@ impl Store {
 
     pub fn put_fleet_claim(&self, key: &str, claim: &FleetClaim) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(claim).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.claims.insert(key.as_bytes(), bytes)?;
-        Ok(())
+        self.write(|t| Ok(t.claims.insert(key.as_bytes(), bytes).map(drop)?))
     }
 
     pub fn remove_fleet_claim(&self, key: &str) -> Result<(), StoreError> {
         // Most outcomes find no claim left here; a read is cheaper than a removal.
-        if self.claims.contains_key(key.as_bytes())? {
-            self.claims.remove(key.as_bytes())?;
-        }
-        Ok(())
+        self.write(|t| {
+            if t.claims.contains_key(key.as_bytes())? {
+                t.claims.remove(key.as_bytes())?;
+            }
+            Ok(())
+        })
     }
 
     /// Forget claims whose lease lapsed more than `ttl_ms` ago (a pod that died and never came
     /// back, a key never finished): they can no longer block anybody. Returns how many.
     pub(super) fn prune_fleet_claims(&self, now_ms: u64, ttl_ms: u64) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for item in self.claims.iter() {
+        let claims = self.trees()?.claims.clone();
+        for item in claims.iter() {
             let (k, v) = item?;
             let dead = match serde_json::from_slice::<FleetClaim>(&v) {
                 Ok(c) => c.at_ms.saturating_add(c.lease_ms).saturating_add(ttl_ms) < now_ms,
                 Err(_) => true,
             };
             if dead {
-                self.claims.remove(k)?;
+                claims.remove(k)?;
                 removed += 1;
             }
         }
@@ -77,15 +79,18 @@ impl Store {
 
     /// The offset of the last ledger record applied to this store.
     pub fn ledger_offset(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self.meta.get(LEDGER_OFFSET)?.and_then(|v| {
+        Ok(self.trees()?.meta.get(LEDGER_OFFSET)?.and_then(|v| {
             let bytes: [u8; 8] = v.as_ref().try_into().ok()?;
             Some(u64::from_be_bytes(bytes))
         }))
     }
 
     pub fn set_ledger_offset(&self, offset: u64) -> Result<(), StoreError> {
-        self.meta.insert(LEDGER_OFFSET, &offset.to_be_bytes())?;
-        Ok(())
+        self.write(|t| {
+            Ok(t.meta
+                .insert(LEDGER_OFFSET, &offset.to_be_bytes())
+                .map(drop)?)
+        })
     }
 }
 

@@ -51,7 +51,7 @@ pub enum Claim {
 
 impl Store {
     pub fn get(&self, key: &str) -> Result<Option<IdemRecord>, StoreError> {
-        match self.idem.get(key.as_bytes())? {
+        match self.trees()?.idem.get(key.as_bytes())? {
             Some(bytes) => decode(key, &bytes).map(Some),
             None => Ok(None),
         }
@@ -66,7 +66,7 @@ impl Store {
         worker_id: &str,
     ) -> Result<Claim, StoreError> {
         let now = now_ms();
-        let ttl_ms = self.idempotency_ttl.as_millis() as u64;
+        let ttl_ms = self.shared.idempotency_ttl.as_millis() as u64;
         let existing = self
             .get(key)?
             .filter(|r| r.updated_at_ms.saturating_add(ttl_ms) >= now);
@@ -115,14 +115,12 @@ impl Store {
 
     /// Forget a key (an operator cleared its `unknown` outcome).
     pub fn remove(&self, key: &str) -> Result<(), StoreError> {
-        self.idem.remove(key.as_bytes())?;
-        Ok(())
+        self.write(|t| Ok(t.idem.remove(key.as_bytes()).map(drop)?))
     }
 
     pub fn put(&self, key: &str, record: &IdemRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.idem.insert(key.as_bytes(), bytes)?;
-        Ok(())
+        self.write(|t| Ok(t.idem.insert(key.as_bytes(), bytes).map(drop)?))
     }
 }
 

@@ -24,9 +24,9 @@ pub use idempotency::{Claim, IdemRecord, IdemState};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 const IDEMPOTENCY_TREE: &str = "idempotency";
 const AUDIT_TREE: &str = "audit";
@@ -53,17 +53,42 @@ impl From<sled::Error> for StoreError {
 
 type FlushWaiter = oneshot::Sender<Result<(), String>>;
 
-#[derive(Clone)]
-pub struct Store {
+/// How often a failing store is probed (and reopened) until a write succeeds.
+pub const HEAL_EVERY: Duration = Duration::from_secs(1);
+
+/// The open sled database and its trees. Replaced as a whole when a failing store is reopened.
+struct Trees {
     db: sled::Db,
     idem: sled::Tree,
     audit: sled::Tree,
     claims: sled::Tree,
     meta: sled::Tree,
+}
+
+struct Shared {
+    path: PathBuf,
+    /// `None` only while a failing store is being reopened.
+    trees: RwLock<Option<Arc<Trees>>>,
     idempotency_ttl: Duration,
     flush_tx: Option<mpsc::UnboundedSender<FlushWaiter>>,
     /// Group commits made by this store's flusher.
-    flushes: Arc<AtomicU64>,
+    flushes: AtomicU64,
+    /// Bumped each time the database is reopened.
+    generation: AtomicU64,
+    /// Why writes fail, while they do (SPEC §5: disk full, I/O error).
+    failure: watch::Sender<Option<String>>,
+}
+
+/// The store. Cheap to clone; every clone is the same store.
+///
+/// Once a write or flush fails, sled refuses every later write until the database is opened
+/// again (freeing disk space alone does not help). So a failure is remembered here
+/// ([`Store::failure`]), and a healer task probes the store every [`HEAL_EVERY`], reopening it
+/// until a write and flush succeed; then the failure clears. Callers wait for that with
+/// [`Store::writable`].
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
 }
 
 pub fn now_ms() -> u64 {
@@ -73,66 +98,151 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-impl Store {
-    /// Open (creating if needed). Inside a tokio runtime this starts the group-commit flusher.
-    pub fn open(path: &Path, idempotency_ttl: Duration) -> Result<Self, StoreError> {
-        if let Err(e) = std::fs::create_dir_all(path) {
-            return Err(StoreError::Open {
+fn open_trees(path: &Path) -> Result<Trees, StoreError> {
+    if let Err(e) = std::fs::create_dir_all(path) {
+        return Err(StoreError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        });
+    }
+    let db = sled::Config::new()
+        .path(path)
+        // sled caches up to 1 GiB by default; the working set here is the recent keys.
+        .cache_capacity(CACHE_BYTES)
+        .flush_every_ms(Some(1000))
+        .open()
+        .map_err(|e| match &e {
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock") =>
+            {
+                StoreError::Locked {
+                    path: path.to_path_buf(),
+                }
+            }
+            _ => StoreError::Open {
                 path: path.to_path_buf(),
                 message: e.to_string(),
-            });
+            },
+        })?;
+    Ok(Trees {
+        idem: db.open_tree(IDEMPOTENCY_TREE)?,
+        audit: db.open_tree(AUDIT_TREE)?,
+        claims: db.open_tree(fleet::CLAIMS_TREE)?,
+        meta: db.open_tree(fleet::META_TREE)?,
+        db,
+    })
+}
+
+impl Store {
+    /// Open (creating if needed). Inside a tokio runtime this starts the group-commit flusher
+    /// and the healer.
+    pub fn open(path: &Path, idempotency_ttl: Duration) -> Result<Self, StoreError> {
+        let trees = open_trees(path)?;
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let (flush_tx, flush_rx) = match runtime {
+            Some(_) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let (failure, failures) = watch::channel(None);
+        let store = Self {
+            shared: Arc::new(Shared {
+                path: path.to_path_buf(),
+                trees: RwLock::new(Some(Arc::new(trees))),
+                idempotency_ttl,
+                flush_tx,
+                flushes: AtomicU64::new(0),
+                generation: AtomicU64::new(0),
+                failure,
+            }),
+        };
+        if let (Some(handle), Some(rx)) = (runtime, flush_rx) {
+            let weak = Arc::downgrade(&store.shared);
+            handle.spawn(flusher(weak.clone(), rx));
+            handle.spawn(healer(weak, failures));
         }
-        let db = sled::Config::new()
-            .path(path)
-            // sled caches up to 1 GiB by default; the working set here is the recent keys.
-            .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|e| match &e {
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("could not acquire lock") =>
-                {
-                    StoreError::Locked {
-                        path: path.to_path_buf(),
-                    }
-                }
-                _ => StoreError::Open {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                },
-            })?;
-        let idem = db.open_tree(IDEMPOTENCY_TREE)?;
-        let audit = db.open_tree(AUDIT_TREE)?;
-        let claims = db.open_tree(fleet::CLAIMS_TREE)?;
-        let meta = db.open_tree(fleet::META_TREE)?;
-        let flushes = Arc::new(AtomicU64::new(0));
-        let flush_tx = tokio::runtime::Handle::try_current().ok().map(|handle| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            handle.spawn(flusher(db.clone(), rx, flushes.clone()));
-            tx
+        Ok(store)
+    }
+
+    fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        self.shared
+            .trees
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Io("the store is being reopened after a failure".into()))
+    }
+
+    /// Run a write; an I/O failure marks the store failing.
+    fn write<T>(&self, f: impl FnOnce(&Trees) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let result = self.trees().and_then(|t| f(&t));
+        if let Err(e) = &result {
+            self.failed(e);
+        }
+        result
+    }
+
+    /// Remember that writes fail (logged and counted once per failure, not per write).
+    fn failed(&self, e: &StoreError) {
+        if !matches!(e, StoreError::Io(_)) {
+            return;
+        }
+        let message = e.to_string();
+        let began = self.shared.failure.send_if_modified(|f| {
+            if f.is_none() {
+                *f = Some(message.clone());
+                true
+            } else {
+                false
+            }
         });
-        Ok(Self {
-            db,
-            idem,
-            audit,
-            claims,
-            meta,
-            idempotency_ttl,
-            flush_tx,
-            flushes,
-        })
+        if began {
+            crate::internal_events::store_failed(&message);
+        }
+    }
+
+    /// Changes each time a failing store is reopened. Writes made before a reopen and not yet
+    /// durable are gone with the old database: a writer that sees the generation change
+    /// between its first write and `durable` writes again.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    /// Why writes fail, while they do.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.borrow().clone()
+    }
+
+    /// Follow the failure state (`Some(why)` while writes fail).
+    pub fn failures(&self) -> watch::Receiver<Option<String>> {
+        self.shared.failure.subscribe()
+    }
+
+    /// Wait until the store takes writes (at once if it does). False if `shutdown` came first.
+    pub async fn writable(&self, shutdown: &mut crate::shutdown::Shutdown) -> bool {
+        let mut rx = self.failures();
+        tokio::select! {
+            r = rx.wait_for(Option::is_none) => r.is_ok(),
+            _ = shutdown.requested() => false,
+        }
     }
 
     /// Wait until every write made before this call is on disk (group commit).
     pub async fn durable(&self) -> Result<(), StoreError> {
-        if let Some(tx) = &self.flush_tx {
+        if let Some(tx) = &self.shared.flush_tx {
             let (done_tx, done_rx) = oneshot::channel();
             if tx.send(done_tx).is_ok() {
-                return match done_rx.await {
+                let result = match done_rx.await {
                     Ok(result) => result.map_err(StoreError::Io),
                     Err(_) => Err(StoreError::Io("store flusher stopped".into())),
                 };
+                if let Err(e) = &result {
+                    self.failed(e);
+                }
+                return result;
             }
         }
         self.flush_now()
@@ -140,28 +250,29 @@ impl Store {
 
     /// Group commits made so far by this store's flusher.
     pub fn group_commits(&self) -> u64 {
-        self.flushes.load(Ordering::Relaxed)
+        self.shared.flushes.load(Ordering::Relaxed)
     }
 
     /// Flush synchronously (shutdown, tools).
     pub fn flush_now(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(StoreError::from)
+        self.write(|t| Ok(t.db.flush().map(drop)?))
     }
 
     /// Remove idempotency records idle longer than the TTL and audit entries older than
     /// `audit_retention`. Returns (records removed, audit entries removed).
     pub fn prune(&self, audit_retention: Duration) -> Result<(usize, usize), StoreError> {
         let now = now_ms();
-        let ttl_ms = self.idempotency_ttl.as_millis() as u64;
+        let ttl_ms = self.shared.idempotency_ttl.as_millis() as u64;
+        let t = self.trees()?;
         let mut records = 0;
-        for item in self.idem.iter() {
+        for item in t.idem.iter() {
             let (k, v) = item?;
             let expired = match serde_json::from_slice::<IdemRecord>(&v) {
                 Ok(r) => r.updated_at_ms.saturating_add(ttl_ms) < now,
                 Err(_) => true,
             };
             if expired {
-                self.idem.remove(k)?;
+                t.idem.remove(k)?;
                 records += 1;
             }
         }
@@ -170,9 +281,9 @@ impl Store {
             .saturating_mul(1000)
             .saturating_sub(audit_retention.as_micros() as u64);
         let mut entries = 0;
-        for item in self.audit.range(..cutoff_us.to_be_bytes()) {
+        for item in t.audit.range(..cutoff_us.to_be_bytes()) {
             let (k, _) = item?;
-            self.audit.remove(k)?;
+            t.audit.remove(k)?;
             entries += 1;
         }
         Ok((records, entries))
@@ -184,11 +295,7 @@ impl Store {
 /// an idle store flushes at once.
 pub const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 
-async fn flusher(
-    db: sled::Db,
-    mut rx: mpsc::UnboundedReceiver<FlushWaiter>,
-    flushes: Arc<AtomicU64>,
-) {
+async fn flusher(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<FlushWaiter>) {
     let mut last_start: Option<tokio::time::Instant> = None;
     while let Some(first) = rx.recv().await {
         if let Some(next) = last_start.map(|t| t + MIN_FLUSH_INTERVAL) {
@@ -201,18 +308,138 @@ async fn flusher(
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
         }
-        flushes.fetch_add(1, Ordering::Relaxed);
         let m = crate::metrics::metrics();
         m.store_flushes.inc();
         m.store_flush_waiters.observe(waiters.len() as f64);
-        let db = db.clone();
-        let result = tokio::task::spawn_blocking(move || db.flush().map(|_| ()))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        // The database is looked up for each flush (and not held between them), so a failing
+        // store can be reopened.
+        let db = shared.upgrade().and_then(|s| {
+            s.flushes.fetch_add(1, Ordering::Relaxed);
+            Store { shared: s }.trees().ok().map(|t| t.db.clone())
+        });
+        let result = match db {
+            Some(db) => tokio::task::spawn_blocking(move || db.flush().map(drop))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            None => Err("the store is being reopened after a failure".into()),
+        };
         for w in waiters {
             let _ = w.send(result.clone());
         }
+    }
+}
+
+/// Wait for the store to fail, then probe it every [`HEAL_EVERY`] (reopening it when a probe
+/// fails) until a write and flush succeed. Ends with the store.
+async fn healer(shared: Weak<Shared>, mut failures: watch::Receiver<Option<String>>) {
+    loop {
+        if failures.wait_for(Option::is_some).await.is_err() {
+            return;
+        }
+        let began = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(HEAL_EVERY).await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let store = Store { shared };
+            let probe = store.clone();
+            let healed = tokio::task::spawn_blocking(move || probe.heal())
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Io(e.to_string())));
+            match healed {
+                Ok(()) => {
+                    store.shared.failure.send_replace(None);
+                    crate::internal_events::store_recovered(began.elapsed());
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "the store still fails writes"),
+            }
+        }
+    }
+}
+
+const PROBE_KEY: &[u8] = b"write_probe";
+
+/// Room a reopen needs beyond sled's snapshot: opening rewrites sled's `conf` and snapshot
+/// files, and on a volume without room they are left empty and the store no longer opens
+/// (seen on a full tmpfs). So a reopen waits until this much can be written.
+const REOPEN_ROOM: u64 = 8 * 1024 * 1024;
+
+/// Write (and remove) a file as large as a reopen may need: `REOPEN_ROOM` plus twice the
+/// snapshot files. An error says there is no room yet.
+fn room_to_reopen(dir: &Path) -> Result<(), StoreError> {
+    use std::io::Write;
+    let snapshots: u64 = std::fs::read_dir(dir)
+        .map_err(|e| StoreError::Io(e.to_string()))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("snap."))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let need = REOPEN_ROOM + 2 * snapshots;
+    let probe = dir.join(".room-probe");
+    let written = (|| {
+        let mut f = std::fs::File::create(&probe)?;
+        let block = vec![0u8; 1024 * 1024];
+        let mut left = need;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            f.write_all(&block[..n])?;
+            left -= n as u64;
+        }
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(|e| {
+        StoreError::Io(format!(
+            "no room to reopen the store yet ({} MiB needed): {e}",
+            need / (1024 * 1024)
+        ))
+    })
+}
+
+impl Store {
+    /// Write and flush a probe; if that fails, reopen the database and try once more.
+    fn heal(&self) -> Result<(), StoreError> {
+        let probe = |t: &Trees| -> Result<(), StoreError> {
+            t.meta.insert(PROBE_KEY, &now_ms().to_be_bytes())?;
+            t.db.flush()?;
+            Ok(())
+        };
+        if let Ok(t) = self.trees() {
+            if probe(&t).is_ok() {
+                return Ok(());
+            }
+        }
+        room_to_reopen(&self.shared.path)?;
+        self.reopen()?;
+        probe(&*self.trees()?)
+    }
+
+    /// Drop the failed database and open it again. sled holds a lock on the directory until
+    /// every handle to the old database is gone; handles in use finish within moments.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let slot = || self.shared.trees.write().unwrap_or_else(|p| p.into_inner());
+        let old = slot().take();
+        drop(old);
+        let mut last = None;
+        for _ in 0..50 {
+            match open_trees(&self.shared.path) {
+                Ok(t) => {
+                    *slot() = Some(Arc::new(t));
+                    self.shared.generation.fetch_add(1, Ordering::SeqCst);
+                    return Ok(());
+                }
+                Err(e @ StoreError::Locked { .. }) => {
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| StoreError::Io("cannot reopen the store".into())))
     }
 }
 
@@ -327,7 +554,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap().unwrap();
         }
-        assert_eq!(s.idem.len(), 50);
+        assert_eq!(s.trees().unwrap().idem.len(), 50);
     }
 
     #[tokio::test]

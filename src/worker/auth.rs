@@ -7,21 +7,34 @@ use crate::health::Health;
 use crate::internal_events;
 use crate::shutdown::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
 const FIRST_PROBE: Duration = Duration::from_secs(5);
 const MAX_PROBE: Duration = Duration::from_secs(300);
 
-#[derive(Default)]
 pub struct AuthGate {
     tripped: AtomicBool,
-    notify: Notify,
+    /// The consume loop's interrupt, shared with the store watch.
+    notify: Arc<Notify>,
     /// Consecutive pauses without a successful session in between; grows the probe back-off.
     streak: AtomicU32,
 }
 
 impl AuthGate {
+    pub fn new(notify: Arc<Notify>) -> Self {
+        Self {
+            tripped: AtomicBool::new(false),
+            notify,
+            streak: AtomicU32::new(0),
+        }
+    }
+
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::SeqCst)
+    }
+
     /// Stop consuming (once, however many tasks trip it).
     pub fn trip(&self) {
         if !self.tripped.swap(true, Ordering::SeqCst) {
@@ -32,11 +45,6 @@ impl AuthGate {
     /// A session went through: the next pause starts from the shortest probe delay.
     pub fn succeeded(&self) {
         self.streak.store(0, Ordering::Relaxed);
-    }
-
-    /// Fires when the gate trips; the consume loop listens to it.
-    pub fn notify(&self) -> &Notify {
-        &self.notify
     }
 
     /// Paused: not ready, probe the token endpoint with back-off. Returns false if shutdown was

@@ -3,7 +3,7 @@
 
 use super::intake::Job;
 use super::outcome::Outcome;
-use crate::genesys::{Disposition, GenesysClient};
+use crate::genesys::{Disposition, GenesysClient, GenesysError};
 use crate::internal_events;
 use crate::limiter::Limiter;
 use crate::metrics::metrics;
@@ -21,12 +21,21 @@ pub struct Caller {
     pub backoff_max: Duration,
     /// `genesys.retry_unknown_outcome`: re-send what may have been acted on.
     pub retry_unknown: bool,
+    /// `worker.shutdown_grace`: how long a call in flight may still take once shutdown begins.
+    pub grace: Duration,
+}
+
+/// Kept back from `shutdown_grace` for recording the outcome after the call gives up.
+fn record_margin(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(2))
 }
 
 impl Caller {
     /// Call until an answer decides the outcome or the in-process attempts are used up. If
-    /// shutdown comes while the first attempt still waits for the limiter, nothing was sent:
-    /// the outcome is [`Outcome::Abandoned`].
+    /// shutdown comes while the first attempt still waits for the limiter, or between attempts
+    /// (every earlier one provably not acted on), nothing is pending: the outcome is
+    /// [`Outcome::Abandoned`]. If `shutdown_grace` runs out while a call is in flight, the
+    /// outcome is [`Outcome::Unknown`] (SPEC §5): Genesys may have acted on it.
     pub async fn call(&self, job: &mut Job, valid: &ValidRequest, shutdown: &Shutdown) -> Outcome {
         job.call_started = Some(Instant::now());
         let mut attempts_here = 0u32;
@@ -48,7 +57,20 @@ impl Caller {
                 tracing::debug!(waited_ms = waited.as_millis() as u64, "rate limiter wait");
             }
             let call_started = Instant::now();
-            let result = self.client.create_session(&valid.request, &job.key).await;
+            let result = tokio::select! {
+                biased;
+                r = self.client.create_session(&valid.request, &job.key) => r,
+                _ = self.grace_over(shutdown) => {
+                    return Outcome::Unknown(GenesysError::Unknown {
+                        status: None,
+                        detail: format!(
+                            "shutdown: worker.shutdown_grace ({}) ran out while the call was in flight; Genesys Cloud may have created the session",
+                            crate::config::format_duration(self.grace)
+                        ),
+                        correlation_id: None,
+                    });
+                }
+            };
             metrics()
                 .genesys_request_duration
                 .observe(call_started.elapsed().as_secs_f64());
@@ -85,9 +107,21 @@ impl Caller {
                         &err.to_string(),
                         delay,
                     );
-                    tokio::time::sleep(delay).await;
+                    let mut stop = shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.requested() => return Outcome::Abandoned,
+                    }
                 }
             }
         }
+    }
+
+    /// Resolves once shutdown has been requested and the grace, less the time kept for
+    /// recording, has passed since.
+    async fn grace_over(&self, shutdown: &Shutdown) {
+        let mut stop = shutdown.clone();
+        stop.requested().await;
+        tokio::time::sleep(self.grace.saturating_sub(record_margin(self.grace))).await;
     }
 }

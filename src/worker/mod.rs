@@ -76,6 +76,8 @@ pub struct Worker {
     locks: KeyLocks,
     health: Arc<Health>,
     auth: AuthGate,
+    /// Stops the consume loop: the auth gate trips it, and so does the store when it fails.
+    interrupt: Arc<Notify>,
     fleet: Arc<Fleet>,
     budget: Arc<Budget>,
     /// Set by `run`; calls not yet sent when it fires are abandoned.
@@ -97,6 +99,7 @@ impl Worker {
         let worker_id = settings.worker_id();
         let fleet = Fleet::new(settings.clone(), store.clone(), health.clone());
         let budget = Budget::new(fleet.clone(), limiter.clone());
+        let interrupt = Arc::new(Notify::new());
         let w = &settings.worker;
         Ok(Self {
             caller: Caller {
@@ -106,6 +109,7 @@ impl Worker {
                 backoff_base: w.backoff_base,
                 backoff_max: w.backoff_max,
                 retry_unknown: settings.genesys.retry_unknown_outcome,
+                grace: w.shutdown_grace,
             },
             recorder: Recorder {
                 settings: settings.clone(),
@@ -125,7 +129,8 @@ impl Worker {
             store,
             locks: KeyLocks::default(),
             health,
-            auth: AuthGate::default(),
+            auth: AuthGate::new(interrupt.clone()),
+            interrupt,
             settings,
         })
     }
@@ -144,6 +149,10 @@ impl Worker {
         let mut shutdown: Shutdown = shutdown.into();
         let _ = self.shutdown.set(shutdown.clone());
         let pruner = tokio::spawn(prune_loop(self.store.clone(), s.store.audit_retention));
+        let store_watch = tokio::spawn(pause_on_store_failure(
+            self.store.failures(),
+            self.interrupt.clone(),
+        ));
         // The ledger reader outlives the consumer, so in-flight work can still claim and
         // record while the consumer drains.
         let (stop_reader, reader_shutdown) = Shutdown::new();
@@ -182,8 +191,14 @@ impl Worker {
         }
         pruner.abort();
         let _ = pruner.await;
-        self.store.flush_now()?;
-        tracing::info!("session worker stopped; store flushed");
+        store_watch.abort();
+        // Nothing was acked before it was durable: a store that fails now loses nothing.
+        match self.store.flush_now() {
+            Ok(()) => tracing::info!("session worker stopped; store flushed"),
+            Err(e) => {
+                tracing::error!(error = %e, "session worker stopped; the final store flush failed (nothing acked is lost: every ack waited for a durable write)")
+            }
+        }
         result?;
         match read {
             Ok(r) => Ok(r?),
@@ -202,17 +217,23 @@ impl Worker {
             Intake::Poison(job, deliveries) => {
                 tracing::Span::current().record("idempotency_key", job.key.as_str());
                 let outcome = Outcome::Poison(deliveries);
-                return Ok(self.recorder.finish(&job, None, outcome, ch).await?);
+                return Ok(self
+                    .recorder
+                    .finish(&job, None, outcome, ch, &self.shutdown())
+                    .await?);
             }
             Intake::Invalid(job, err) => {
                 tracing::Span::current().record("idempotency_key", job.key.as_str());
                 let outcome = Outcome::Invalid(err);
-                return Ok(self.recorder.finish(&job, None, outcome, ch).await?);
+                return Ok(self
+                    .recorder
+                    .finish(&job, None, outcome, ch, &self.shutdown())
+                    .await?);
             }
         };
         tracing::Span::current().record("idempotency_key", job.key.as_str());
         let _guard = self.locks.lock(&job.key).await;
-        let claimed = claim::claim_key(
+        let claimed = match claim::claim_key(
             &self.store,
             &self.fleet,
             ch,
@@ -220,7 +241,14 @@ impl Worker {
             &valid,
             &self.worker_id,
         )
-        .await?;
+        .await
+        {
+            Ok(claimed) => claimed,
+            // Nothing was sent: the delivery goes back (not counted as a redelivery) while the
+            // store heals.
+            Err(ClaimError::Store(e)) => return Ok(self.recorder.defer(&job, ch, &e).await?),
+            Err(e) => return Err(e.into()),
+        };
         let outcome = match claimed {
             Claimed::Decided(outcome) => *outcome,
             Claimed::Call => self.call(&mut job, &valid, ch).await,
@@ -232,7 +260,7 @@ impl Worker {
         };
         let settle = self
             .recorder
-            .finish(&job, Some(&valid), outcome, ch)
+            .finish(&job, Some(&valid), outcome, ch, &self.shutdown())
             .await?;
         if auth_refused {
             self.auth.trip();
@@ -247,13 +275,17 @@ impl Worker {
 }
 
 impl Worker {
-    /// The call stage, with the fleet claim renewed while it runs.
-    async fn call(&self, job: &mut Job, valid: &ValidRequest, ch: &Channel) -> Outcome {
-        let shutdown = self
-            .shutdown
+    /// The shutdown `run` was given (a never-firing one before that).
+    fn shutdown(&self) -> Shutdown {
+        self.shutdown
             .get()
             .cloned()
-            .unwrap_or_else(|| Shutdown::new().1);
+            .unwrap_or_else(|| Shutdown::new().1)
+    }
+
+    /// The call stage, with the fleet claim renewed while it runs.
+    async fn call(&self, job: &mut Job, valid: &ValidRequest, ch: &Channel) -> Outcome {
+        let shutdown = self.shutdown();
         let Some(held) = job.held.clone() else {
             return self.caller.call(job, valid, &shutdown).await;
         };
@@ -299,13 +331,34 @@ impl Pipeline for Worker {
     }
 
     fn interrupt(&self) -> Option<&Notify> {
-        Some(self.auth.notify())
+        Some(&self.interrupt)
     }
 
+    /// Paused for a failing store (until it takes writes again), then for refused credentials
+    /// (until the token endpoint accepts them).
     async fn resume(&self, shutdown: &mut Shutdown) -> bool {
-        self.auth
-            .pause(&self.caller.client, &self.health, shutdown)
-            .await
+        if self.store.failure().is_some() && !self.store.writable(shutdown).await {
+            return false;
+        }
+        if self.auth.tripped() {
+            return self
+                .auth
+                .pause(&self.caller.client, &self.health, shutdown)
+                .await;
+        }
+        true
+    }
+}
+
+/// Stop taking deliveries whenever the store begins failing writes.
+async fn pause_on_store_failure(
+    mut failures: tokio::sync::watch::Receiver<Option<String>>,
+    interrupt: Arc<Notify>,
+) {
+    while failures.changed().await.is_ok() {
+        if failures.borrow_and_update().is_some() {
+            interrupt.notify_one();
+        }
     }
 }
 

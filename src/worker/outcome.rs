@@ -19,6 +19,7 @@ use crate::fleet::{Fleet, FleetError};
 use crate::genesys::{GenesysError, SessionCreated};
 use crate::internal_events;
 use crate::request::{ValidRequest, ValidationError};
+use crate::shutdown::Shutdown;
 use crate::store::{now_ms, AuditEntry, FleetClaim, IdemRecord, IdemState, Store, StoreError};
 use lapin::Channel;
 use std::sync::Arc;
@@ -116,6 +117,7 @@ impl Recorder {
         valid: Option<&ValidRequest>,
         outcome: Outcome,
         ch: &Channel,
+        shutdown: &Shutdown,
     ) -> Result<Settle, FinishError> {
         let span = tracing::Span::current();
         if let Outcome::Started(created) = &outcome {
@@ -128,44 +130,59 @@ impl Recorder {
             span.record("correlation_id", c);
         }
         let plan = self.plan(job, &outcome);
+        let record = match (plan.record, valid) {
+            (Some(state), Some(valid)) => Some(self.record(job, valid, state, &outcome, &plan)),
+            _ => None,
+        };
 
-        // 1. Record.
-        let mut written = None;
-        if let (Some(state), Some(valid)) = (plan.record, valid) {
-            let now = now_ms();
-            let conversation_id = match &outcome {
-                Outcome::Started(c) => Some(c.conversation_id.clone()),
-                _ => None,
+        // 1. Record, 2. durable before anything leaves the process.
+        let mut told_fleet = false;
+        let mut held = false;
+        loop {
+            let Err(e) = self.write(job, valid, &plan, record.as_ref()).await else {
+                break;
             };
-            let record = IdemRecord {
-                state,
-                fingerprint: valid.fingerprint.clone(),
-                attempts: job.attempts,
-                conversation_id,
-                event: plan.event.clone(),
-                worker_id: self.worker_id.clone(),
-                created_at_ms: now,
-                updated_at_ms: now,
+            let (Some(record), Some(entry)) = (&record, &plan.audit) else {
+                // Nothing answered to keep: the delivery goes back while the store heals.
+                return self.defer(job, ch, &e).await;
             };
-            self.store.put(&job.key, &record)?;
-            written = Some(record);
+            // Genesys answered (or may have): never throw that away for a redelivery to
+            // repeat the call. Tell the fleet first (the ledger is on the broker), then hold
+            // the outcome until the store takes it.
+            if !told_fleet {
+                if let Some(claim) = &job.held {
+                    match self.fleet.outcome(ch, &job.key, record, entry).await {
+                        Ok(()) => told_fleet = true,
+                        Err(fe) => {
+                            tracing::error!(error = %fe, claim_id = %claim.claim_id, "cannot tell the fleet ledger the held outcome either")
+                        }
+                    }
+                }
+            }
+            if !held {
+                internal_events::outcome_held(&e, told_fleet);
+                held = true;
+            }
+            let mut waiting = shutdown.clone();
+            if !self.store.writable(&mut waiting).await {
+                // Shutting down with the store still failing. The ledger holds the outcome,
+                // so the redelivery replays it on whichever pod takes it.
+                internal_events::outcome_released();
+                tracing::warn!(in_ledger = told_fleet, "shutdown while holding an answered outcome; the delivery goes back and its redelivery replays the outcome from the fleet ledger");
+                return Ok(Settle::Requeue);
+            }
         }
-        if let (true, Some(valid)) = (plan.keep_attempts, valid) {
-            self.store
-                .record_attempts(&job.key, &valid.fingerprint, job.attempts)?;
-        }
-        if let Some(entry) = &plan.audit {
-            self.store.append_audit(entry)?;
-            // 2. Durable before anything leaves the process.
-            self.store.durable().await?;
+        if held {
+            internal_events::outcome_released();
         }
         // 2b. Tell the fleet: the key's outcome, or the claim given back.
-        if let Some(held) = &job.held {
-            match (&written, &plan.audit) {
-                (Some(record), Some(entry)) => {
+        if let Some(claim) = &job.held {
+            match (&record, &plan.audit) {
+                (Some(record), Some(entry)) if !told_fleet => {
                     self.fleet.outcome(ch, &job.key, record, entry).await?
                 }
-                _ => self.fleet.release(ch, &job.key, held).await?,
+                (Some(_), Some(_)) => {}
+                _ => self.fleet.release(ch, &job.key, claim).await?,
             }
         }
         // 3. Publish the result event.
@@ -258,6 +275,85 @@ impl Recorder {
             }
         };
         Ok(settle)
+    }
+
+    /// The idempotency record an outcome leaves.
+    fn record(
+        &self,
+        job: &Job,
+        valid: &ValidRequest,
+        state: IdemState,
+        outcome: &Outcome,
+        plan: &Plan,
+    ) -> IdemRecord {
+        let now = now_ms();
+        IdemRecord {
+            state,
+            fingerprint: valid.fingerprint.clone(),
+            attempts: job.attempts,
+            conversation_id: match outcome {
+                Outcome::Started(c) => Some(c.conversation_id.clone()),
+                _ => None,
+            },
+            event: plan.event.clone(),
+            worker_id: self.worker_id.clone(),
+            created_at_ms: now,
+            updated_at_ms: now,
+        }
+    }
+
+    /// Write what the plan records, and wait until it is durable. A store reopened meanwhile
+    /// (after a failure) may have lost the first writes: that counts as a failure, so the
+    /// caller writes again.
+    async fn write(
+        &self,
+        job: &Job,
+        valid: Option<&ValidRequest>,
+        plan: &Plan,
+        record: Option<&IdemRecord>,
+    ) -> Result<(), StoreError> {
+        let generation = self.store.generation();
+        if let Some(record) = record {
+            self.store.put(&job.key, record)?;
+        }
+        if let (true, Some(valid)) = (plan.keep_attempts, valid) {
+            self.store
+                .record_attempts(&job.key, &valid.fingerprint, job.attempts)?;
+        }
+        if let Some(entry) = &plan.audit {
+            self.store.append_audit(entry)?;
+            self.store.durable().await?;
+        }
+        if self.store.generation() != generation {
+            return Err(StoreError::Io(
+                "the store was reopened while this outcome was written".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The store fails and nothing answered needs keeping: give the fleet claim back and put a
+    /// fresh copy of the delivery back on the queue (not counted as a redelivery).
+    pub async fn defer(
+        &self,
+        job: &Job,
+        ch: &Channel,
+        error: &StoreError,
+    ) -> Result<Settle, FinishError> {
+        if let Some(claim) = &job.held {
+            self.fleet.release(ch, &job.key, claim).await?;
+        }
+        let properties = amqp::without_headers(&job.delivery.properties, &["x-delivery-count"]);
+        amqp::publish_routed(
+            ch,
+            "",
+            &self.settings.amqp.inbound_queue,
+            &job.delivery.data,
+            properties,
+        )
+        .await?;
+        internal_events::session_deferred(error);
+        Ok(Settle::Ack)
     }
 
     /// Decide what an outcome writes and where the delivery goes. No effects.

@@ -392,6 +392,217 @@ async fn webhook_outage_drill(n: u64, outage: Duration) -> Row {
     r
 }
 
+/// Keys neither created at the simulator nor dead-lettered: what was lost.
+async fn lost_of(env: &TestEnv, visitors: &[String]) -> (u64, i64) {
+    let (_, messages) = session_worker::dlq::list(
+        &env.conn,
+        &env.settings.amqp.dead_letter_queue,
+        &Default::default(),
+    )
+    .await
+    .expect("list DLQ");
+    let dead: std::collections::HashSet<String> = messages
+        .iter()
+        .filter_map(|m| m.body.as_deref())
+        .filter_map(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+        .filter_map(|v| v.get("visitor_id")?.as_str().map(str::to_string))
+        .collect();
+    let lost = visitors
+        .iter()
+        .filter(|v| env.sim.sim.sessions_for(v) == 0 && !dead.contains(*v))
+        .count();
+    (messages.len() as u64, lost as i64)
+}
+
+/// A header value nested `depth` arrays deep.
+fn nested(depth: usize) -> lapin::types::AMQPValue {
+    use lapin::types::{AMQPValue, FieldArray};
+    let mut v = AMQPValue::Boolean(true);
+    for _ in 0..depth {
+        v = AMQPValue::FieldArray(FieldArray::from(vec![v]));
+    }
+    v
+}
+
+/// Requests carrying hostile headers: nested as deep as a frame allows, the worker's own header
+/// names with values of the wrong type, a forged delivery count. The worker process must live
+/// through all of them.
+async fn poison_headers_drill(n: usize) -> Row {
+    use lapin::types::{AMQPValue, FieldTable};
+    let env = TestEnv::new(Faults::default(), |s| s.worker.concurrency = 16).await;
+    let cfg = env.config_file();
+    let mut child = common::spawn_worker_binary(cfg.path(), "error");
+    let visitors: Vec<String> = (0..n).map(|i| format!("poison-{i}")).collect();
+    for (i, v) in visitors.iter().enumerate() {
+        let mut h = FieldTable::default();
+        match i % 4 {
+            0 => {
+                h.insert("x-deep".into(), nested(26_100));
+            }
+            1 => {
+                h.insert("x-attempts".into(), AMQPValue::LongString("many".into()));
+                h.insert("x-delayed-retries".into(), AMQPValue::LongLongInt(i64::MIN));
+                h.insert("x-death".into(), AMQPValue::Boolean(true));
+            }
+            2 => {
+                h.insert("x-delivery-count".into(), AMQPValue::LongLongInt(1_000));
+            }
+            _ => {
+                h.insert(
+                    "x-failure-reason".into(),
+                    AMQPValue::FieldTable(FieldTable::default()),
+                );
+            }
+        }
+        env.publish_with(&request(v), Some(&format!("poison-id-{i}")), h)
+            .await;
+    }
+    let dead_q = env.settings.amqp.dead_letter_queue.clone();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let done = env.sim.sim.stats().distinct_visitors + u64::from(env.queue_len(&dead_q).await);
+        if done >= n as u64 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let alive = matches!(child.try_wait(), Ok(None));
+    let code = common::terminate(&mut child);
+    let (dead, lost) = lost_of(&env, &visitors).await;
+    let mut r = row(
+        &format!("{n} requests with hostile headers (26,100-deep nesting, wrong types, forged delivery count)"),
+        n as u64,
+        &env,
+        dead,
+        format!(
+            "worker alive throughout: {}; SIGTERM exit {code:?}",
+            if alive { "yes" } else { "NO" }
+        ),
+    );
+    r.lost = lost + i64::from(!alive);
+    r
+}
+
+/// Genesys creates every session but answers after the client's timeout: each is recorded
+/// `unknown` and dead-lettered `outcome_unknown`, none re-sent.
+async fn slow_api_drill(n: usize) -> Row {
+    let env = TestEnv::new(
+        Faults {
+            answer_late_ms: 1_500,
+            ..Default::default()
+        },
+        |s| {
+            s.worker.concurrency = 32;
+            s.genesys.request_timeout = Duration::from_secs(1);
+        },
+    )
+    .await;
+    let visitors: Vec<String> = (0..n).map(|i| format!("slow-{i}")).collect();
+    let bodies: Vec<Vec<u8>> = visitors.iter().map(|v| request(v)).collect();
+    env.publish_requests(&bodies).await;
+    let worker = env.start_worker(env.open_store());
+    let dead_q = env.settings.amqp.dead_letter_queue.clone();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while (env.queue_len(&dead_q).await as usize) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Published again: replayed from the `unknown` record, no call.
+    env.publish_requests(&bodies).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    worker.stop().await;
+    let s = env.sim.sim.stats();
+    let (dead, lost) = lost_of(&env, &visitors).await;
+    let mut r = row(
+        &format!("API creates each session and answers after the 1 s timeout, {n} requests, each published twice"),
+        n as u64,
+        &env,
+        dead,
+        format!(
+            "{} session requests for {n} keys; all dead-lettered outcome_unknown",
+            s.session_requests
+        ),
+    );
+    r.lost = lost;
+    r
+}
+
+/// The store's volume (a 24 MiB tmpfs) fills while a worker process works, stays full, then
+/// space is freed: intake pauses, answered outcomes are held, the worker resumes by itself.
+async fn full_store_drill(n: u64, full_for: Duration) -> Option<Row> {
+    let mount = tempfile::tempdir().expect("mount point");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(mount.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("full store drill not run: mounting a tmpfs needs root");
+        return None;
+    }
+    let env = TestEnv::new(
+        Faults {
+            latency_ms: 20,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let mut pod = common::Pod::with(&env, "full", |s| {
+        s.store.path = mount.path().join("store");
+        s.worker.concurrency = 16;
+    });
+    pod.start();
+    pod.ready_within(Duration::from_secs(30)).await;
+    let visitors: Vec<String> = (0..n).map(|i| format!("full-{i}")).collect();
+    let bodies: Vec<Vec<u8>> = visitors.iter().map(|v| request(v)).collect();
+    env.publish_requests(&bodies).await;
+    wait_until(Duration::from_secs(120), || {
+        env.sim.sim.stats().sessions_created >= n / 3
+    })
+    .await;
+    let filler = mount.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        while f.write_all(&[0u8]).is_ok() {}
+    }
+    let filled = Instant::now();
+    let mut not_ready = false;
+    while filled.elapsed() < full_for {
+        if let Ok(r) = reqwest::get(format!("http://{}/readyz", pod.http)).await {
+            not_ready |= r.status() == StatusCode::SERVICE_UNAVAILABLE;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let created_while_full = env.sim.sim.stats().sessions_created;
+    let _ = std::fs::remove_file(&filler);
+    let back = pod.ready_within(Duration::from_secs(60)).await;
+    wait_until(Duration::from_secs(300), || {
+        env.sim.sim.stats().distinct_visitors >= n
+    })
+    .await;
+    let failures = pod.metric("store_failures_total").await.unwrap_or(0.0);
+    let code = pod.stop();
+    let (dead, lost) = lost_of(&env, &visitors).await;
+    let _ = Command::new("umount").arg(mount.path()).status();
+    let mut r = row(
+        &format!("store volume full for {} s mid-run, {n} requests", full_for.as_secs()),
+        n,
+        &env,
+        dead,
+        format!(
+            "/readyz not ready while full: {}; store failures {failures}; {created_while_full} created by the end of the full period; ready again {} after space was freed, no restart; SIGTERM exit {code:?}",
+            if not_ready { "yes" } else { "NO" },
+            back.map_or("never".to_string(), |d| format!("{:.1} s", d.as_secs_f64())),
+        ),
+    );
+    r.lost = lost;
+    Some(r)
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -408,19 +619,48 @@ fn main() {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(60),
         );
+        // CHAOS_ONLY=sigkill,broker,... runs a subset (all by default).
+        let only = std::env::var("CHAOS_ONLY").unwrap_or_default();
+        let run = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
         let mut rows = Vec::new();
-        eprintln!("drill 1/6: SIGKILL");
-        rows.push(sigkill_drill(kill_n, 5).await);
-        eprintln!("drill 2/6: broker restart");
-        rows.push(broker_restart_drill(3000).await);
-        eprintln!("drill 3/6: faulty API");
-        rows.push(faulty_api_drill(2000).await);
-        eprintln!("drill 4/6: malformed inputs");
-        rows.push(malformed_drill(1000).await);
-        eprintln!("drill 5/6: webhook outage");
-        rows.push(webhook_outage_drill(500, outage).await);
-        eprintln!("drill 6/6: fleet: SIGKILL and re-publish storm");
-        rows.push(fleet_drill(3000, 3).await);
+        if run("sigkill") {
+            eprintln!("drill: SIGKILL");
+            rows.push(sigkill_drill(kill_n, 5).await);
+        }
+        if run("broker") {
+            eprintln!("drill: broker restart");
+            rows.push(broker_restart_drill(3000).await);
+        }
+        if run("faulty") {
+            eprintln!("drill: faulty API");
+            rows.push(faulty_api_drill(2000).await);
+        }
+        if run("malformed") {
+            eprintln!("drill: malformed inputs");
+            rows.push(malformed_drill(1000).await);
+        }
+        if run("webhook") {
+            eprintln!("drill: webhook outage");
+            rows.push(webhook_outage_drill(500, outage).await);
+        }
+        if run("fleet") {
+            eprintln!("drill: fleet: SIGKILL and re-publish storm");
+            rows.push(fleet_drill(3000, 3).await);
+        }
+        if run("poison") {
+            eprintln!("drill: hostile headers");
+            rows.push(poison_headers_drill(400).await);
+        }
+        if run("slow") {
+            eprintln!("drill: slow-answering API");
+            rows.push(slow_api_drill(300).await);
+        }
+        if run("full") {
+            eprintln!("drill: full store volume");
+            if let Some(r) = full_store_drill(1500, Duration::from_secs(10)).await {
+                rows.push(r);
+            }
+        }
         println!();
         println!("| drill | sent | created | duplicated | dead-lettered | lost | notes |");
         println!("|---|---:|---:|---:|---:|---:|---|");

@@ -403,6 +403,11 @@ fn main() {
                         s.rate_limit.burst = 100_000;
                     })
                     .await;
+                    // That build declares the dead-letter queues as quorum queues (now they
+                    // are classic): let it declare them its way.
+                    for q in [&before_env.settings.amqp.dead_letter_queue, &before_env.settings.amqp.webhook_dead_letter_queue] {
+                        let _ = before_env.ch.queue_delete(q.as_str().into(), Default::default()).await;
+                    }
                     let (before, _, _) = end_to_end_with(&before_env, &bodies, Some(bin)).await;
                     steady_before.push(STEADY.with(|s| s.get()));
                     eprintln!("  round {round}: before the ledger {before:.0} msg/s");

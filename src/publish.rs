@@ -77,7 +77,7 @@ pub async fn publish(
 ) -> Result<PublishSummary, PublishError> {
     let conn = amqp::connect(&settings.amqp, "session-worker publish").await?;
     let ch = amqp::confirm_channel(&conn).await?;
-    topology::declare(&ch, &settings.amqp).await?;
+    topology::declare_all(&conn, &settings.amqp, false).await?;
     let bar = progress_bar();
     let started = Instant::now();
     let mut summary = PublishSummary::default();

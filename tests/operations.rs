@@ -97,6 +97,107 @@ async fn list_leaves_the_dlq_unchanged_and_dry_run_moves_nothing() {
     assert_eq!(ids(&after), ids(&first));
 }
 
+/// Everything `dlq show` says about every message, in queue order.
+async fn snapshot(env: &TestEnv, q: &str) -> Vec<serde_json::Value> {
+    let (_, listed) = dlq::list(&env.conn, q, &Filter::default()).await.unwrap();
+    let mut out = Vec::new();
+    for m in &listed {
+        out.push(
+            dlq::show(&env.conn, q, &m.message_id)
+                .await
+                .unwrap()
+                .expect("listed message is shown"),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_a_dlq_fifty_times_leaves_it_identical() {
+    let env = TestEnv::new(Faults::default(), |s| s.worker.concurrency = 1).await;
+    fill_dlq(&env, 5, 0).await;
+    let q = env.settings.amqp.dead_letter_queue.clone();
+    let before = snapshot(&env, &q).await;
+    for _ in 0..50 {
+        let limited = Filter {
+            max: Some(2),
+            ..Default::default()
+        };
+        let (_, two) = dlq::list(&env.conn, &q, &limited).await.unwrap();
+        assert_eq!(ids(&two), vec!["bad-0", "bad-1"]);
+        dlq::show(&env.conn, &q, "bad-3").await.unwrap();
+    }
+    let after = snapshot(&env, &q).await;
+    assert_eq!(before.len(), 5);
+    assert_eq!(before, after, "same messages, same order, same headers");
+    for m in &after {
+        assert!(
+            m["headers"].get("x-delivery-count").is_none(),
+            "no delivery count: {m}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_declare_converts_a_quorum_dlq_keeping_its_messages_in_order() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let q = env.settings.amqp.dead_letter_queue.clone();
+    // The DLQ as an earlier version declared it: a quorum queue, holding three messages.
+    env.ch
+        .queue_delete(q.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    env.ch
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let props = lapin::BasicProperties::default().with_message_id(format!("old-{i}").into());
+        env.ch
+            .basic_publish(
+                "".into(),
+                q.as_str().into(),
+                Default::default(),
+                b"{}",
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let notes = session_worker::amqp::topology::declare_all(&env.conn, &env.settings.amqp, true)
+        .await
+        .unwrap();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("converted") && n.contains("3 messages")),
+        "{notes:?}"
+    );
+    let (_, listed) = dlq::list(&env.conn, &q, &Filter::default()).await.unwrap();
+    assert_eq!(ids(&listed), vec!["old-0", "old-1", "old-2"]);
+    // It is a classic queue now: declaring it so again is accepted, and nothing is left over.
+    let again = session_worker::amqp::topology::declare_all(&env.conn, &env.settings.amqp, true)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_by_reason_moves_only_matches_which_then_get_processed_even_with_the_worker_down() {
     let env = TestEnv::new(

@@ -261,11 +261,6 @@ fn handled<P: Pipeline>(
 
 /// Declare the topology and open a confirm channel for publishing.
 async fn prepare(conn: &Connection, settings: &AmqpSettings) -> Result<Channel, AmqpError> {
-    let declare_ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| AmqpError::op("channel.open", e))?;
-    super::topology::declare(&declare_ch, settings).await?;
-    let _ = declare_ch.close(200, "declared".into()).await;
+    super::topology::declare_all(conn, settings, false).await?;
     super::confirm_channel(conn).await
 }

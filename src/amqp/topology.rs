@@ -15,7 +15,7 @@ use super::{int, table, text, AmqpError};
 use crate::config::{AmqpSettings, QueueType};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use std::time::Duration;
 
 /// Name of the delayed-retry queue for one delay: `session.init.requests.retry.30s`.
@@ -99,7 +99,188 @@ fn mismatch_hint(kind: &str, name: &str, e: lapin::Error) -> AmqpError {
     }
 }
 
-/// Declare everything the worker and forwarder use. Safe to run any number of times.
+/// Declare everything the worker and forwarder use, dead-letter queues included. Safe to run
+/// any number of times. With `convert`, a dead-letter queue left as a quorum queue by an
+/// earlier version is converted (see [`declare_dead_letter_queues`]); what was done is returned
+/// as lines for the operator.
+pub async fn declare_all(
+    conn: &Connection,
+    s: &AmqpSettings,
+    convert: bool,
+) -> Result<Vec<String>, AmqpError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::op("channel.open", e))?;
+    declare(&ch, s).await?;
+    let _ = ch.close(200, "declared".into()).await;
+    declare_dead_letter_queues(conn, s, convert).await
+}
+
+/// Classic queue arguments for a dead-letter queue (whatever `amqp.queue_type` says).
+///
+/// A dead-letter queue is read by operators: `dlq list` and `dlq show` fetch messages and give
+/// them back (`basic.nack`, requeue). A classic queue puts a returned message back where it
+/// was, adds no `x-delivery-count`, and has no delivery limit. A quorum queue moves it to the
+/// back and counts the return (measured on RabbitMQ 3.10.8), and on RabbitMQ 4.x drops it after
+/// its default delivery limit of 20: listing would reorder the DLQ and could lose messages.
+fn dead_letter_queue_args() -> FieldTable {
+    table(vec![("x-queue-type", text("classic"))])
+}
+
+/// Suffix of the queue that holds a dead-letter queue's messages while it is converted.
+const CONVERTING: &str = ".converting";
+
+/// Declare both dead-letter queues as classic queues and bind them. One that exists as a quorum
+/// queue (declared by an earlier version) is converted when `convert` is set: its messages move
+/// (in order, each published with confirm before it is acked) to `<dlq>.converting`, the quorum
+/// queue is deleted once empty, the classic one declared, and the messages move back. Without
+/// `convert` it is left as it is, with a warning. A conversion cut short is finished by the
+/// next run.
+pub async fn declare_dead_letter_queues(
+    conn: &Connection,
+    s: &AmqpSettings,
+    convert: bool,
+) -> Result<Vec<String>, AmqpError> {
+    let mut notes = Vec::new();
+    for dlq in [&s.dead_letter_queue, &s.webhook_dead_letter_queue] {
+        let ch = open(conn).await?;
+        match queue(&ch, dlq, dead_letter_queue_args()).await {
+            Ok(()) => {}
+            Err(e) if !e.to_string().contains("PRECONDITION_FAILED") => return Err(e),
+            Err(_) if !convert => {
+                tracing::warn!(queue = %dlq, "this dead-letter queue is a quorum queue (an earlier version declared it so): `dlq list` on it moves messages to its back, and RabbitMQ 4.x may drop a message listed 20 times. Run `session-worker topology declare` once to convert it to a classic queue");
+                notes.push(format!("{dlq}: quorum queue left as it is (run `session-worker topology declare` to convert)"));
+                continue;
+            }
+            Err(_) => {
+                let moved = convert_to_classic(conn, s, dlq).await?;
+                notes.push(format!(
+                    "{dlq}: converted from a quorum queue to a classic queue ({moved} messages kept, in order)"
+                ));
+            }
+        }
+        let ch = open(conn).await?;
+        bind(&ch, dlq, &s.dead_letter_exchange, dlq).await?;
+        let _ = ch.close(200, "declared".into()).await;
+        if convert {
+            // Finish a conversion cut short: messages still parked beside the queue go back.
+            let parked = format!("{dlq}{CONVERTING}");
+            let moved = move_all(conn, &parked, dlq).await?;
+            delete(conn, &parked, true).await?;
+            if moved > 0 {
+                notes.push(format!(
+                    "{dlq}: finished an earlier conversion ({moved} messages moved back)"
+                ));
+            }
+        }
+    }
+    Ok(notes)
+}
+
+async fn open(conn: &Connection) -> Result<Channel, AmqpError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| AmqpError::op("channel.open", e))?;
+    ch.confirm_select(Default::default())
+        .await
+        .map_err(|e| AmqpError::op("confirm.select", e))?;
+    Ok(ch)
+}
+
+async fn delete(conn: &Connection, name: &str, if_empty: bool) -> Result<(), AmqpError> {
+    let ch = open(conn).await?;
+    ch.queue_delete(
+        name.into(),
+        lapin::options::QueueDeleteOptions {
+            if_empty,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| AmqpError::op(format!("delete queue {name}"), e))?;
+    let _ = ch.close(200, "deleted".into()).await;
+    Ok(())
+}
+
+/// Move every message from `from` (declared here as a classic queue if it is missing) to `to`
+/// in order: each is published (properties kept, the broker's `x-delivery-count` dropped) with
+/// confirm before it is acked. Returns how many.
+async fn move_all(conn: &Connection, from: &str, to: &str) -> Result<u64, AmqpError> {
+    let ch = open(conn).await?;
+    if from.ends_with(CONVERTING) {
+        queue(&ch, from, dead_letter_queue_args()).await?;
+    }
+    let mut moved = 0;
+    while let Some(m) = ch
+        .basic_get(
+            from.into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .map_err(|e| AmqpError::op(format!("basic.get on {from}"), e))?
+    {
+        let props = super::without_headers(&m.delivery.properties, &["x-delivery-count"]);
+        super::publish_routed(&ch, "", to, &m.delivery.data, props).await?;
+        m.delivery
+            .acker
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .map_err(|e| AmqpError::op("basic.ack", e))?;
+        moved += 1;
+    }
+    let _ = ch.close(200, "moved".into()).await;
+    Ok(moved)
+}
+
+/// Convert a quorum dead-letter queue to a classic one, keeping its messages in order. It is
+/// unbound from the dead-letter exchange first, so nothing new arrives while it is emptied
+/// (a worker's dead letter finds no queue meanwhile, is returned, and its delivery requeued).
+async fn convert_to_classic(
+    conn: &Connection,
+    s: &AmqpSettings,
+    dlq: &str,
+) -> Result<u64, AmqpError> {
+    let ch = open(conn).await?;
+    ch.queue_unbind(
+        dlq.into(),
+        s.dead_letter_exchange.as_str().into(),
+        dlq.into(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| AmqpError::op(format!("unbind {dlq}"), e))?;
+    let parked = format!("{dlq}{CONVERTING}");
+    queue(&ch, &parked, dead_letter_queue_args()).await?;
+    let mut moved = 0;
+    loop {
+        moved += move_all(conn, dlq, &parked).await?;
+        // Quorum queues cannot be deleted `if-empty`: look, then delete.
+        let left = ch
+            .queue_declare(
+                dlq.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| AmqpError::op(format!("look up {dlq}"), e))?
+            .message_count();
+        if left == 0 {
+            break;
+        }
+    }
+    delete(conn, dlq, false).await?;
+    queue(&open(conn).await?, dlq, dead_letter_queue_args()).await?;
+    move_all(conn, &parked, dlq).await?;
+    delete(conn, &parked, true).await?;
+    Ok(moved)
+}
+
+/// Declare everything but the dead-letter queues (see [`declare_all`]).
 pub async fn declare(ch: &Channel, s: &AmqpSettings) -> Result<(), AmqpError> {
     exchange(ch, &s.inbound_exchange, ExchangeKind::Direct).await?;
     exchange(ch, &s.results_exchange, ExchangeKind::Topic).await?;
@@ -137,11 +318,6 @@ pub async fn declare(ch: &Channel, s: &AmqpSettings) -> Result<(), AmqpError> {
     )
     .await?;
     bind(ch, &s.webhook_queue, &s.results_exchange, "session.*").await?;
-
-    for dlq in [&s.dead_letter_queue, &s.webhook_dead_letter_queue] {
-        queue(ch, dlq, table(vec![queue_type_arg(s)])).await?;
-        bind(ch, dlq, &s.dead_letter_exchange, dlq).await?;
-    }
 
     for delay in &s.retry_delays {
         // Session retries go back through the inbound exchange; webhook retries straight to

@@ -180,11 +180,10 @@ async fn run_publish(settings: &Settings, input: &str) -> i32 {
 
 async fn declare_topology(settings: &Settings) -> anyhow::Result<()> {
     let conn = crate::amqp::connect(&settings.amqp, "session-worker topology").await?;
-    let ch = conn
-        .create_channel()
-        .await
-        .context("Failed to open a channel")?;
-    crate::amqp::topology::declare(&ch, &settings.amqp).await?;
+    let notes = crate::amqp::topology::declare_all(&conn, &settings.amqp, true).await?;
+    for note in notes {
+        println!("{note}");
+    }
     crate::amqp::topology::declare_ledger(&conn, &settings.amqp, settings.store.idempotency_ttl)
         .await?;
     let _ = conn.close(200, "done".into()).await;

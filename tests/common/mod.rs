@@ -156,7 +156,7 @@ impl TestEnv {
         ch.confirm_select(Default::default())
             .await
             .expect("confirm mode");
-        topology::declare(&ch, &settings.amqp)
+        topology::declare_all(&conn, &settings.amqp, false)
             .await
             .expect("topology declares");
         let cleanup = Cleanup {

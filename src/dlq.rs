@@ -47,6 +47,11 @@ pub struct DlqMessage {
     pub failed_at: Option<String>,
     pub attempts: Option<i64>,
     pub replay_count: i64,
+    /// The key `audit show` looks up: the one the worker derived (session requests), or the
+    /// event's (webhook events). None for a body that never had one.
+    pub idempotency_key: Option<String>,
+    /// Genesys Cloud's `inin-correlation-id` of the failed call, where there was one.
+    pub correlation_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -70,6 +75,8 @@ impl DlqMessage {
             failed_at: header_string(props, header::FAILED_AT),
             attempts: header_i64(props, header::ATTEMPTS),
             replay_count: header_i64(props, header::REPLAY_COUNT).unwrap_or(0),
+            idempotency_key: idempotency_key(props, body).or_else(|| event_key(body)),
+            correlation_id: header_string(props, header::CORRELATION_ID),
             body: text,
             body_base64: b64,
         }
@@ -116,6 +123,8 @@ pub struct Pass {
     pub depth: u32,
     /// Messages fetched and not yet settled.
     held: Vec<BasicGetMessage>,
+    /// Messages fetched in this pass, settled or not.
+    fetched: u32,
     /// Messages acked off the queue during this pass.
     removed: u32,
 }
@@ -147,13 +156,15 @@ impl Pass {
             queue: queue.to_string(),
             depth: q.message_count(),
             held: Vec::new(),
+            fetched: 0,
             removed: 0,
         })
     }
 
-    /// The next message, up to the depth seen at the start; `None` when done.
+    /// The next message, up to the depth seen at the start (counting the ones removed along
+    /// the way, so whatever arrives during the pass is never reached); `None` when done.
     pub async fn next(&mut self) -> Result<Option<&BasicGetMessage>, AmqpError> {
-        if self.held.len() as u32 >= self.depth {
+        if self.fetched >= self.depth {
             return Ok(None);
         }
         let got = self
@@ -166,6 +177,7 @@ impl Pass {
             .map_err(|e| AmqpError::op(format!("basic.get on {}", self.queue), e))?;
         match got {
             Some(m) => {
+                self.fetched += 1;
                 self.held.push(m);
                 Ok(self.held.last())
             }
@@ -282,6 +294,8 @@ pub async fn show(
                 "failed_at": summary.failed_at,
                 "attempts": summary.attempts,
                 "replay_count": summary.replay_count,
+                "idempotency_key": summary.idempotency_key,
+                "correlation_id": summary.correlation_id,
                 "exchange": m.delivery.exchange.as_str(),
                 "routing_key": m.delivery.routing_key.as_str(),
                 "content_type": p.content_type().as_ref().map(|c| c.as_str().to_string()),
@@ -347,8 +361,9 @@ pub fn replay_target(
     }
 }
 
-/// Headers for a replayed copy: failure and retry bookkeeping cleared, `x-replay-count` + 1.
-pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
+/// Headers for a replayed copy: failure and retry bookkeeping cleared, `x-replay-count` + 1,
+/// `x-replay-run` set to the replay's run id.
+pub fn replay_properties(props: &BasicProperties, run_id: &str) -> BasicProperties {
     let mut table = props.headers().clone().unwrap_or_default();
     let replays = header_i64(props, header::REPLAY_COUNT)
         .unwrap_or(0)
@@ -363,6 +378,7 @@ pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
         header::ATTEMPTS,
         header::DELAYED_RETRIES,
         header::LAST_ERROR,
+        header::CORRELATION_ID,
         "x-death",
         "x-first-death-exchange",
         "x-first-death-queue",
@@ -377,6 +393,7 @@ pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
         .collect();
     table = FieldTable::from(kept);
     table.insert(header::REPLAY_COUNT.into(), int(replays));
+    table.insert(header::REPLAY_RUN.into(), amqp::text(run_id));
     props.clone().with_headers(table)
 }
 
@@ -384,15 +401,25 @@ pub fn replay_properties(props: &BasicProperties) -> BasicProperties {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Moved {
     pub depth: u32,
+    /// Messages looked at.
+    pub seen: usize,
     pub matched: usize,
     pub moved: usize,
     /// Matching `outcome_unknown` messages left in place because `--force` was not given.
     pub held_back: usize,
+    /// The pass ended at a copy this replay had published itself, failed again and back in
+    /// the DLQ: everything after it is newer than the replay.
+    pub met_own_copy: bool,
+    /// False when the replay was interrupted before it had looked at every message.
+    pub completed: bool,
 }
 
 /// How a replay runs.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct ReplayOptions {
+    /// Marks every copy this replay publishes (`x-replay-run`), so the pass stops, rather than
+    /// take it again, when a copy fails and comes back to the DLQ during the replay.
+    pub run_id: String,
     /// Messages per second at most.
     pub rate_per_sec: Option<f64>,
     /// List what would move; move nothing.
@@ -409,6 +436,12 @@ fn idempotency_key(props: &BasicProperties, body: &[u8]) -> Option<String> {
     crate::request::validate_message(body, message_id.as_deref())
         .ok()
         .map(|v| v.idempotency_key)
+}
+
+/// The `idempotency_key` of a result event (a webhook dead letter).
+fn event_key(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("idempotency_key")?.as_str().map(str::to_string)
 }
 
 /// Clear an `unknown` key in every pod's store: a `forget` record in the fleet ledger, which
@@ -428,20 +461,21 @@ async fn forget(ch: &Channel, settings: &Settings, key: &str) -> Result<(), Amqp
     .await
 }
 
-/// Replay (or, with `dry_run`, only list) matching messages. `on_each` sees every match.
+/// Replay (or, with `dry_run`, only list) matching messages. `on_each` sees every match and
+/// the counts so far. The pass ends by construction: it looks at no more messages than the
+/// queue held when it began, and stops early at a copy this run published (`x-replay-run`)
+/// that failed again. `stop` ends it after the message in hand; the result then says
+/// `completed: false`. `--rate` is held to a schedule (the n-th message at start + n / rate),
+/// not a pause after each, so the time the broker takes does not slow it down.
 pub async fn replay(
     conn: &Connection,
     settings: &Settings,
     kind: DlqKind,
     filter: &Filter,
-    options: ReplayOptions,
-    mut on_each: impl FnMut(&DlqMessage),
+    options: &ReplayOptions,
+    stop: &crate::shutdown::Shutdown,
+    mut on_each: impl FnMut(&DlqMessage, &Moved),
 ) -> Result<Moved, AmqpError> {
-    let ReplayOptions {
-        rate_per_sec,
-        dry_run,
-        force,
-    } = options;
     let publish_ch = amqp::confirm_channel(conn).await?;
     let mut pass = Pass::open(conn, queue_name(settings, kind)).await?;
     let mut result = Moved {
@@ -449,25 +483,51 @@ pub async fn replay(
         ..Default::default()
     };
     let max = filter.max.unwrap_or(usize::MAX);
-    let pause = rate_per_sec
+    let every = options
+        .rate_per_sec
         .filter(|r| *r > 0.0)
         .map(|r| Duration::from_secs_f64(1.0 / r));
+    let started = tokio::time::Instant::now();
+    let mut interrupted = false;
     while result.matched < max {
+        if stop.is_requested() {
+            interrupted = true;
+            break;
+        }
         let Some(m) = pass.next().await? else { break };
+        result.seen += 1;
+        if header_string(&m.delivery.properties, header::REPLAY_RUN).as_deref()
+            == Some(options.run_id.as_str())
+        {
+            result.met_own_copy = true;
+            break;
+        }
         let msg = DlqMessage::from_parts(&m.delivery.properties, &m.delivery.data);
         if !msg.matches(filter) {
             continue;
         }
         let unknown = msg.reason.as_deref() == Some(Reason::OutcomeUnknown.as_str());
-        if unknown && !force {
+        if unknown && !options.force {
             // Genesys may have created this session: only an operator who checked says so.
             result.held_back += 1;
             continue;
         }
         result.matched += 1;
-        on_each(&msg);
-        if dry_run {
+        if options.dry_run {
+            on_each(&msg, &result);
             continue;
+        }
+        if let Some(every) = every {
+            // The n-th replay at start + n / rate.
+            let due = started + every.mul_f64(result.moved as f64);
+            let mut waiting = stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = waiting.requested() => {
+                    interrupted = true;
+                    break;
+                }
+            }
         }
         if unknown && kind == DlqKind::Worker {
             if let Some(key) = idempotency_key(&m.delivery.properties, &m.delivery.data) {
@@ -475,15 +535,14 @@ pub async fn replay(
             }
         }
         let (exchange, routing_key) = replay_target(settings, kind, &m.delivery.properties);
-        let props = replay_properties(&m.delivery.properties);
+        let props = replay_properties(&m.delivery.properties, &options.run_id);
         let body = m.delivery.data.clone();
         amqp::publish_routed(&publish_ch, &exchange, &routing_key, &body, props).await?;
         pass.remove_last().await?;
         result.moved += 1;
-        if let Some(p) = pause {
-            tokio::time::sleep(p).await;
-        }
+        on_each(&msg, &result);
     }
+    result.completed = !interrupted;
     pass.finish().await?;
     let _ = publish_ch.close(200, "done".into()).await;
     Ok(result)
@@ -504,6 +563,7 @@ pub async fn purge(
     let max = filter.max.unwrap_or(usize::MAX);
     while result.matched < max {
         let Some(m) = pass.next().await? else { break };
+        result.seen += 1;
         let msg = DlqMessage::from_parts(&m.delivery.properties, &m.delivery.data);
         if !msg.matches(filter) {
             continue;
@@ -514,6 +574,7 @@ pub async fn purge(
             result.moved += 1;
         }
     }
+    result.completed = true;
     pass.finish().await?;
     Ok(result)
 }
@@ -574,19 +635,23 @@ mod tests {
 
     #[test]
     fn replay_clears_failure_headers_and_counts() {
-        let p = replay_properties(&props());
+        let p = replay_properties(&props(), "run-1");
         assert_eq!(header_i64(&p, header::REPLAY_COUNT), Some(1));
+        assert_eq!(
+            header_string(&p, header::REPLAY_RUN).as_deref(),
+            Some("run-1")
+        );
         assert_eq!(header_string(&p, header::FAILURE_REASON), None);
         assert_eq!(header_i64(&p, header::DELAYED_RETRIES), None);
         assert_eq!(header_string(&p, "x-producer").as_deref(), Some("site"));
         assert_eq!(
-            header_i64(&replay_properties(&p), header::REPLAY_COUNT),
+            header_i64(&replay_properties(&p, "run-2"), header::REPLAY_COUNT),
             Some(2)
         );
         let huge = BasicProperties::default()
             .with_headers(table(vec![(header::REPLAY_COUNT, int(i64::MAX))]));
         assert_eq!(
-            header_i64(&replay_properties(&huge), header::REPLAY_COUNT),
+            header_i64(&replay_properties(&huge, "run-3"), header::REPLAY_COUNT),
             Some(i64::MAX)
         );
     }

@@ -24,6 +24,13 @@ impl Shutdown {
         (Trigger { tx }, Shutdown { rx })
     }
 
+    /// A signal that never fires (its trigger is kept for the life of the process).
+    pub fn never() -> Shutdown {
+        let (trigger, shutdown) = Shutdown::new();
+        std::mem::forget(trigger);
+        shutdown
+    }
+
     /// A signal fired by SIGTERM or SIGINT.
     pub fn on_signals() -> Shutdown {
         let (trigger, shutdown) = Shutdown::new();

@@ -141,7 +141,7 @@ async fn a_pod_on_an_empty_store_knows_the_fleets_history() {
     let out = Command::new(env!("CARGO_BIN_EXE_session-worker"))
         .arg("--config")
         .arg(fresh.config_path())
-        .args(["audit", "show", key])
+        .args(["audit", "show", "--json", key])
         .output()
         .expect("audit show runs");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -38,6 +38,11 @@ async fn fill_dlq(env: &TestEnv, n: usize, m: usize) {
     assert_eq!(depth as usize, n + m, "DLQ filled");
 }
 
+/// A shutdown nobody fires.
+fn never() -> session_worker::shutdown::Shutdown {
+    session_worker::shutdown::Shutdown::never()
+}
+
 fn ids(messages: &[dlq::DlqMessage]) -> Vec<String> {
     messages.iter().map(|m| m.message_id.clone()).collect()
 }
@@ -83,11 +88,12 @@ async fn list_leaves_the_dlq_unchanged_and_dry_run_moves_nothing() {
         &env.settings,
         DlqKind::Worker,
         &Filter::default(),
-        ReplayOptions {
+        &ReplayOptions {
             dry_run: true,
             ..Default::default()
         },
-        |_| {},
+        &never(),
+        |_, _| {},
     )
     .await
     .unwrap();
@@ -222,11 +228,12 @@ async fn replay_by_reason_moves_only_matches_which_then_get_processed_even_with_
         &env.settings,
         DlqKind::Worker,
         &filter,
-        ReplayOptions {
+        &ReplayOptions {
             rate_per_sec: Some(100.0),
             ..Default::default()
         },
-        |_| {},
+        &never(),
+        |_, _| {},
     )
     .await
     .unwrap();
@@ -382,13 +389,13 @@ async fn audit_commands_read_a_stopped_workers_store() {
     };
     // The in-process worker's store handles are released asynchronously (its flusher task ends
     // once the last handle is dropped); a real worker releases the lock when its process exits.
-    let mut show = run(&["audit", "show", "audit-key"]);
+    let mut show = run(&["audit", "show", "--json", "audit-key"]);
     for _ in 0..50 {
         if show.status.code() == Some(0) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
-        show = run(&["audit", "show", "audit-key"]);
+        show = run(&["audit", "show", "--json", "audit-key"]);
     }
     assert_eq!(
         show.status.code(),
@@ -429,7 +436,7 @@ async fn audit_and_dlq_commands_work_beside_a_running_worker_through_its_admin_s
             .output()
             .unwrap()
     };
-    let show = run(&["audit", "show", "beside-key"]);
+    let show = run(&["audit", "show", "--json", "beside-key"]);
     assert_eq!(
         show.status.code(),
         Some(0),
@@ -515,8 +522,9 @@ async fn outcome_unknown_is_replayed_only_with_force_and_then_sent_once_more() {
         &env.settings,
         DlqKind::Worker,
         &unknown,
-        ReplayOptions::default(),
-        |_| {},
+        &ReplayOptions::default(),
+        &never(),
+        |_, _| {},
     )
     .await
     .unwrap();
@@ -536,11 +544,12 @@ async fn outcome_unknown_is_replayed_only_with_force_and_then_sent_once_more() {
         &env.settings,
         DlqKind::Worker,
         &unknown,
-        ReplayOptions {
+        &ReplayOptions {
             force: true,
             ..Default::default()
         },
-        |_| {},
+        &never(),
+        |_, _| {},
     )
     .await
     .unwrap();

@@ -28,6 +28,10 @@ pub mod header {
     pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
     pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
     pub const REPLAY_COUNT: &str = "x-replay-count";
+    /// Genesys Cloud's `inin-correlation-id` of the call that failed, on a dead letter.
+    pub const CORRELATION_ID: &str = "x-correlation-id";
+    /// The replay run that published this copy (`dlq replay`), so the run never takes it again.
+    pub const REPLAY_RUN: &str = "x-replay-run";
 }
 
 use crate::config::AmqpSettings;
@@ -215,6 +219,8 @@ pub struct Failure<'a> {
     pub detail: &'a str,
     pub status: Option<u16>,
     pub attempts: u32,
+    /// Genesys Cloud's `inin-correlation-id` of the failed call, for support tickets.
+    pub correlation_id: Option<&'a str>,
 }
 
 /// Where one pipeline dead-letters: its dead-letter exchange and queue, and who is writing.
@@ -271,6 +277,9 @@ async fn dead_letter(
     ];
     if let Some(s) = f.status {
         headers.push((header::FAILURE_STATUS, int(i64::from(s))));
+    }
+    if let Some(c) = f.correlation_id {
+        headers.push((header::CORRELATION_ID, text(c)));
     }
     let props = with_headers(&delivery.properties, headers);
     publish_routed(ch, exchange, dlq, &delivery.data, props).await

@@ -72,9 +72,15 @@ pub enum AuditAction {
         /// Keep printing new entries as they are written.
         #[arg(long)]
         follow: bool,
+        #[command(flatten)]
+        format: OutputArgs,
     },
     /// Every entry for one idempotency key.
-    Show { key: String },
+    Show {
+        key: String,
+        #[command(flatten)]
+        format: OutputArgs,
+    },
     /// Entries as JSON Lines (all of them when no bound is given).
     Export {
         /// RFC 3339 time or a duration ago (`24h`).
@@ -90,6 +96,17 @@ pub enum AuditAction {
         #[arg(long)]
         until: Option<String>,
     },
+}
+
+/// How a command prints: a table for people (the default), or JSON for machines.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct OutputArgs {
+    /// One JSON object per line, every field.
+    #[arg(long)]
+    pub json: bool,
+    /// One line per row: long text at the end of the line instead of wrapped under it.
+    #[arg(long)]
+    pub wide: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -122,15 +139,17 @@ pub enum DlqAction {
         reason: Option<String>,
         #[arg(long)]
         limit: Option<usize>,
-        /// One JSON object per message and line.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        format: OutputArgs,
     },
-    /// Print one message in full.
+    /// Print one message in full, with its idempotency key's audit entries.
     Show {
         id: String,
         #[arg(long, value_enum, default_value_t = QueueArg::Worker)]
         queue: QueueArg,
+        /// The message as one JSON object (properties, headers, body).
+        #[arg(long)]
+        json: bool,
     },
     /// Move matching messages back to their source, each confirmed before removal.
     Replay {
@@ -146,6 +165,10 @@ pub enum DlqAction {
         /// session exists: their keys are cleared on every pod and each is sent once more.
         #[arg(long)]
         force: bool,
+        /// Who runs this, for the audit entry (default: $USER, $LOGNAME, else the pod's
+        /// service account).
+        #[arg(long)]
+        operator: Option<String>,
     },
     /// Remove matching messages (needs --yes).
     Purge {
@@ -153,6 +176,10 @@ pub enum DlqAction {
         filter: DlqFilterArgs,
         #[arg(long)]
         yes: bool,
+        /// Who runs this, for the audit entry (default: $USER, $LOGNAME, else the pod's
+        /// service account).
+        #[arg(long)]
+        operator: Option<String>,
     },
 }
 

@@ -11,6 +11,7 @@
 pub mod args;
 pub mod exit;
 pub mod ops;
+pub mod table;
 
 pub use args::{AuditAction, Cli, Command, DlqAction, DlqFilterArgs, Role, SimArgs};
 pub use exit::{EXIT_OK, EXIT_RUNTIME, EXIT_USAGE};

@@ -1,8 +1,9 @@
 //! The operator commands' command-line edge: `dlq …` and `audit …` output and exit codes.
 //! The logic lives in [`crate::dlq`] and [`crate::audit`], which return typed errors.
 
-use super::args::{AuditAction, DlqAction, DlqFilterArgs};
+use super::args::{AuditAction, DlqAction, DlqFilterArgs, OutputArgs};
 use super::exit::{fail, usage, EXIT_OK};
+use super::table::{self, or_dash, Table};
 use crate::admin::Operation;
 use crate::audit::{self, AuditAccess};
 use crate::config::Settings;
@@ -21,40 +22,224 @@ fn to_filter(args: &DlqFilterArgs) -> Result<Filter, audit::AuditError> {
     })
 }
 
-fn operator() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into())
+/// Where a pod's Kubernetes service account token is mounted.
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// Who runs an operator command, for its audit entry: `--operator`, else `$USER`, else
+/// `$LOGNAME`, else the pod's service account (the `sub` of its token), else a value that says
+/// none was found.
+pub fn operator(explicit: Option<&str>) -> String {
+    let named = |v: Option<String>| v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    named(explicit.map(str::to_string))
+        .or_else(|| named(std::env::var("USER").ok()))
+        .or_else(|| named(std::env::var("LOGNAME").ok()))
+        .or_else(|| {
+            std::fs::read_to_string(SERVICE_ACCOUNT_TOKEN)
+                .ok()
+                .and_then(|t| token_subject(&t))
+        })
+        .unwrap_or_else(|| {
+            "unknown (no --operator, $USER, $LOGNAME or service account token)".into()
+        })
 }
 
-fn table_row(m: &DlqMessage) -> String {
-    let detail: String = m
-        .detail
-        .clone()
-        .unwrap_or_default()
-        .chars()
-        .take(60)
-        .collect();
-    format!(
-        "{:<38} {:<22} {:>6} {:>8} {:<25} {}",
-        m.message_id,
-        m.reason.clone().unwrap_or_else(|| "-".into()),
-        m.status
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "-".into()),
-        m.attempts
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "-".into()),
-        m.failed_at.clone().unwrap_or_else(|| "-".into()),
-        detail
-    )
+/// The `sub` claim of a JWT (`system:serviceaccount:NAMESPACE:NAME` for a service account).
+fn token_subject(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.trim().split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("sub")?.as_str().map(str::to_string)
 }
 
-fn table_header() -> String {
-    format!(
-        "{:<38} {:<22} {:>6} {:>8} {:<25} {}",
-        "MESSAGE ID", "REASON", "STATUS", "ATTEMPTS", "FAILED AT", "DETAIL"
-    )
+/// A filter as an operator would write it: `queue=worker reason=permanent_api_error max=10`.
+pub fn describe_filter(args: &DlqFilterArgs) -> String {
+    let queue = match args.queue {
+        super::args::QueueArg::Worker => "worker",
+        super::args::QueueArg::Webhook => "webhook",
+    };
+    let mut parts = vec![format!("queue={queue}")];
+    if let Some(r) = &args.reason {
+        parts.push(format!("reason={r}"));
+    }
+    if let Some(id) = &args.id {
+        parts.push(format!("id={id}"));
+    }
+    if let Some(since) = &args.since {
+        parts.push(format!("since={since}"));
+    }
+    if let Some(max) = args.max {
+        parts.push(format!("max={max}"));
+    }
+    if parts.len() == 1 {
+        parts.push("(every message)".into());
+    }
+    parts.join(" ")
+}
+
+/// The DLQ as a table: ids whole (paste them into `dlq show`, `--id`, `audit show`), the
+/// detail wrapped under each row.
+fn dlq_table(messages: &[DlqMessage]) -> Table {
+    let mut t = Table::new(&[
+        "MESSAGE ID",
+        "REASON",
+        "STATUS>",
+        "ATTEMPTS>",
+        "REPLAYS>",
+        "FAILED AT",
+        "IDEMPOTENCY KEY",
+    ]);
+    for m in messages {
+        let key = match &m.idempotency_key {
+            Some(k) if *k == m.message_id => "(same)".to_string(),
+            other => or_dash(other.clone()),
+        };
+        let mut notes = Vec::new();
+        if let Some(d) = &m.detail {
+            notes.push(d.clone());
+        }
+        if let Some(c) = &m.correlation_id {
+            notes.push(format!("correlation id {c}"));
+        }
+        t.row(
+            vec![
+                m.message_id.clone(),
+                or_dash(m.reason.clone()),
+                or_dash(m.status),
+                or_dash(m.attempts),
+                m.replay_count.to_string(),
+                or_dash(m.failed_at.clone()),
+                key,
+            ],
+            notes,
+        );
+    }
+    t
+}
+
+/// Audit entries as a table, oldest first; details wrapped under each row.
+fn audit_table(entries: &[AuditEntry]) -> Table {
+    let mut t = Table::new(&[
+        "TIME",
+        "EVENT",
+        "OUTCOME",
+        "IDEMPOTENCY KEY",
+        "VISITOR",
+        "STATUS>",
+        "ATTEMPTS>",
+        "LATENCY MS>",
+        "BY",
+    ]);
+    for e in entries {
+        let mut notes = Vec::new();
+        if let Some(n) = e.count {
+            notes.push(format!("{n} message(s)"));
+        }
+        if let Some(c) = &e.conversation_id {
+            notes.push(format!("conversation {c}"));
+        }
+        if let Some(c) = &e.correlation_id {
+            notes.push(format!("correlation id {c}"));
+        }
+        if let Some(d) = &e.detail {
+            notes.push(d.clone());
+        }
+        t.row(
+            vec![
+                e.timestamp.clone(),
+                e.event_type.clone(),
+                e.outcome.clone(),
+                or_dash(e.idempotency_key.clone()),
+                or_dash(e.visitor_id.clone()),
+                or_dash(e.http_status),
+                or_dash(e.attempts),
+                or_dash(e.latency_ms),
+                e.operator.clone().unwrap_or_else(|| e.worker_id.clone()),
+            ],
+            notes,
+        );
+    }
+    t
+}
+
+fn print_audit(entries: &[AuditEntry], format: OutputArgs) {
+    if format.json {
+        print_jsonl(entries);
+    } else if !entries.is_empty() {
+        print!(
+            "{}",
+            audit_table(entries).render(table::width(), format.wide)
+        );
+    }
+}
+
+/// `dlq show` for people: the message's facts, its detail wrapped, its key's audit entries,
+/// then headers and body.
+async fn show_message(settings: &Settings, queue: &str, v: &serde_json::Value) {
+    let field = |k: &str| match &v[k] {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let width = table::width();
+    println!("message id       {}", field("message_id"));
+    println!("queue            {queue}");
+    println!("reason           {}", field("reason"));
+    println!("status           {}", field("status"));
+    println!("failed at        {}", field("failed_at"));
+    println!("attempts         {}", field("attempts"));
+    println!("replays          {}", field("replay_count"));
+    println!("idempotency key  {}", field("idempotency_key"));
+    println!("correlation id   {}", field("correlation_id"));
+    println!(
+        "source           {} / {}",
+        field("exchange"),
+        field("routing_key")
+    );
+    println!("detail");
+    for line in table::wrap(&field("detail"), width.saturating_sub(4)) {
+        println!("    {line}");
+    }
+    if let serde_json::Value::String(key) = &v["idempotency_key"] {
+        let entries = match AuditAccess::open(settings) {
+            Ok(access) => {
+                access
+                    .query(&AuditQuery {
+                        key: Some(key.clone()),
+                        ..Default::default()
+                    })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match entries {
+            Ok(entries) if entries.is_empty() => println!("audit entries    none on this pod"),
+            Ok(entries) => {
+                println!("audit entries");
+                print!("{}", audit_table(&entries).render(width, false));
+            }
+            Err(e) => println!("audit entries    not available here: {e}"),
+        }
+    }
+    println!("headers");
+    if let serde_json::Value::Object(h) = &v["headers"] {
+        for (k, val) in h {
+            let text = match val {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("    {k}: {}", crate::text::truncate(&text));
+        }
+    }
+    println!("body");
+    let body = match (&v["body"], &v["body_base64"]) {
+        (serde_json::Value::String(b), _) => b.clone(),
+        (_, serde_json::Value::String(b)) => format!("(base64) {b}"),
+        _ => "-".into(),
+    };
+    println!("    {}", crate::text::truncate(&body));
 }
 
 async fn record(settings: &Settings, operation: Operation) {
@@ -67,16 +252,23 @@ async fn record(settings: &Settings, operation: Operation) {
     }
 }
 
-fn operation(kind: &str, queue: &str, count: usize, detail: String) -> Operation {
+fn operation(
+    kind: &str,
+    queue: &str,
+    count: usize,
+    operator: String,
+    completed: bool,
+    detail: String,
+) -> Operation {
     Operation {
         kind: kind.into(),
         queue: queue.to_string(),
         count: count as u64,
-        operator: operator(),
-        outcome: if count > 0 {
-            "done".into()
-        } else {
-            "nothing_matched".into()
+        operator,
+        outcome: match (completed, count) {
+            (false, _) => "interrupted".into(),
+            (true, 0) => "nothing_matched".into(),
+            (true, _) => "done".into(),
         },
         detail,
     }
@@ -92,7 +284,7 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
             queue,
             reason,
             limit,
-            json,
+            format,
         } => {
             let name = dlq::queue_name(settings, queue.into()).to_string();
             let filter = Filter {
@@ -102,17 +294,15 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
             };
             match dlq::list(&conn, &name, &filter).await {
                 Ok((depth, messages)) => {
-                    if json {
+                    if format.json {
                         for m in &messages {
                             println!("{}", serde_json::to_string(m).unwrap_or_default());
                         }
                     } else {
                         println!("{name}: {depth} message(s); showing {}", messages.len());
-                        if !messages.is_empty() {
-                            println!("{}", table_header());
-                            for m in &messages {
-                                println!("{}", table_row(m));
-                            }
+                        let t = dlq_table(&messages);
+                        if !t.is_empty() {
+                            print!("{}", t.render(table::width(), format.wide));
                         }
                     }
                     EXIT_OK
@@ -120,16 +310,18 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
                 Err(e) => fail(e),
             }
         }
-        DlqAction::Show { id, queue } => {
-            match dlq::show(&conn, dlq::queue_name(settings, queue.into()), &id).await {
-                Ok(Some(v)) => {
+        DlqAction::Show { id, queue, json } => {
+            let name = dlq::queue_name(settings, queue.into()).to_string();
+            match dlq::show(&conn, &name, &id).await {
+                Ok(Some(v)) if json => {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     EXIT_OK
                 }
-                Ok(None) => fail(format!(
-                    "no message with id {id:?} in {}",
-                    dlq::queue_name(settings, queue.into())
-                )),
+                Ok(Some(v)) => {
+                    show_message(settings, &name, &v).await;
+                    EXIT_OK
+                }
+                Ok(None) => fail(format!("no message with id {id:?} in {name}")),
                 Err(e) => fail(e),
             }
         }
@@ -138,25 +330,35 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
             rate,
             dry_run,
             force,
+            operator: who,
         } => {
             let options = ReplayOptions {
+                run_id: format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
                 rate_per_sec: rate,
                 dry_run,
                 force,
             };
-            replay(settings, &conn, &filter, options).await
+            replay(settings, &conn, &filter, options, operator(who.as_deref())).await
         }
-        DlqAction::Purge { filter, yes } => purge(settings, &conn, &filter, yes).await,
+        DlqAction::Purge {
+            filter,
+            yes,
+            operator: who,
+        } => purge(settings, &conn, &filter, yes, operator(who.as_deref())).await,
     };
     let _ = conn.close(200, "done".into()).await;
     code
 }
+
+/// How often a replay without a terminal says how far it is.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 async fn replay(
     settings: &Settings,
     conn: &lapin::Connection,
     args: &DlqFilterArgs,
     options: ReplayOptions,
+    operator: String,
 ) -> i32 {
     let (rate, dry_run) = (options.rate_per_sec, options.dry_run);
     let filter = match to_filter(args) {
@@ -166,61 +368,129 @@ async fn replay(
     if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return usage("--rate must be a positive number of messages per second");
     }
-    let bar = if std::io::stderr().is_terminal() && !dry_run {
+    let queue = dlq::queue_name(settings, args.queue.into()).to_string();
+    let described = describe_filter(args);
+    let terminal = std::io::stderr().is_terminal();
+    let bar = if terminal && !dry_run {
         ProgressBar::new_spinner()
     } else {
         ProgressBar::hidden()
     };
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} {pos} replayed ({per_sec}) {elapsed}")
-    {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} {pos} replayed of {len} in the queue ({per_sec}) {elapsed}",
+    ) {
         bar.set_style(style);
     }
     bar.enable_steady_tick(Duration::from_millis(120));
-    if dry_run {
-        println!("dry run: nothing is moved\n{}", table_header());
+    let mut rehearsed = Vec::new();
+    if !dry_run {
+        eprintln!(
+            "replay {}: {queue}, {described}{}; Ctrl-C stops it after the message in hand",
+            options.run_id,
+            rate.map(|r| format!(", at most {r}/s")).unwrap_or_default()
+        );
     }
-    let result = dlq::replay(conn, settings, args.queue.into(), &filter, options, |m| {
-        if dry_run {
-            println!("{}", table_row(m));
-        } else {
-            bar.inc(1);
-        }
-    })
+    let stop = crate::shutdown::Shutdown::on_signals();
+    let started = std::time::Instant::now();
+    let mut last_said = started;
+    let result = dlq::replay(
+        conn,
+        settings,
+        args.queue.into(),
+        &filter,
+        &options,
+        &stop,
+        |m, so_far| {
+            if dry_run {
+                rehearsed.push(m.clone());
+                return;
+            }
+            bar.set_length(u64::from(so_far.depth));
+            bar.set_position(so_far.moved as u64);
+            if !terminal && last_said.elapsed() >= PROGRESS_EVERY {
+                last_said = std::time::Instant::now();
+                eprintln!(
+                    "replay {}: {} replayed, {} of {} looked at, {:.1}/s",
+                    options.run_id,
+                    so_far.moved,
+                    so_far.seen,
+                    so_far.depth,
+                    so_far.moved as f64 / started.elapsed().as_secs_f64().max(0.001)
+                );
+            }
+        },
+    )
     .await;
     bar.finish_and_clear();
-    let queue = dlq::queue_name(settings, args.queue.into()).to_string();
-    match result {
-        Ok(moved) => {
-            if dry_run {
-                println!(
-                    "would replay {} of {} message(s) in {queue}",
-                    moved.matched, moved.depth
-                );
-            } else {
-                println!(
-                    "replayed {} of {} message(s) in {queue}; non-matching messages stay in order",
-                    moved.moved, moved.depth
-                );
-                let detail = format!("replayed {} message(s) (filter: {:?})", moved.moved, args);
-                if moved.held_back > 0 {
-                    println!(
-                        "{} outcome_unknown message(s) stay in {queue}: Genesys Cloud may have created their sessions. Check there, then replay them with --force",
-                        moved.held_back
-                    );
-                }
-                record(
-                    settings,
-                    operation("dlq_replay", &queue, moved.moved, detail),
-                )
-                .await;
-            }
-            EXIT_OK
+    let moved = match result {
+        Ok(moved) => moved,
+        Err(e) => {
+            return fail(format!(
+                "{e}; messages already replayed were removed from the DLQ, the rest stay"
+            ))
         }
-        Err(e) => fail(format!(
-            "{e}; messages already replayed were removed from the DLQ, the rest stay"
-        )),
+    };
+    if dry_run {
+        println!("dry run: nothing is moved");
+        if !rehearsed.is_empty() {
+            print!("{}", dlq_table(&rehearsed).render(table::width(), false));
+        }
+        println!(
+            "would replay {} of {} message(s) in {queue}",
+            moved.matched, moved.depth
+        );
+        if moved.held_back > 0 {
+            println!(
+                "{} outcome_unknown message(s) would stay: they need --force",
+                moved.held_back
+            );
+        }
+        return EXIT_OK;
     }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ending = if !moved.completed {
+        "interrupted"
+    } else if moved.met_own_copy {
+        "stopped at a copy it had replayed itself, failed again"
+    } else {
+        "done"
+    };
+    println!(
+        "replay {}: {ending}: replayed {} of {} message(s) in {queue} in {elapsed:.1} s ({:.1}/s); looked at {}; non-matching messages stay in order",
+        options.run_id,
+        moved.moved,
+        moved.depth,
+        moved.moved as f64 / elapsed.max(0.001),
+        moved.seen,
+    );
+    if moved.held_back > 0 {
+        println!(
+            "{} outcome_unknown message(s) stay in {queue}: Genesys Cloud may have created their sessions. Check there, then replay them with --force",
+            moved.held_back
+        );
+    }
+    let detail = format!(
+        "run {}: {ending}; replayed {} of {} looked at ({} in the queue); filter: {described}{}{}",
+        options.run_id,
+        moved.moved,
+        moved.seen,
+        moved.depth,
+        rate.map(|r| format!("; rate {r}/s")).unwrap_or_default(),
+        if options.force { "; --force" } else { "" },
+    );
+    record(
+        settings,
+        operation(
+            "dlq_replay",
+            &queue,
+            moved.moved,
+            operator,
+            moved.completed,
+            detail,
+        ),
+    )
+    .await;
+    EXIT_OK
 }
 
 async fn purge(
@@ -228,6 +498,7 @@ async fn purge(
     conn: &lapin::Connection,
     args: &DlqFilterArgs,
     yes: bool,
+    operator: String,
 ) -> i32 {
     let filter = match to_filter(args) {
         Ok(f) => f,
@@ -244,10 +515,16 @@ async fn purge(
                 "purged {} of {} message(s) from {queue}",
                 moved.moved, moved.depth
             );
-            let detail = format!("purged {} message(s) (filter: {:?})", moved.moved, args);
+            let detail = format!(
+                "purged {} of {} looked at ({} in the queue); filter: {}",
+                moved.moved,
+                moved.seen,
+                moved.depth,
+                describe_filter(args)
+            );
             record(
                 settings,
-                operation("dlq_purge", &queue, moved.moved, detail),
+                operation("dlq_purge", &queue, moved.moved, operator, true, detail),
             )
             .await;
             EXIT_OK
@@ -270,7 +547,7 @@ pub async fn audit_command(settings: &Settings, action: AuditAction) -> i32 {
     let bound = |t: &Option<String>| t.as_deref().map(audit::parse_time).transpose();
     let stats = matches!(action, AuditAction::Stats { .. });
     match action {
-        AuditAction::Tail { n, follow } => {
+        AuditAction::Tail { n, follow, format } => {
             let entries = match access
                 .query(&AuditQuery {
                     tail: Some(n),
@@ -281,7 +558,7 @@ pub async fn audit_command(settings: &Settings, action: AuditAction) -> i32 {
                 Ok(e) => e,
                 Err(e) => return fail(e),
             };
-            print_jsonl(&entries);
+            print_audit(&entries, format);
             if !follow {
                 return EXIT_OK;
             }
@@ -297,13 +574,20 @@ pub async fn audit_command(settings: &Settings, action: AuditAction) -> i32 {
                     })
                     .await
                 {
-                    Ok(entries) => print_jsonl(&entries),
+                    Ok(entries) if format.json => print_jsonl(&entries),
+                    Ok(entries) => {
+                        // Following: one line per entry, no header after the first screen.
+                        let rendered = audit_table(&entries).render(table::width(), true);
+                        for line in rendered.lines().skip(1) {
+                            println!("{line}");
+                        }
+                    }
                     Err(e) => return fail(e),
                 }
                 since = now;
             }
         }
-        AuditAction::Show { key } => match access
+        AuditAction::Show { key, format } => match access
             .query(&AuditQuery {
                 key: Some(key.clone()),
                 ..Default::default()
@@ -312,7 +596,7 @@ pub async fn audit_command(settings: &Settings, action: AuditAction) -> i32 {
         {
             Ok(entries) if entries.is_empty() => fail(format!("no audit entries for key {key:?}")),
             Ok(entries) => {
-                print_jsonl(&entries);
+                print_audit(&entries, format);
                 EXIT_OK
             }
             Err(e) => fail(e),

@@ -275,6 +275,7 @@ impl Forwarder {
             }
             Outcome::Retry { status, detail, .. } => {
                 let failure = Failure {
+                    correlation_id: None,
                     reason: Reason::RetriesExhausted,
                     detail: &detail,
                     status,
@@ -284,6 +285,7 @@ impl Forwarder {
             }
             Outcome::Rejected { status, detail } => {
                 let failure = Failure {
+                    correlation_id: None,
                     reason: Reason::WebhookRejected,
                     detail: &detail,
                     status: Some(status),

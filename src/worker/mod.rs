@@ -277,10 +277,7 @@ impl Worker {
 impl Worker {
     /// The shutdown `run` was given (a never-firing one before that).
     fn shutdown(&self) -> Shutdown {
-        self.shutdown
-            .get()
-            .cloned()
-            .unwrap_or_else(|| Shutdown::new().1)
+        self.shutdown.get().cloned().unwrap_or_else(Shutdown::never)
     }
 
     /// The call stage, with the fleet claim renewed while it runs.

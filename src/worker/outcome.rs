@@ -80,6 +80,7 @@ enum Route {
         reason: Reason,
         detail: String,
         status: Option<u16>,
+        correlation_id: Option<String>,
         /// `x-attempts` on the dead letter: API attempts made (0 when none could be).
         attempts: u32,
     },
@@ -241,6 +242,7 @@ impl Recorder {
                 reason,
                 detail,
                 status,
+                correlation_id,
                 attempts,
             } => {
                 let failure = Failure {
@@ -248,6 +250,7 @@ impl Recorder {
                     detail: &detail,
                     status,
                     attempts,
+                    correlation_id: correlation_id.as_deref(),
                 };
                 self.dead_letters.send(ch, &job.delivery, &failure).await?;
                 internal_events::session_dead_lettered(reason, attempts, &detail);
@@ -501,6 +504,7 @@ impl Recorder {
                 reason,
                 detail,
                 status: None,
+                correlation_id: None,
                 attempts: 0,
             },
         }
@@ -527,6 +531,7 @@ impl Recorder {
                 reason,
                 detail,
                 status: err.status(),
+                correlation_id: err.correlation_id().map(str::to_string),
                 attempts: job.attempts,
             },
         }

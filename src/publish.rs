@@ -48,51 +48,176 @@ impl PublishSummary {
 
     pub fn line(&self) -> String {
         format!(
-            "published {} / invalid {} / elapsed {:.2}s / {:.0} msg/s",
+            "published {} / invalid {} / elapsed {:.2}s / {} msg/s",
             self.published,
             self.invalid,
             self.elapsed.as_secs_f64(),
-            self.rate()
+            whole(self.rate())
         )
     }
 }
 
+/// What `publish` reads: lines, and their total size in bytes when it is known (a file), for
+/// the progress and the ETA.
+pub struct Input {
+    pub reader: Box<dyn BufRead>,
+    pub total_bytes: Option<u64>,
+}
+
 /// Open the input: a file path, or `-` for standard input.
-pub fn open_input(path: &str) -> Result<Box<dyn BufRead>, PublishError> {
+pub fn open_input(path: &str) -> Result<Input, PublishError> {
     if path == "-" {
-        return Ok(Box::new(std::io::BufReader::new(std::io::stdin())));
+        return Ok(Input {
+            reader: Box::new(std::io::BufReader::new(std::io::stdin())),
+            total_bytes: None,
+        });
     }
     let file = std::fs::File::open(path).map_err(|e| PublishError::Read {
         source_name: path.to_string(),
         message: e.to_string(),
     })?;
-    Ok(Box::new(std::io::BufReader::new(file)))
+    let total_bytes = file.metadata().ok().map(|m| m.len()).filter(|n| *n > 0);
+    Ok(Input {
+        reader: Box::new(std::io::BufReader::new(file)),
+        total_bytes,
+    })
+}
+
+/// How often `publish` without a terminal says how far it is.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Progress for people: on a terminal a bar over the input's bytes with the count, the rate
+/// and the ETA; otherwise a log line every [`PROGRESS_EVERY`].
+struct Progress {
+    bar: ProgressBar,
+    total_bytes: Option<u64>,
+    bytes: u64,
+    published: u64,
+    started: Instant,
+    last_said: Instant,
+}
+
+impl Progress {
+    fn new(total_bytes: Option<u64>) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = match (terminal, total_bytes) {
+            (false, _) => ProgressBar::hidden(),
+            (true, Some(total)) => {
+                let bar = ProgressBar::new(total);
+                if let Ok(style) = ProgressStyle::with_template(
+                    "{bar:30} {percent:>3}% {msg} · {elapsed} elapsed, about {eta} left",
+                ) {
+                    bar.set_style(style);
+                }
+                bar
+            }
+            (true, None) => {
+                let bar = ProgressBar::new_spinner();
+                if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} · {elapsed}") {
+                    bar.set_style(style);
+                }
+                bar
+            }
+        };
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let now = Instant::now();
+        Self {
+            bar,
+            total_bytes,
+            bytes: 0,
+            published: 0,
+            started: now,
+            last_said: now,
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.published as f64 / self.started.elapsed().as_secs_f64().max(0.001)
+    }
+
+    /// The remaining time, from the share of the input's bytes read so far.
+    fn eta(&self) -> Option<Duration> {
+        let total = self.total_bytes?;
+        let done = self.bytes.min(total) as f64 / total as f64;
+        (done > 0.0).then(|| self.started.elapsed().mul_f64((1.0 - done) / done))
+    }
+
+    fn advance(&mut self, bytes: u64, published: bool) {
+        self.bytes += bytes;
+        self.published += u64::from(published);
+        self.bar.set_position(self.bytes);
+        if self.published % 64 == 0 || !published {
+            self.bar.set_message(format!(
+                "{} published, {}/s",
+                self.published,
+                whole(self.rate())
+            ));
+        }
+        if self.bar.is_hidden() && self.last_said.elapsed() >= PROGRESS_EVERY {
+            self.last_said = Instant::now();
+            let share = self
+                .total_bytes
+                .map(|t| {
+                    format!(
+                        " ({:.0} % of the input)",
+                        100.0 * self.bytes as f64 / t as f64
+                    )
+                })
+                .unwrap_or_default();
+            let eta = self
+                .eta()
+                .map(|e| format!(", about {} s left", e.as_secs()))
+                .unwrap_or_default();
+            eprintln!(
+                "publish: {} published{share}, {}/s{eta}",
+                self.published,
+                whole(self.rate())
+            );
+        }
+    }
+}
+
+/// A rate as a whole number with thousands separators: `27,629`.
+pub fn whole(rate: f64) -> String {
+    let n = rate.round().max(0.0) as u64;
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Publish every valid line of `input`; invalid lines are written to stderr as they are found.
 pub async fn publish(
     settings: &Settings,
-    input: Box<dyn BufRead>,
+    input: Input,
     source_name: &str,
 ) -> Result<PublishSummary, PublishError> {
     let conn = amqp::connect(&settings.amqp, "session-worker publish").await?;
     let ch = amqp::confirm_channel(&conn).await?;
     topology::declare_all(&conn, &settings.amqp, false).await?;
-    let bar = progress_bar();
+    let mut progress = Progress::new(input.total_bytes);
+    let bar = progress.bar.clone();
     let started = Instant::now();
     let mut summary = PublishSummary::default();
     let mut pending: Vec<PublisherConfirm> = Vec::with_capacity(CONFIRM_WINDOW);
     let a = &settings.amqp;
-    for (index, line) in input.split(b'\n').enumerate() {
+    for (index, line) in input.reader.split(b'\n').enumerate() {
         let number = index as u64 + 1;
         let mut line = line.map_err(|e| PublishError::Read {
             source_name: source_name.to_string(),
             message: format!("line {number}: {e}"),
         })?;
+        let bytes = line.len() as u64 + 1;
         if line.last() == Some(&b'\r') {
             line.pop();
         }
         if line.iter().all(u8::is_ascii_whitespace) {
+            progress.advance(bytes, false);
             continue;
         }
         let valid = match request::validate_message(&line, None) {
@@ -101,6 +226,7 @@ pub async fn publish(
                 bar.suspend(|| eprintln!("line {number}: invalid: {e}"));
                 summary.invalid += 1;
                 summary.invalid_lines.push((number, e.to_string()));
+                progress.advance(bytes, false);
                 continue;
             }
         };
@@ -119,7 +245,7 @@ pub async fn publish(
             .map_err(|e| AmqpError::op(format!("publish line {number}"), e))?;
         pending.push(confirm);
         summary.published += 1;
-        bar.inc(1);
+        progress.advance(bytes, true);
         if pending.len() >= CONFIRM_WINDOW {
             await_confirms(&mut pending, &a.inbound_exchange).await?;
         }
@@ -148,16 +274,26 @@ async fn await_confirms(
     Ok(())
 }
 
-fn progress_bar() -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_whole_numbers_with_separators() {
+        assert_eq!(whole(27_628.7503), "27,629");
+        assert_eq!(whole(999.4), "999");
+        assert_eq!(whole(1_000.0), "1,000");
+        assert_eq!(whole(0.0), "0");
+        assert_eq!(whole(f64::NAN), "0");
     }
-    let bar = ProgressBar::new_spinner();
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} {pos} published ({per_sec}) {elapsed}")
-    {
-        bar.set_style(style);
+
+    #[test]
+    fn the_eta_follows_the_share_of_the_input_read() {
+        let mut p = Progress::new(Some(1_000));
+        p.started = Instant::now() - Duration::from_secs(10);
+        p.bytes = 250;
+        let eta = p.eta().unwrap().as_secs_f64();
+        assert!((29.0..=31.0).contains(&eta), "{eta}");
+        assert!(Progress::new(None).eta().is_none());
     }
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar
 }

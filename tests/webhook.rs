@@ -177,8 +177,13 @@ async fn publish_tool_publishes_only_valid_lines() {
         "not json at all",
     ]
     .join("\n");
+    let total_bytes = Some(input.len() as u64);
     let reader: Box<dyn std::io::BufRead> = Box::new(std::io::Cursor::new(input.into_bytes()));
-    let summary = session_worker::publish::publish(&env.settings, reader, "test input")
+    let input = session_worker::publish::Input {
+        reader,
+        total_bytes,
+    };
+    let summary = session_worker::publish::publish(&env.settings, input, "test input")
         .await
         .unwrap();
     assert_eq!(summary.published, 2);

@@ -47,6 +47,9 @@ pub fn main() -> i32 {
         }
     };
     crate::telemetry::init();
+    if cli.command.prints_for_a_pipe() {
+        restore_default_sigpipe();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(THREAD_STACK)
@@ -267,5 +270,26 @@ async fn follow_store(
         if failures.changed().await.is_err() {
             return;
         }
+    }
+}
+
+impl Command {
+    /// The commands whose output goes into pipes (`dlq list | head`): a closed pipe ends them
+    /// quietly, as it ends `grep` or `cat`, instead of failing on the next print.
+    fn prints_for_a_pipe(&self) -> bool {
+        matches!(
+            self,
+            Command::Dlq { .. } | Command::Audit { .. } | Command::CheckConfig
+        )
+    }
+}
+
+/// Rust ignores SIGPIPE so that a write to a closed pipe returns an error; for printing
+/// commands that error would end in a panic in `println!`. The worker and the simulator keep
+/// the Rust default (their sockets must never kill the process).
+fn restore_default_sigpipe() {
+    // SAFETY: called once before any thread is started; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -280,7 +280,7 @@ mod tests {
 
     #[test]
     fn rates_are_whole_numbers_with_separators() {
-        assert_eq!(whole(27_628.7503), "27,629");
+        assert_eq!(whole(27_628.750_3), "27,629");
         assert_eq!(whole(999.4), "999");
         assert_eq!(whole(1_000.0), "1,000");
         assert_eq!(whole(0.0), "0");

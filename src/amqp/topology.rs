@@ -178,15 +178,9 @@ pub async fn declare_dead_letter_queues(
     Ok(notes)
 }
 
+/// Each step on its own confirm channel: a refused declare closes only its channel.
 async fn open(conn: &Connection) -> Result<Channel, AmqpError> {
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| AmqpError::op("channel.open", e))?;
-    ch.confirm_select(Default::default())
-        .await
-        .map_err(|e| AmqpError::op("confirm.select", e))?;
-    Ok(ch)
+    super::confirm_channel(conn).await
 }
 
 async fn delete(conn: &Connection, name: &str, if_empty: bool) -> Result<(), AmqpError> {

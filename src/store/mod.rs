@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod fleet;
+mod heal;
 pub mod idempotency;
 
 pub use audit::{AuditEntry, AuditQuery};
@@ -53,9 +54,6 @@ impl From<sled::Error> for StoreError {
 
 type FlushWaiter = oneshot::Sender<Result<(), String>>;
 
-/// How often a failing store is probed (and reopened) until a write succeeds.
-pub const HEAL_EVERY: Duration = Duration::from_secs(1);
-
 /// The open sled database and its trees. Replaced as a whole when a failing store is reopened.
 struct Trees {
     db: sled::Db,
@@ -83,7 +81,7 @@ struct Shared {
 ///
 /// Once a write or flush fails, sled refuses every later write until the database is opened
 /// again (freeing disk space alone does not help). So a failure is remembered here
-/// ([`Store::failure`]), and a healer task probes the store every [`HEAL_EVERY`], reopening it
+/// ([`Store::failure`]), and a healer task probes the store every [`heal::HEAL_EVERY`], reopening it
 /// until a write and flush succeed; then the failure clears. Callers wait for that with
 /// [`Store::writable`].
 #[derive(Clone)]
@@ -162,7 +160,7 @@ impl Store {
         if let (Some(handle), Some(rx)) = (runtime, flush_rx) {
             let weak = Arc::downgrade(&store.shared);
             handle.spawn(flusher(weak.clone(), rx));
-            handle.spawn(healer(weak, failures));
+            handle.spawn(heal::healer(weak, failures));
         }
         Ok(store)
     }
@@ -327,119 +325,6 @@ async fn flusher(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<FlushWait
         for w in waiters {
             let _ = w.send(result.clone());
         }
-    }
-}
-
-/// Wait for the store to fail, then probe it every [`HEAL_EVERY`] (reopening it when a probe
-/// fails) until a write and flush succeed. Ends with the store.
-async fn healer(shared: Weak<Shared>, mut failures: watch::Receiver<Option<String>>) {
-    loop {
-        if failures.wait_for(Option::is_some).await.is_err() {
-            return;
-        }
-        let began = std::time::Instant::now();
-        loop {
-            tokio::time::sleep(HEAL_EVERY).await;
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            let store = Store { shared };
-            let probe = store.clone();
-            let healed = tokio::task::spawn_blocking(move || probe.heal())
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Io(e.to_string())));
-            match healed {
-                Ok(()) => {
-                    store.shared.failure.send_replace(None);
-                    crate::internal_events::store_recovered(began.elapsed());
-                    break;
-                }
-                Err(e) => tracing::debug!(error = %e, "the store still fails writes"),
-            }
-        }
-    }
-}
-
-const PROBE_KEY: &[u8] = b"write_probe";
-
-/// Room a reopen needs beyond sled's snapshot: opening rewrites sled's `conf` and snapshot
-/// files, and on a volume without room they are left empty and the store no longer opens
-/// (seen on a full tmpfs). So a reopen waits until this much can be written.
-const REOPEN_ROOM: u64 = 8 * 1024 * 1024;
-
-/// Write (and remove) a file as large as a reopen may need: `REOPEN_ROOM` plus twice the
-/// snapshot files. An error says there is no room yet.
-fn room_to_reopen(dir: &Path) -> Result<(), StoreError> {
-    use std::io::Write;
-    let snapshots: u64 = std::fs::read_dir(dir)
-        .map_err(|e| StoreError::Io(e.to_string()))?
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("snap."))
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-    let need = REOPEN_ROOM + 2 * snapshots;
-    let probe = dir.join(".room-probe");
-    let written = (|| {
-        let mut f = std::fs::File::create(&probe)?;
-        let block = vec![0u8; 1024 * 1024];
-        let mut left = need;
-        while left > 0 {
-            let n = left.min(block.len() as u64) as usize;
-            f.write_all(&block[..n])?;
-            left -= n as u64;
-        }
-        f.sync_all()
-    })();
-    let _ = std::fs::remove_file(&probe);
-    written.map_err(|e| {
-        StoreError::Io(format!(
-            "no room to reopen the store yet ({} MiB needed): {e}",
-            need / (1024 * 1024)
-        ))
-    })
-}
-
-impl Store {
-    /// Write and flush a probe; if that fails, reopen the database and try once more.
-    fn heal(&self) -> Result<(), StoreError> {
-        let probe = |t: &Trees| -> Result<(), StoreError> {
-            t.meta.insert(PROBE_KEY, &now_ms().to_be_bytes())?;
-            t.db.flush()?;
-            Ok(())
-        };
-        if let Ok(t) = self.trees() {
-            if probe(&t).is_ok() {
-                return Ok(());
-            }
-        }
-        room_to_reopen(&self.shared.path)?;
-        self.reopen()?;
-        probe(&*self.trees()?)
-    }
-
-    /// Drop the failed database and open it again. sled holds a lock on the directory until
-    /// every handle to the old database is gone; handles in use finish within moments.
-    fn reopen(&self) -> Result<(), StoreError> {
-        let slot = || self.shared.trees.write().unwrap_or_else(|p| p.into_inner());
-        let old = slot().take();
-        drop(old);
-        let mut last = None;
-        for _ in 0..50 {
-            match open_trees(&self.shared.path) {
-                Ok(t) => {
-                    *slot() = Some(Arc::new(t));
-                    self.shared.generation.fetch_add(1, Ordering::SeqCst);
-                    return Ok(());
-                }
-                Err(e @ StoreError::Locked { .. }) => {
-                    last = Some(e);
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| StoreError::Io("cannot reopen the store".into())))
     }
 }
 

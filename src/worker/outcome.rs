@@ -210,16 +210,7 @@ impl Recorder {
             }
             Route::Requeue => Settle::Requeue,
             Route::Republish => {
-                let properties =
-                    amqp::without_headers(&job.delivery.properties, &["x-delivery-count"]);
-                amqp::publish_routed(
-                    ch,
-                    "",
-                    &self.settings.amqp.inbound_queue,
-                    &job.delivery.data,
-                    properties,
-                )
-                .await?;
+                self.republish_fresh(job, ch).await?;
                 match error_of(&outcome) {
                     Some(e) => internal_events::auth_refused(&e.to_string()),
                     None => internal_events::session_abandoned(),
@@ -346,6 +337,15 @@ impl Recorder {
         if let Some(claim) = &job.held {
             self.fleet.release(ch, &job.key, claim).await?;
         }
+        self.republish_fresh(job, ch).await?;
+        internal_events::session_deferred(error);
+        Ok(Settle::Ack)
+    }
+
+    /// A fresh copy of the delivery to the inbound queue (then the caller acks it): a requeue
+    /// that does not count towards `x-delivery-count`, for pauses that are not the message's
+    /// fault (auth, shutdown, a failing store).
+    async fn republish_fresh(&self, job: &Job, ch: &Channel) -> Result<(), AmqpError> {
         let properties = amqp::without_headers(&job.delivery.properties, &["x-delivery-count"]);
         amqp::publish_routed(
             ch,
@@ -354,9 +354,7 @@ impl Recorder {
             &job.delivery.data,
             properties,
         )
-        .await?;
-        internal_events::session_deferred(error);
-        Ok(Settle::Ack)
+        .await
     }
 
     /// Decide what an outcome writes and where the delivery goes. No effects.

@@ -84,6 +84,54 @@ pub struct ShellOptions {
     pub concurrency: usize,
     /// How long in-flight work may take after shutdown or connection loss.
     pub grace: Duration,
+    /// A connection shared with the process's other pipelines (one I/O thread for all), or
+    /// `None` for a connection of this pipeline's own.
+    pub link: Option<Arc<SharedConnection>>,
+}
+
+/// One broker connection for several pipelines of a process: the first to need it connects,
+/// the others reuse it while it is open, and after it is lost the next to need it connects
+/// again. Its owner closes it once every pipeline has stopped.
+pub struct SharedConnection {
+    settings: AmqpSettings,
+    name: String,
+    current: tokio::sync::Mutex<Option<Arc<Connection>>>,
+}
+
+impl std::fmt::Debug for SharedConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedConnection")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl SharedConnection {
+    pub fn new(settings: &AmqpSettings, name: impl Into<String>) -> Arc<Self> {
+        Arc::new(Self {
+            settings: settings.clone(),
+            name: name.into(),
+            current: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The open connection, connecting if there is none.
+    pub async fn get(&self) -> Result<Arc<Connection>, AmqpError> {
+        let mut current = self.current.lock().await;
+        if let Some(conn) = current.as_ref().filter(|c| c.status().connected()) {
+            return Ok(conn.clone());
+        }
+        let conn = Arc::new(connect(&self.settings, &self.name).await?);
+        *current = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Close the connection (after every pipeline using it has stopped).
+    pub async fn close(&self) {
+        if let Some(conn) = self.current.lock().await.take() {
+            let _ = conn.close(200, "shutdown".into()).await;
+        }
+    }
 }
 
 /// Run `pipeline` on `opts.queue` until shutdown. Returns an error only for what reconnecting
@@ -100,7 +148,11 @@ pub async fn run<P: Pipeline>(
         if shutdown.is_requested() {
             break Ok(());
         }
-        let conn = match connect(settings, &opts.name).await {
+        let got = match &opts.link {
+            Some(link) => link.get().await,
+            None => connect(settings, &opts.name).await.map(Arc::new),
+        };
+        let conn = match got {
             Ok(c) => c,
             Err(e) => {
                 if let AmqpError::Connect { problem, .. } = &e {
@@ -123,13 +175,19 @@ pub async fn run<P: Pipeline>(
         let session = connected(settings, opts, &pipeline, health, &conn, &mut shutdown).await;
         health.set_broker_connected(false);
         pipeline.disconnected();
+        // A shared connection is the owner's to close.
+        let own = opts.link.is_none();
         match session {
             Ok(Next::Stop) => {
-                let _ = conn.close(200, "shutdown".into()).await;
+                if own {
+                    let _ = conn.close(200, "shutdown".into()).await;
+                }
                 break Ok(());
             }
             Ok(Next::Reconnect) => {
-                let _ = conn.close(320, "reconnecting".into()).await;
+                if own {
+                    let _ = conn.close(320, "reconnecting".into()).await;
+                }
                 let delay = reconnect_delay(0, settings.reconnect_max_delay);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -137,7 +195,9 @@ pub async fn run<P: Pipeline>(
                 }
             }
             Err(e) => {
-                let _ = conn.close(200, "fatal error".into()).await;
+                if own {
+                    let _ = conn.close(200, "fatal error".into()).await;
+                }
                 break Err(e);
             }
         }

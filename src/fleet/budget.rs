@@ -68,7 +68,11 @@ impl Budget {
     }
 
     /// Listen and send heartbeats until `shutdown`; then say goodbye.
-    pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), AmqpError> {
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: Shutdown,
+        link: Option<Arc<shell::SharedConnection>>,
+    ) -> Result<(), AmqpError> {
         let s = self.fleet.settings.clone();
         let opts = ShellOptions {
             name: format!("session-worker budget {}", self.fleet.worker_id),
@@ -77,6 +81,7 @@ impl Budget {
             prefetch: 64,
             concurrency: 1,
             grace: Duration::from_secs(1),
+            link,
         };
         let beat = tokio::spawn(self.clone().beat(shutdown.clone()));
         let health = Arc::new(crate::health::Health::default());

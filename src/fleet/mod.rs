@@ -141,8 +141,12 @@ impl Fleet {
     }
 
     /// Run the ledger reader until shutdown.
-    pub async fn run_reader(self: Arc<Self>, shutdown: Shutdown) -> Result<(), AmqpError> {
-        reader::run(self, shutdown).await
+    pub async fn run_reader(
+        self: Arc<Self>,
+        shutdown: Shutdown,
+        link: Option<Arc<crate::amqp::shell::SharedConnection>>,
+    ) -> Result<(), AmqpError> {
+        reader::run(self, shutdown, link).await
     }
 
     /// Resolves once the reader has applied everything appended before it connected.

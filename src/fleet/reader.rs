@@ -7,7 +7,7 @@ use super::apply::{apply, Applied};
 use super::record::{Record, RECORD_TYPE};
 use super::Fleet;
 use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
-use crate::amqp::shell::{self, Pipeline, ShellOptions};
+use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
 use crate::amqp::{self, header_i64, topology, AmqpError};
 use crate::internal_events;
 use crate::metrics::metrics;
@@ -32,7 +32,11 @@ struct Reader {
     shutdown: Shutdown,
 }
 
-pub async fn run(fleet: Arc<Fleet>, shutdown: Shutdown) -> Result<(), AmqpError> {
+pub async fn run(
+    fleet: Arc<Fleet>,
+    shutdown: Shutdown,
+    link: Option<Arc<SharedConnection>>,
+) -> Result<(), AmqpError> {
     let s = fleet.settings.clone();
     let opts = ShellOptions {
         name: format!("session-worker ledger {}", fleet.worker_id),
@@ -41,6 +45,7 @@ pub async fn run(fleet: Arc<Fleet>, shutdown: Shutdown) -> Result<(), AmqpError>
         prefetch: PREFETCH,
         concurrency: 1,
         grace: s.worker.shutdown_grace,
+        link,
     };
     let health = fleet.health.clone();
     let reader = Arc::new(Reader {

@@ -142,6 +142,7 @@ impl Forwarder {
             prefetch: u16::try_from(w.concurrency.saturating_mul(2)).unwrap_or(u16::MAX),
             concurrency: w.concurrency,
             grace: self.settings.worker.shutdown_grace,
+            link: None,
         };
         shell::run(
             &self.settings.amqp,

@@ -26,7 +26,7 @@ pub mod keylocks;
 pub mod outcome;
 
 use crate::amqp::consumer::Settle;
-use crate::amqp::shell::{self, Pipeline, ShellOptions};
+use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
 use crate::amqp::{AmqpError, DeadLetters};
 use crate::config::Settings;
 use crate::fleet::budget::{self, Budget};
@@ -155,9 +155,16 @@ impl Worker {
         ));
         // The ledger reader outlives the consumer, so in-flight work can still claim and
         // record while the consumer drains.
+        // One connection for the consumer, the ledger reader and the budget listener: one
+        // I/O thread instead of three.
+        let link = SharedConnection::new(&s.amqp, format!("session-worker {}", self.worker_id));
         let (stop_reader, reader_shutdown) = Shutdown::new();
-        let reader = tokio::spawn(self.fleet.clone().run_reader(reader_shutdown.clone()));
-        let budget = tokio::spawn(self.budget.clone().run(reader_shutdown));
+        let reader = tokio::spawn(
+            self.fleet
+                .clone()
+                .run_reader(reader_shutdown.clone(), Some(link.clone())),
+        );
+        let budget = tokio::spawn(self.budget.clone().run(reader_shutdown, Some(link.clone())));
         tracing::info!(
             "catching up with the fleet ledger and hearing the other pods before taking deliveries"
         );
@@ -177,6 +184,7 @@ impl Worker {
             prefetch: s.amqp.prefetch,
             concurrency: s.worker.concurrency,
             grace: s.worker.shutdown_grace,
+            link: Some(link.clone()),
         };
         let result = if caught_up {
             shell::run(&s.amqp, &opts, self.clone(), &self.health, shutdown).await
@@ -189,6 +197,7 @@ impl Worker {
         if let Ok(Err(e)) = budget.await {
             tracing::warn!(error = %e, "the rate budget listener stopped with an error");
         }
+        link.close().await;
         pruner.abort();
         let _ = pruner.await;
         store_watch.abort();

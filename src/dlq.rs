@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::event::Reason;
 use base64::Engine;
 use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
@@ -135,26 +135,16 @@ impl Pass {
             .create_channel()
             .await
             .map_err(|e| AmqpError::op("channel.open", e))?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
+        let depth = amqp::queue_depth(&ch, queue).await.map_err(|e| {
+            AmqpError::op(
+                format!("look up queue {queue} (run `session-worker topology declare` first?)"),
+                e,
             )
-            .await
-            .map_err(|e| {
-                AmqpError::op(
-                    format!("look up queue {queue} (run `session-worker topology declare` first?)"),
-                    e,
-                )
-            })?;
+        })?;
         Ok(Self {
             ch,
             queue: queue.to_string(),
-            depth: q.message_count(),
+            depth,
             held: Vec::new(),
             fetched: 0,
             removed: 0,
@@ -218,19 +208,7 @@ impl Pass {
         // that a command run right after this one sees every message.
         let expected = self.depth.saturating_sub(self.removed);
         for _ in 0..250 {
-            let q = self
-                .ch
-                .queue_declare(
-                    self.queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| AmqpError::op(format!("look up queue {}", self.queue), e))?;
-            if q.message_count() >= expected {
+            if amqp::queue_depth(&self.ch, &self.queue).await? >= expected {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -140,6 +140,22 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
     }
 }
 
+/// Messages ready in `queue` (a passive declare: an error if the queue does not exist, which
+/// closes the channel).
+pub async fn queue_depth(ch: &Channel, queue: &str) -> Result<u32, AmqpError> {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .map(|q| q.message_count())
+    .map_err(|e| AmqpError::op(format!("look up queue {queue}"), e))
+}
+
 /// A channel in publisher-confirm mode.
 pub async fn confirm_channel(conn: &Connection) -> Result<Channel, AmqpError> {
     let ch = conn

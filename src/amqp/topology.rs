@@ -251,19 +251,7 @@ async fn convert_to_classic(
     loop {
         moved += move_all(conn, dlq, &parked).await?;
         // Quorum queues cannot be deleted `if-empty`: look, then delete.
-        let left = ch
-            .queue_declare(
-                dlq.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| AmqpError::op(format!("look up {dlq}"), e))?
-            .message_count();
-        if left == 0 {
+        if super::queue_depth(&ch, dlq).await? == 0 {
             break;
         }
     }

@@ -25,6 +25,30 @@ fn run(pod: &Pod, args: &[&str]) -> Output {
         .expect("the command runs")
 }
 
+/// `run`, but a command still running after `limit` is killed and the test fails.
+fn run_within(pod: &Pod, args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .arg("--config")
+        .arg(pod.config_path())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
+        .env("USER", "runbook-test")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the command runs");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`{}` did not end within {limit:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -217,8 +241,8 @@ async fn a_replay_of_messages_that_fail_again_ends_with_one_attempt_each() {
     let (env, mut pod) = broken(4, 0).await;
     let before = env.sim.sim.stats().not_found;
     assert_eq!(before, 4);
-    let started = Instant::now();
-    let out = ok(&run(
+    // If the replay took its own copies back it would never end: give it a minute.
+    let out = ok(&run_within(
         &pod,
         &[
             "dlq",
@@ -230,11 +254,8 @@ async fn a_replay_of_messages_that_fail_again_ends_with_one_attempt_each() {
             "--operator",
             "alice",
         ],
+        Duration::from_secs(60),
     ));
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "the replay ended"
-    );
     assert!(out.contains("replayed 4 of 4"), "{out}");
     // Every replayed copy is tried once and comes back to the DLQ; nothing more happens.
     let q = env.settings.amqp.dead_letter_queue.clone();
@@ -281,8 +302,14 @@ async fn an_interrupted_replay_says_so_and_still_writes_its_audit_entry() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("replay starts");
-    // Let it replay one or two, then Ctrl-C.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Ctrl-C once the first replayed copy has reached the API (so the replay is under way, with
+    // its signal handler in place), long before the fourth is due (one a second).
+    let under_way = env
+        .wait_for(Duration::from_secs(20), || {
+            env.sim.sim.stats().not_found >= 5
+        })
+        .await;
+    assert!(under_way, "the replay started");
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();

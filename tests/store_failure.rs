@@ -114,7 +114,11 @@ async fn a_full_store_pauses_intake_holds_answered_outcomes_and_resumes_by_itsel
     }
     assert!(!reason.is_empty(), "/readyz names the failing store");
     assert!(reason.contains("No space left"), "{reason}");
-    assert_eq!(pod.metric("store_failing").await, Some(1.0));
+    let wait = Duration::from_secs(5);
+    assert_eq!(
+        pod.metric_becomes("store_failing", 1.0, wait).await,
+        Some(1.0)
+    );
     // While the store fails, nothing is lost and nothing is repeated: no key has two sessions.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(env.sim.sim.stats().duplicate_sessions, 0);
@@ -131,8 +135,14 @@ async fn a_full_store_pauses_intake_holds_answered_outcomes_and_resumes_by_itsel
     let stats = env.sim.sim.stats();
     assert_eq!(stats.distinct_visitors, 40, "{stats:?}");
     assert_eq!(stats.duplicate_sessions, 0, "{stats:?}");
-    assert_eq!(pod.metric("store_failing").await, Some(0.0));
-    assert_eq!(pod.metric("outcomes_held").await, Some(0.0));
+    assert_eq!(
+        pod.metric_becomes("store_failing", 0.0, wait).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        pod.metric_becomes("outcomes_held", 0.0, wait).await,
+        Some(0.0)
+    );
     assert!(pod.metric("store_failures_total").await >= Some(1.0));
     assert_eq!(env.queue_len(&a.dead_letter_queue).await, 0);
 

@@ -230,7 +230,7 @@ async fn show_message(settings: &Settings, queue: &str, v: &serde_json::Value) {
                 serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            println!("    {k}: {}", crate::text::truncate(&text));
+            println!("    {k}: {text}");
         }
     }
     println!("body");
@@ -239,7 +239,7 @@ async fn show_message(settings: &Settings, queue: &str, v: &serde_json::Value) {
         (_, serde_json::Value::String(b)) => format!("(base64) {b}"),
         _ => "-".into(),
     };
-    println!("    {}", crate::text::truncate(&body));
+    println!("    {body}");
 }
 
 async fn record(settings: &Settings, operation: Operation) {

@@ -19,6 +19,10 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// How often a record that fails against a healthy store (not an I/O failure) is tried before
+/// it is skipped.
+const APPLY_TRIES: u32 = 5;
+
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
 const PREFETCH: u16 = 200;
 
@@ -86,11 +90,23 @@ impl Reader {
     /// False if shutdown came first; the reader then stops applying.
     async fn apply_one(&self, record: &Record, offset: Option<i64>) -> bool {
         let fleet = &self.fleet;
+        let mut other_errors = 0u32;
         let applied = loop {
             match apply(&fleet.store, record, &fleet.worker_id) {
                 Ok(a) => break a,
                 Err(e) => {
                     internal_events::ledger_apply_failed(&e);
+                    if fleet.store.failure().is_none() {
+                        // Not the store failing but this record against it (a damaged
+                        // record under its key): waiting would stall the reader for good.
+                        other_errors += 1;
+                        if other_errors >= APPLY_TRIES {
+                            internal_events::ledger_record_skipped(offset, 0);
+                            return true;
+                        }
+                        tokio::time::sleep(REQUEUE_PAUSE).await;
+                        continue;
+                    }
                     let mut shutdown = self.shutdown.clone();
                     let healed = tokio::select! {
                         _ = tokio::time::sleep(REQUEUE_PAUSE) => {

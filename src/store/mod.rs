@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod fleet;
 mod heal;
+pub use heal::HEAL_EVERY;
 pub mod idempotency;
 
 pub use audit::{AuditEntry, AuditQuery};

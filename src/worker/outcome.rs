@@ -63,6 +63,9 @@ pub enum FinishError {
     Fleet(#[from] FleetError),
 }
 
+/// Tries of a held outcome's write that fails while the store does not report a failure.
+const HOLD_RETRIES: u32 = 5;
+
 /// Writes outcomes: owns the store, the results exchange and the dead-letter target.
 pub struct Recorder {
     pub settings: Arc<Settings>,
@@ -139,6 +142,7 @@ impl Recorder {
         // 1. Record, 2. durable before anything leaves the process.
         let mut told_fleet = false;
         let mut held = false;
+        let mut other_errors = 0u32;
         loop {
             let Err(e) = self.write(job, valid, &plan, record.as_ref()).await else {
                 break;
@@ -163,6 +167,18 @@ impl Recorder {
             if !held {
                 internal_events::outcome_held(&e, told_fleet);
                 held = true;
+            }
+            if self.store.failure().is_none() {
+                // Not a failure the store heals (a reopen raced the write, or an error that
+                // is not I/O): try again at a pace, and after a few tries hand the delivery
+                // back to the shell (logged, counted, requeued; the ledger has the outcome).
+                other_errors += 1;
+                if other_errors > HOLD_RETRIES {
+                    internal_events::outcome_released();
+                    return Err(e.into());
+                }
+                tokio::time::sleep(crate::store::HEAL_EVERY).await;
+                continue;
             }
             let mut waiting = shutdown.clone();
             if !self.store.writable(&mut waiting).await {

@@ -359,3 +359,64 @@ async fn a_pod_killed_mid_call_loses_its_key_after_the_lease_and_sigterm_gives_c
     assert!(done, "{:?}", env2.sim.sim.stats());
     assert_eq!(env2.sim.sim.stats().duplicate_sessions, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_pod_still_sees_the_live_claim_of_another_pod() {
+    // A pod keeps the live claims in memory and saves them when it stops; a restart loads
+    // them and reads the ledger on from there. Pod a dies mid-call, its claim live for a
+    // minute; pod b learns of it, restarts, and must still leave the key alone.
+    let env = TestEnv::new(
+        Faults {
+            latency_ms: 2_000,
+            ..Default::default()
+        },
+        |s| s.worker.claim_lease = Duration::from_secs(60),
+    )
+    .await;
+    let mut a = Pod::new(&env, "a");
+    a.start();
+    assert!(a.ready_within(Duration::from_secs(30)).await.is_some());
+    env.publish(&request("held-by-a"), None).await;
+    assert!(
+        env.wait_for(Duration::from_secs(20), || env
+            .sim
+            .sim
+            .stats()
+            .session_requests
+            >= 1)
+            .await
+    );
+    a.kill();
+    let mut b = Pod::new(&env, "b");
+    b.start();
+    assert!(b.ready_within(Duration::from_secs(30)).await.is_some());
+    // b hears the key's copy (a's unacked delivery) and parks it: a's claim is live.
+    let parked = env
+        .wait_for_async(Duration::from_secs(30), || async {
+            b.metric("session_requests_total{outcome=\"parked\"}")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        })
+        .await;
+    assert!(parked, "b parks the key a holds");
+    assert_eq!(b.stop(), Some(0));
+    b.start();
+    assert!(b.ready_within(Duration::from_secs(30)).await.is_some());
+    // After the restart the parked copy comes back, and b parks it again: no call.
+    let parked_again = env
+        .wait_for_async(Duration::from_secs(30), || async {
+            b.metric("session_requests_total{outcome=\"parked\"}")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        })
+        .await;
+    assert_eq!(b.stop(), Some(0));
+    assert!(parked_again, "b, restarted, still parks the key");
+    assert_eq!(
+        env.sim.sim.stats().session_requests,
+        1,
+        "only a's call, none by the restarted pod"
+    );
+}

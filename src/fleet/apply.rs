@@ -1,5 +1,6 @@
-//! The ledger's one rule, applied by every pod to its own store in stream order, so every pod
-//! reaches the same decision without talking to the others:
+//! The ledger's one rule, applied by every pod in stream order to its view of the live claims
+//! ([`Claims`], in memory) and its store, so every pod reaches the same decision without
+//! talking to the others:
 //!
 //! - a **claim** wins when the key has no outcome and no other live claim (one whose
 //!   `at_ms + lease_ms` lies after the new claim's `at_ms`); a claim with the same id renews;
@@ -9,7 +10,12 @@
 //! - an **outcome** ends every claim on the key; `completed` and `unknown` are stored for
 //!   replay, `failed` frees the key (a local `completed` is never overwritten);
 //! - a **forget** (an operator's `dlq replay --force`) clears an `unknown` key.
+//!
+//! With `replay` (a record the store has already applied, read again after a restart to
+//! rebuild the claims), only the claims change. Every change to the claims is idempotent and
+//! made after the store's, so a record retried after a store error applies once.
 
+use super::claims::Claims;
 use super::record::Record;
 use crate::store::{AuditEntry, FleetClaim, IdemRecord, IdemState, Store, StoreError};
 
@@ -39,7 +45,13 @@ pub enum Applied {
     Other,
 }
 
-pub fn apply(store: &Store, record: &Record, worker_id: &str) -> Result<Applied, StoreError> {
+pub fn apply(
+    store: &Store,
+    claims: &mut Claims,
+    record: &Record,
+    worker_id: &str,
+    replay: bool,
+) -> Result<Applied, StoreError> {
     match record {
         Record::Claim {
             key,
@@ -50,71 +62,69 @@ pub fn apply(store: &Store, record: &Record, worker_id: &str) -> Result<Applied,
             lease_ms,
         } => {
             let (claim_id, at_ms, lease_ms) = (claim_id.clone(), *at_ms, *lease_ms);
-            if let Some(rec) = store.get(key)? {
-                if rec.state.is_final() {
+            if store.state_of(key)?.is_some_and(IdemState::is_final) {
+                if let Some(rec) = store.get(key)? {
                     return Ok(Applied::Claim {
                         claim_id,
                         decision: Decision::Done(Box::new(rec)),
                     });
                 }
             }
-            if let Some(held) = store.fleet_claim(key)? {
+            if let Some(held) = claims.get(key) {
                 // A pod holds a key under its per-key lock until the claim ends, so another
                 // claim from the same pod means the holder restarted: its claim is dead.
                 let restarted = held.worker_id == *claimer;
                 if held.claim_id != claim_id && held.live_at(at_ms) && !restarted {
                     return Ok(Applied::Claim {
                         claim_id,
-                        decision: Decision::Busy(held),
+                        decision: Decision::Busy(held.clone()),
                     });
                 }
             }
-            let claim = FleetClaim {
-                claim_id: claim_id.clone(),
-                worker_id: claimer.clone(),
-                fingerprint: fingerprint.clone(),
-                at_ms,
-                lease_ms,
-            };
-            store.put_fleet_claim(key, &claim)?;
+            claims.insert(
+                key,
+                FleetClaim {
+                    claim_id: claim_id.clone(),
+                    worker_id: claimer.clone(),
+                    fingerprint: fingerprint.clone(),
+                    at_ms,
+                    lease_ms,
+                },
+            );
             Ok(Applied::Claim {
                 claim_id,
                 decision: Decision::Won,
             })
         }
         Record::Release { key, claim_id } => {
-            if store
-                .fleet_claim(key)?
+            if claims
+                .get(key)
                 .is_some_and(|held| held.claim_id == *claim_id)
             {
-                store.remove_fleet_claim(key)?;
+                claims.remove(key);
             }
             Ok(Applied::Other)
         }
         Record::Outcome { key, record, audit } => {
-            store.remove_fleet_claim(key)?;
-            let keep_local = store
-                .get(key)?
-                .is_some_and(|l| l.state == IdemState::Completed);
-            // An `unknown` from the ledger does not overwrite a local `completed` either; a
-            // local `unknown` is replaced by whatever the fleet learned.
-            if !keep_local {
-                store.put(key, record)?;
+            if !replay {
+                // An `unknown` from the ledger does not overwrite a local `completed` either;
+                // a local `unknown` is replaced by whatever the fleet learned.
+                if store.state_of(key)? != Some(IdemState::Completed) {
+                    store.put(key, record)?;
+                }
             }
-            if record.worker_id != worker_id {
+            claims.remove(key);
+            if record.worker_id != worker_id && !replay {
                 Ok(Applied::Foreign(audit.clone()))
             } else {
                 Ok(Applied::Other)
             }
         }
         Record::Forget { key } => {
-            if store
-                .get(key)?
-                .is_some_and(|r| r.state == IdemState::Unknown)
-            {
+            if !replay && store.state_of(key)? == Some(IdemState::Unknown) {
                 store.remove(key)?;
             }
-            store.remove_fleet_claim(key)?;
+            claims.remove(key);
             Ok(Applied::Other)
         }
         Record::Mark { id, .. } => Ok(Applied::Mark { id: id.clone() }),
@@ -161,26 +171,27 @@ mod tests {
     async fn first_live_claim_wins_until_its_lease_lapses() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let c = &mut Claims::default();
         assert_eq!(
-            decision(apply(&s, &claim("a", "w1", 100), "me").unwrap()),
+            decision(apply(&s, c, &claim("a", "w1", 100), "me", false).unwrap()),
             Decision::Won
         );
         // A second pod inside the lease loses; the owner renewing keeps it.
         assert!(matches!(
-            decision(apply(&s, &claim("b", "w2", 500), "me").unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 500), "me", false).unwrap()),
             Decision::Busy(c) if c.claim_id == "a"
         ));
         assert_eq!(
-            decision(apply(&s, &claim("a", "w1", 900), "me").unwrap()),
+            decision(apply(&s, c, &claim("a", "w1", 900), "me", false).unwrap()),
             Decision::Won
         );
         assert!(matches!(
-            decision(apply(&s, &claim("b", "w2", 1_800), "me").unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 1_800), "me", false).unwrap()),
             Decision::Busy(_)
         ));
         // Past the renewed lease (900 + 1000) the next claim takes over.
         assert_eq!(
-            decision(apply(&s, &claim("b", "w2", 1_901), "me").unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 1_901), "me", false).unwrap()),
             Decision::Won
         );
     }
@@ -189,48 +200,118 @@ mod tests {
     async fn release_frees_and_outcome_ends_claims() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        apply(&s, &claim("a", "w1", 100), "me").unwrap();
+        let c = &mut Claims::default();
+        apply(&s, c, &claim("a", "w1", 100), "me", false).unwrap();
         // A release by someone else's claim id changes nothing.
         apply(
             &s,
+            c,
             &Record::Release {
                 key: "k".into(),
                 claim_id: "x".into(),
             },
             "me",
+            false,
         )
         .unwrap();
         assert!(matches!(
-            decision(apply(&s, &claim("b", "w2", 200), "me").unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 200), "me", false).unwrap()),
             Decision::Busy(_)
         ));
         apply(
             &s,
+            c,
             &Record::Release {
                 key: "k".into(),
                 claim_id: "a".into(),
             },
             "me",
+            false,
         )
         .unwrap();
         assert_eq!(
-            decision(apply(&s, &claim("b", "w2", 300), "me").unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 300), "me", false).unwrap()),
             Decision::Won
         );
         let applied = apply(
             &s,
+            c,
             &Record::Outcome {
                 key: "k".into(),
                 record: Box::new(completed("w2")),
                 audit: Box::default(),
             },
             "me",
+            false,
         )
         .unwrap();
         assert!(matches!(applied, Applied::Foreign(_)));
         assert!(matches!(
-            decision(apply(&s, &claim("c", "w3", 400), "me").unwrap()),
+            decision(apply(&s, c, &claim("c", "w3", 400), "me", false).unwrap()),
             Decision::Done(r) if r.conversation_id.as_deref() == Some("conv")
         ));
+    }
+
+    #[tokio::test]
+    async fn a_restart_rebuilds_the_claims_from_a_snapshot_and_the_records_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let key = |k: &str, r: Record| match r {
+            Record::Claim {
+                claim_id,
+                worker_id,
+                fingerprint,
+                at_ms,
+                lease_ms,
+                ..
+            } => Record::Claim {
+                key: k.into(),
+                claim_id,
+                worker_id,
+                fingerprint,
+                at_ms,
+                lease_ms,
+            },
+            other => other,
+        };
+        let records = [
+            key("a", claim("a1", "w1", 100)),
+            key("b", claim("b1", "w2", 110)),
+            key("c", claim("c1", "w3", 120)),
+            Record::Outcome {
+                key: "a".into(),
+                record: Box::new(completed("w1")),
+                audit: Box::default(),
+            },
+            key("b", claim("b2", "w1", 130)),
+            Record::Release {
+                key: "c".into(),
+                claim_id: "c1".into(),
+            },
+            key("d", claim("d1", "w2", 140)),
+            key("c", claim("c2", "w1", 150)),
+        ];
+        // Applied as it came, with a snapshot after the third record.
+        let mut live = Claims::default();
+        for (offset, r) in records.iter().enumerate() {
+            apply(&s, &mut live, r, "me", false).unwrap();
+            live.set_offset(offset as u64);
+            if offset == 2 {
+                live.save(&s).unwrap();
+            }
+        }
+        s.set_ledger_offset(records.len() as u64 - 1).unwrap();
+        // A restart: the snapshot, then every later record again; the store has them all.
+        let mut back = Claims::load(&s).unwrap();
+        assert_eq!(back.offset(), Some(2));
+        for (offset, r) in records.iter().enumerate().skip(3) {
+            let applied = apply(&s, &mut back, r, "me", true).unwrap();
+            assert!(!matches!(applied, Applied::Foreign(_)), "no audit twice");
+            back.set_offset(offset as u64);
+        }
+        assert_eq!(back, live);
+        assert_eq!(back.get("b").map(|c| c.claim_id.as_str()), Some("b1"));
+        assert_eq!(back.get("c").map(|c| c.claim_id.as_str()), Some("c2"));
+        assert!(back.get("a").is_none());
     }
 }

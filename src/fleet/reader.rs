@@ -1,9 +1,12 @@
 //! The ledger reader: consumes the ledger stream in order (concurrency 1), applies each record
-//! to the store with the one rule of [`super::apply`], remembers the offset, and hands claim
-//! decisions to the tasks waiting for them. On each (re)connect it appends a mark and reports
-//! caught up once it reads that mark back.
+//! to the live claims ([`Claims`], in memory) and the store with the one rule of
+//! [`super::apply`], remembers the offset, and hands claim decisions to the tasks waiting for
+//! them. On each (re)connect it appends a mark and reports caught up once it reads that mark
+//! back. It saves the claims every few seconds and when it stops; a restart loads them and
+//! reads on from their offset, applying to the claims alone what the store already holds.
 
 use super::apply::{apply, Applied};
+use super::claims::{Claims, SNAPSHOT_EVERY};
 use super::record::{Record, RECORD_TYPE};
 use super::Fleet;
 use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
@@ -17,7 +20,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// How often a record that fails against a healthy store (not an I/O failure) is tried before
 /// it is skipped.
@@ -28,6 +32,11 @@ const PREFETCH: u16 = 200;
 
 struct Reader {
     fleet: Arc<Fleet>,
+    /// The live claims and the offset they reflect.
+    claims: Mutex<Claims>,
+    /// The store's ledger offset at start: records up to it are already in the store.
+    stored: Option<u64>,
+    saved_at: Mutex<Instant>,
     /// The mark appended on this connection.
     mark: Mutex<Option<String>>,
     /// Set when shutdown came while a record waited for a failing store: nothing after it is
@@ -52,13 +61,27 @@ pub async fn run(
         link,
     };
     let health = fleet.health.clone();
+    let claims = Claims::load(&fleet.store)
+        .map_err(|e| AmqpError::op("load the fleet claims from the store", e.to_string()))?;
+    let stored = fleet.store.ledger_offset().ok().flatten();
+    tracing::info!(
+        claims = claims.len(),
+        from_offset = claims.offset(),
+        store_offset = stored,
+        "fleet claims loaded"
+    );
     let reader = Arc::new(Reader {
         fleet,
+        claims: Mutex::new(claims),
+        stored,
+        saved_at: Mutex::new(Instant::now()),
         mark: Mutex::new(None),
         stopped: AtomicBool::new(false),
         shutdown: shutdown.clone(),
     });
-    shell::run(&s.amqp, &opts, reader, &health, shutdown).await
+    let result = shell::run(&s.amqp, &opts, reader.clone(), &health, shutdown).await;
+    reader.save_claims();
+    result
 }
 
 impl Reader {
@@ -90,9 +113,20 @@ impl Reader {
     /// False if shutdown came first; the reader then stops applying.
     async fn apply_one(&self, record: &Record, offset: Option<i64>) -> bool {
         let fleet = &self.fleet;
+        let replay = match (offset.and_then(|o| u64::try_from(o).ok()), self.stored) {
+            (Some(o), Some(stored)) => o <= stored,
+            _ => false,
+        };
         let mut other_errors = 0u32;
         let applied = loop {
-            match apply(&fleet.store, record, &fleet.worker_id) {
+            let result = apply(
+                &fleet.store,
+                &mut self.claims(),
+                record,
+                &fleet.worker_id,
+                replay,
+            );
+            match result {
                 Ok(a) => break a,
                 Err(e) => {
                     internal_events::ledger_apply_failed(&e);
@@ -146,12 +180,44 @@ impl Reader {
         true
     }
 
+    /// The message at `offset` is applied: note it in the claims, in the store (unless the
+    /// store had it already), and now and then save the claims.
     fn remember(&self, offset: Option<i64>) {
-        if let Some(o) = offset.and_then(|o| u64::try_from(o).ok()) {
+        let Some(o) = offset.and_then(|o| u64::try_from(o).ok()) else {
+            return;
+        };
+        self.claims().set_offset(o);
+        if self.stored.is_none_or(|stored| o > stored) {
             if let Err(e) = self.fleet.store.set_ledger_offset(o) {
                 internal_events::ledger_apply_failed(&e);
             }
         }
+        let due = self
+            .saved_at
+            .lock()
+            .map(|at| at.elapsed() >= SNAPSHOT_EVERY)
+            .unwrap_or(true);
+        if due {
+            self.save_claims();
+        }
+    }
+
+    /// Prune lapsed claims and save the rest with their offset.
+    fn save_claims(&self) {
+        let ttl = self.fleet.settings.store.idempotency_ttl;
+        let mut claims = self.claims();
+        claims.prune(crate::store::now_ms(), ttl);
+        if let Err(e) = claims.save(&self.fleet.store) {
+            internal_events::ledger_apply_failed(&e);
+        }
+        drop(claims);
+        if let Ok(mut at) = self.saved_at.lock() {
+            *at = Instant::now();
+        }
+    }
+
+    fn claims(&self) -> MutexGuard<'_, Claims> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -174,11 +240,13 @@ impl Pipeline for Reader {
     }
 
     fn arguments(&self) -> FieldTable {
-        let start = match self.fleet.store.ledger_offset() {
-            Ok(Some(o)) => {
+        // On from where the claims are (the store's own offset may lie further on: what lies
+        // between is applied to the claims alone).
+        let start = match self.claims().offset() {
+            Some(o) => {
                 AMQPValue::LongLongInt(i64::try_from(o.saturating_add(1)).unwrap_or(i64::MAX))
             }
-            _ => AMQPValue::LongString("first".into()),
+            None => AMQPValue::LongString("first".into()),
         };
         amqp::table(vec![("x-stream-offset", start)])
     }

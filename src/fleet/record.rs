@@ -60,11 +60,12 @@ impl Record {
     pub fn decode_message(bytes: &[u8]) -> Option<Vec<Option<Record>>> {
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
         if *first == b'[' {
-            let items: Vec<serde_json::Value> = serde_json::from_slice(bytes).ok()?;
+            // Each element is parsed once, from its own bytes (no intermediate tree).
+            let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(bytes).ok()?;
             Some(
                 items
                     .into_iter()
-                    .map(|v| serde_json::from_value(v).ok())
+                    .map(|v| serde_json::from_str(v.get()).ok())
                     .collect(),
             )
         } else {

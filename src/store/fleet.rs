@@ -1,6 +1,12 @@
-//! This pod's materialized view of the fleet ledger (the broker stream): which pod holds a live
-//! claim on which key, and the offset of the last ledger record applied, so a restart resumes
-//! instead of replaying. Outcomes from the ledger land in the idempotency tree like local ones.
+//! What this pod keeps of the fleet ledger (the broker stream) besides the outcomes, which land
+//! in the idempotency tree like local ones: the offset of the last ledger record applied (a
+//! restart resumes instead of replaying), and a snapshot of the live claims.
+//!
+//! The live claims themselves are held in memory by the ledger reader (`fleet::claims`);
+//! every few seconds, and when it stops, it saves them here with the offset they reflect, so
+//! a restart loads them and replays only the ledger after that offset. Stores written by
+//! earlier versions kept one record per claim in the `fleet_claims` tree; they are read once
+//! and the tree is emptied when the first snapshot is saved.
 
 use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -8,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub(super) const CLAIMS_TREE: &str = "fleet_claims";
 pub(super) const META_TREE: &str = "meta";
 const LEDGER_OFFSET: &[u8] = b"ledger_offset";
+const CLAIMS_SNAPSHOT: &[u8] = b"claims_snapshot";
 
 /// A pod's claim on a key, as the ledger recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,15 +34,23 @@ impl FleetClaim {
     }
 }
 
+/// The live claims as of a ledger offset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClaimsSnapshot {
+    /// The last ledger record the claims reflect.
+    pub offset: u64,
+    pub claims: Vec<(String, FleetClaim)>,
+}
+
 impl Store {
-    /// The live claim on `key`, if the ledger recorded one.
-    pub fn fleet_claim(&self, key: &str) -> Result<Option<FleetClaim>, StoreError> {
-        match self.trees()?.claims.get(key.as_bytes())? {
+    /// The claims saved by the last [`Store::save_claims_snapshot`], if any.
+    pub fn claims_snapshot(&self) -> Result<Option<ClaimsSnapshot>, StoreError> {
+        match self.trees()?.meta.get(CLAIMS_SNAPSHOT)? {
             Some(bytes) => {
                 serde_json::from_slice(&bytes)
                     .map(Some)
                     .map_err(|e| StoreError::Corrupt {
-                        key: format!("{CLAIMS_TREE}/{key}"),
+                        key: format!("{META_TREE}/claims_snapshot"),
                         message: e.to_string(),
                     })
             }
@@ -43,38 +58,34 @@ impl Store {
         }
     }
 
-    pub fn put_fleet_claim(&self, key: &str, claim: &FleetClaim) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(claim).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.write(|t| Ok(t.claims.insert(key.as_bytes(), bytes).map(drop)?))
-    }
-
-    pub fn remove_fleet_claim(&self, key: &str) -> Result<(), StoreError> {
-        // Most outcomes find no claim left here; a read is cheaper than a removal.
+    /// Save the live claims as of a ledger offset; the first save empties the claims tree of
+    /// earlier versions.
+    pub fn save_claims_snapshot(&self, snapshot: &ClaimsSnapshot) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(snapshot).map_err(|e| StoreError::Io(e.to_string()))?;
         self.write(|t| {
-            if t.claims.contains_key(key.as_bytes())? {
-                t.claims.remove(key.as_bytes())?;
+            t.meta.insert(CLAIMS_SNAPSHOT, bytes)?;
+            if !t.claims.is_empty() {
+                t.claims.clear()?;
             }
             Ok(())
         })
     }
 
-    /// Forget claims whose lease lapsed more than `ttl_ms` ago (a pod that died and never came
-    /// back, a key never finished): they can no longer block anybody. Returns how many.
-    pub(super) fn prune_fleet_claims(&self, now_ms: u64, ttl_ms: u64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        let claims = self.trees()?.claims.clone();
-        for item in claims.iter() {
+    /// The claims an earlier version kept one record each (read when there is no snapshot).
+    /// A record that does not parse is left out: it could only block a key, never free one
+    /// wrongly, and its lease has long lapsed by the time anybody upgrades.
+    pub fn legacy_fleet_claims(&self) -> Result<Vec<(String, FleetClaim)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.trees()?.claims.iter() {
             let (k, v) = item?;
-            let dead = match serde_json::from_slice::<FleetClaim>(&v) {
-                Ok(c) => c.at_ms.saturating_add(c.lease_ms).saturating_add(ttl_ms) < now_ms,
-                Err(_) => true,
-            };
-            if dead {
-                claims.remove(k)?;
-                removed += 1;
+            if let (Ok(key), Ok(claim)) = (
+                String::from_utf8(k.to_vec()),
+                serde_json::from_slice::<FleetClaim>(&v),
+            ) {
+                out.push((key, claim));
             }
         }
-        Ok(removed)
+        Ok(out)
     }
 
     /// The offset of the last ledger record applied to this store.
@@ -92,6 +103,13 @@ impl Store {
                 .map(drop)?)
         })
     }
+
+    /// Test and upgrade helper: write one claim the way earlier versions did.
+    #[doc(hidden)]
+    pub fn put_legacy_fleet_claim(&self, key: &str, claim: &FleetClaim) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(claim).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.write(|t| Ok(t.claims.insert(key.as_bytes(), bytes).map(drop)?))
+    }
 }
 
 #[cfg(test)]
@@ -99,22 +117,32 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[tokio::test]
-    async fn lapsed_claims_are_pruned_live_ones_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Duration::from_millis(10)).unwrap();
-        let claim = |at_ms| FleetClaim {
+    fn claim(at_ms: u64) -> FleetClaim {
+        FleetClaim {
             claim_id: "c".into(),
             worker_id: "w".into(),
             fingerprint: "fp".into(),
             at_ms,
             lease_ms: 1_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_round_trips_and_replaces_the_legacy_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert_eq!(s.claims_snapshot().unwrap(), None);
+        s.put_legacy_fleet_claim("old", &claim(5)).unwrap();
+        assert_eq!(
+            s.legacy_fleet_claims().unwrap(),
+            vec![("old".to_string(), claim(5))]
+        );
+        let snap = ClaimsSnapshot {
+            offset: 41,
+            claims: vec![("k".into(), claim(7))],
         };
-        let now = super::super::now_ms();
-        s.put_fleet_claim("old", &claim(now - 60_000)).unwrap();
-        s.put_fleet_claim("live", &claim(now)).unwrap();
-        assert_eq!(s.prune(Duration::from_secs(3600)).unwrap().0, 1);
-        assert!(s.fleet_claim("old").unwrap().is_none());
-        assert!(s.fleet_claim("live").unwrap().is_some());
+        s.save_claims_snapshot(&snap).unwrap();
+        assert_eq!(s.claims_snapshot().unwrap(), Some(snap));
+        assert!(s.legacy_fleet_claims().unwrap().is_empty());
     }
 }

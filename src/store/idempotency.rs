@@ -57,6 +57,24 @@ impl Store {
         }
     }
 
+    /// Only the state of `key`'s record: the rest is skipped, not built (the ledger reader
+    /// asks this for every record it applies).
+    pub fn state_of(&self, key: &str) -> Result<Option<IdemState>, StoreError> {
+        #[derive(Deserialize)]
+        struct StateOnly {
+            state: IdemState,
+        }
+        match self.trees()?.idem.get(key.as_bytes())? {
+            Some(bytes) => serde_json::from_slice::<StateOnly>(&bytes)
+                .map(|r| Some(r.state))
+                .map_err(|e| StoreError::Corrupt {
+                    key: key.to_string(),
+                    message: e.to_string(),
+                }),
+            None => Ok(None),
+        }
+    }
+
     /// Take the key for processing. Callers serialize on the key in-process (see
     /// `worker::KeyLocks`), so an `in_progress` record found here was left by a crash.
     pub fn claim(

@@ -10,7 +10,8 @@
 //!
 //! - [`idempotency`]: the per-key records and the claim rule.
 //! - [`audit`]: the append-only audit trail and its queries.
-//! - [`fleet`]: this pod's view of the fleet ledger: live claims and the last offset applied.
+//! - [`fleet`]: what this pod keeps of the fleet ledger: the last offset applied and a snapshot
+//!   of the live claims.
 //!
 //! The store knows nothing of the broker, the Genesys client or the pipelines that use it.
 
@@ -21,7 +22,7 @@ pub use heal::HEAL_EVERY;
 pub mod idempotency;
 
 pub use audit::{AuditEntry, AuditQuery};
-pub use fleet::FleetClaim;
+pub use fleet::{ClaimsSnapshot, FleetClaim};
 pub use idempotency::{Claim, IdemRecord, IdemState};
 
 use std::path::{Path, PathBuf};
@@ -275,7 +276,6 @@ impl Store {
                 records += 1;
             }
         }
-        records += self.prune_fleet_claims(now, ttl_ms)?;
         let cutoff_us = now
             .saturating_mul(1000)
             .saturating_sub(audit_retention.as_micros() as u64);

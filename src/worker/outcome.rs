@@ -139,14 +139,31 @@ impl Recorder {
             _ => None,
         };
 
-        // 1. Record, 2. durable before anything leaves the process.
-        let mut told_fleet = false;
+        // 1. Record, 2. durable before anything leaves the process; meanwhile the fleet
+        // ledger is told the outcome (the two wait on different disks, so neither waits for
+        // the other; an answered outcome is told to the fleet whatever the store does).
+        let tell = async {
+            match (&job.held, &record, &plan.audit) {
+                (Some(_), Some(record), Some(entry)) => {
+                    Some(self.fleet.outcome(ch, &job.key, record, entry).await)
+                }
+                _ => None,
+            }
+        };
+        let to_write = record.as_ref();
+        let (mut written, told) = tokio::join!(self.write(job, valid, &plan, to_write), tell);
+        let mut told_fleet = match told {
+            Some(Ok(())) => true,
+            Some(Err(fe)) if written.is_ok() => return Err(fe.into()),
+            Some(Err(fe)) => {
+                tracing::error!(error = %fe, "cannot tell the fleet ledger the held outcome either");
+                false
+            }
+            None => false,
+        };
         let mut held = false;
         let mut other_errors = 0u32;
-        loop {
-            let Err(e) = self.write(job, valid, &plan, record.as_ref()).await else {
-                break;
-            };
+        while let Err(e) = written {
             let (Some(record), Some(entry)) = (&record, &plan.audit) else {
                 // Nothing answered to keep: the delivery goes back while the store heals.
                 return self.defer(job, ch, &e).await;
@@ -178,6 +195,7 @@ impl Recorder {
                     return Err(e.into());
                 }
                 tokio::time::sleep(crate::store::HEAL_EVERY).await;
+                written = self.write(job, valid, &plan, to_write).await;
                 continue;
             }
             let mut waiting = shutdown.clone();
@@ -188,6 +206,7 @@ impl Recorder {
                 tracing::warn!(in_ledger = told_fleet, "shutdown while holding an answered outcome; the delivery goes back and its redelivery replays the outcome from the fleet ledger");
                 return Ok(Settle::Requeue);
             }
+            written = self.write(job, valid, &plan, to_write).await;
         }
         if held {
             internal_events::outcome_released();

@@ -297,20 +297,7 @@ async fn a_pod_killed_mid_call_loses_its_key_after_the_lease_and_sigterm_gives_c
         |s| s.worker.claim_lease = Duration::from_secs(4),
     )
     .await;
-    let mut a = Pod::new(&env, "a");
-    a.start();
-    assert!(a.ready_within(Duration::from_secs(30)).await.is_some());
-    env.publish(&request("mid-call"), None).await;
-    assert!(
-        env.wait_for(Duration::from_secs(20), || env
-            .sim
-            .sim
-            .stats()
-            .session_requests
-            >= 1)
-            .await
-    );
-    a.kill();
+    kill_mid_call(&env, "a", "mid-call").await;
     let killed_at = Instant::now();
     let mut b = Pod::new(&env, "b");
     b.start();
@@ -373,45 +360,17 @@ async fn a_restarted_pod_still_sees_the_live_claim_of_another_pod() {
         |s| s.worker.claim_lease = Duration::from_secs(60),
     )
     .await;
-    let mut a = Pod::new(&env, "a");
-    a.start();
-    assert!(a.ready_within(Duration::from_secs(30)).await.is_some());
-    env.publish(&request("held-by-a"), None).await;
-    assert!(
-        env.wait_for(Duration::from_secs(20), || env
-            .sim
-            .sim
-            .stats()
-            .session_requests
-            >= 1)
-            .await
-    );
-    a.kill();
+    kill_mid_call(&env, "a", "held-by-a").await;
     let mut b = Pod::new(&env, "b");
     b.start();
     assert!(b.ready_within(Duration::from_secs(30)).await.is_some());
     // b hears the key's copy (a's unacked delivery) and parks it: a's claim is live.
-    let parked = env
-        .wait_for_async(Duration::from_secs(30), || async {
-            b.metric("session_requests_total{outcome=\"parked\"}")
-                .await
-                .unwrap_or(0.0)
-                >= 1.0
-        })
-        .await;
-    assert!(parked, "b parks the key a holds");
+    assert!(parks_a_copy(&env, &b).await, "b parks the key a holds");
     assert_eq!(b.stop(), Some(0));
     b.start();
     assert!(b.ready_within(Duration::from_secs(30)).await.is_some());
     // After the restart the parked copy comes back, and b parks it again: no call.
-    let parked_again = env
-        .wait_for_async(Duration::from_secs(30), || async {
-            b.metric("session_requests_total{outcome=\"parked\"}")
-                .await
-                .unwrap_or(0.0)
-                >= 1.0
-        })
-        .await;
+    let parked_again = parks_a_copy(&env, &b).await;
     assert_eq!(b.stop(), Some(0));
     assert!(parked_again, "b, restarted, still parks the key");
     assert_eq!(
@@ -419,4 +378,30 @@ async fn a_restarted_pod_still_sees_the_live_claim_of_another_pod() {
         1,
         "only a's call, none by the restarted pod"
     );
+}
+
+/// Start pod `name`, publish `key`, and SIGKILL the pod once the simulator has its call.
+async fn kill_mid_call(env: &TestEnv, name: &str, key: &str) {
+    let mut pod = Pod::new(env, name);
+    pod.start();
+    assert!(pod.ready_within(Duration::from_secs(30)).await.is_some());
+    env.publish(&request(key), None).await;
+    let called = env
+        .wait_for(Duration::from_secs(20), || {
+            env.sim.sim.stats().session_requests >= 1
+        })
+        .await;
+    assert!(called, "{name} calls the simulator");
+    pod.kill();
+}
+
+/// Whether `pod` parks a copy (another pod holds the key) within 30 s of (re)starting.
+async fn parks_a_copy(env: &TestEnv, pod: &Pod) -> bool {
+    env.wait_for_async(Duration::from_secs(30), || async {
+        pod.metric("session_requests_total{outcome=\"parked\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await
 }

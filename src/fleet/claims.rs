@@ -103,13 +103,7 @@ mod tests {
     use super::*;
 
     fn claim(at_ms: u64) -> FleetClaim {
-        FleetClaim {
-            claim_id: "c".into(),
-            worker_id: "w".into(),
-            fingerprint: "fp".into(),
-            at_ms,
-            lease_ms: 1_000,
-        }
+        FleetClaim::for_test(at_ms)
     }
 
     #[tokio::test]

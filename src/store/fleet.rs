@@ -32,6 +32,18 @@ impl FleetClaim {
     pub fn live_at(&self, now_ms: u64) -> bool {
         now_ms < self.at_ms.saturating_add(self.lease_ms)
     }
+
+    /// Tests: claim `c` of pod `w`, made at `at_ms` with a 1 s lease.
+    #[cfg(test)]
+    pub(crate) fn for_test(at_ms: u64) -> Self {
+        FleetClaim {
+            claim_id: "c".into(),
+            worker_id: "w".into(),
+            fingerprint: "fp".into(),
+            at_ms,
+            lease_ms: 1_000,
+        }
+    }
 }
 
 /// The live claims as of a ledger offset.
@@ -118,13 +130,7 @@ mod tests {
     use std::time::Duration;
 
     fn claim(at_ms: u64) -> FleetClaim {
-        FleetClaim {
-            claim_id: "c".into(),
-            worker_id: "w".into(),
-            fingerprint: "fp".into(),
-            at_ms,
-            lease_ms: 1_000,
-        }
+        FleetClaim::for_test(at_ms)
     }
 
     #[tokio::test]

@@ -38,6 +38,17 @@ impl Claims {
         })
     }
 
+    /// [`Claims::load`], or, when the saved claims cannot be read (a damaged snapshot), none
+    /// and no offset: the reader then reads the whole ledger again, applying what the store
+    /// already holds to the claims alone, which rebuilds them exactly. Slower, never wrong,
+    /// and the pod does not start with claims missing.
+    pub fn load_or_rebuild(store: &Store) -> Self {
+        Self::load(store).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the saved fleet claims; rebuilding them from the whole ledger");
+            Self::default()
+        })
+    }
+
     /// The last ledger offset the view reflects (`None`: read the ledger from the start).
     pub fn offset(&self) -> Option<u64> {
         self.offset
@@ -124,6 +135,19 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!(c.prune(12_001, Duration::from_secs(10)), 1);
         assert!(c.get("old").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_snapshot_means_reading_the_whole_ledger_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        store.set_ledger_offset(40).unwrap();
+        store
+            .put_meta_for_test(b"claims_snapshot", b"{not json")
+            .unwrap();
+        assert!(Claims::load(&store).is_err());
+        let c = Claims::load_or_rebuild(&store);
+        assert_eq!((c.offset(), c.len()), (None, 0));
     }
 
     #[tokio::test]

@@ -61,8 +61,7 @@ pub async fn run(
         link,
     };
     let health = fleet.health.clone();
-    let claims = Claims::load(&fleet.store)
-        .map_err(|e| AmqpError::op("load the fleet claims from the store", e.to_string()))?;
+    let claims = Claims::load_or_rebuild(&fleet.store);
     let stored = fleet.store.ledger_offset().ok().flatten();
     tracing::info!(
         claims = claims.len(),

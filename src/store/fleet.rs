@@ -116,6 +116,12 @@ impl Store {
         })
     }
 
+    /// Tests: write raw bytes under a `meta` key (a damaged snapshot, say).
+    #[cfg(test)]
+    pub(crate) fn put_meta_for_test(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.write(|t| Ok(t.meta.insert(key, value).map(drop)?))
+    }
+
     /// Test and upgrade helper: write one claim the way earlier versions did.
     #[doc(hidden)]
     pub fn put_legacy_fleet_claim(&self, key: &str, claim: &FleetClaim) -> Result<(), StoreError> {

@@ -184,7 +184,14 @@ async fn end_to_end_with(
     let cpu = CpuMeter::start();
     let started = Instant::now();
     let (worker, mut child) = if let Some(bin) = binary {
-        (None, Some(common::spawn_binary(bin, file.path(), "warn")))
+        (
+            None,
+            Some(common::spawn_binary(
+                bin,
+                file.path(),
+                &std::env::var("BENCH_WORKER_LOG").unwrap_or("warn".into()),
+            )),
+        )
     } else {
         (Some(env.start_worker(env.open_store())), None)
     };
@@ -415,7 +422,8 @@ fn main() {
                 }
                 eprintln!("  round {round}: baseline {baseline:.0} msg/s, end to end {e2e:.0} msg/s ({:.2})", e2e / baseline);
                 cpu_rows.push(format!(
-                    "| {round} | {baseline:.0} msg/s | {e2e:.0} msg/s | {:.2} | {} | {} | {} | {} | {} |",
+                    "| {round} | {baseline:.0} msg/s | {e2e:.0} msg/s | {:.0} msg/s | {:.2} | {} | {} | {} | {} | {} |",
+                    steady_now.last().copied().unwrap_or(0.0),
                     e2e / baseline,
                     per_msg_us(base_cpu.broker, n),
                     per_msg_us(e2e_cpu.broker, n),
@@ -440,13 +448,13 @@ fn main() {
             notes.push(String::new());
             notes.push("Per round, CPU time per message: broker = RabbitMQ (beam.smp); consumer = the bare consumer; worker = the `session-worker run` process; simulator = this process (the simulator, and the queue-length polling):".into());
             notes.push(String::new());
-            notes.push("| round | baseline | end to end | ratio | broker, baseline | broker, end to end | consumer, baseline | worker, end to end | simulator, end to end |".into());
-            notes.push("|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
+            notes.push("| round | baseline | end to end, from start | end to end, steady | ratio (from start) | broker, baseline | broker, end to end | consumer, baseline | worker, end to end | simulator, end to end |".into());
+            notes.push("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
             notes.extend(cpu_rows);
             eprintln!("  end to end done");
         }
         if run("latency") {
-            let latency = Duration::from_millis(200);
+            let latency = Duration::from_millis(count_from_env("BENCH_LATENCY_MS", 200) as u64);
             let (lat_rate, lat_ideal) = latency_bound(concurrency * 25, concurrency, latency).await;
             let lat_steady = STEADY.with(|s| s.get());
             rows.push(format!("| latency-bound: simulator at 200 ms, concurrency {concurrency}, from start | {lat_rate:.1} msg/s | {lat_ideal:.1} msg/s (concurrency / latency) | {:.2} | ≥ 0.9 |", lat_rate / lat_ideal));

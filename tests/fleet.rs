@@ -203,6 +203,41 @@ async fn live_pods_share_one_rate_budget_and_take_a_leavers_share_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_pod_hears_the_running_pods_before_it_takes_a_delivery() {
+    let env = TestEnv::new(Faults::default(), |s| {
+        s.rate_limit.requests_per_minute = 600;
+        s.rate_limit.burst = 30;
+    })
+    .await;
+    let queue = env.settings.amqp.inbound_queue.clone();
+    let wait = Duration::from_secs(30);
+    let mut a = Pod::new(&env, "h0");
+    a.start();
+    assert!(
+        env.wait_for_async(wait, || async { env.consumer_count(&queue).await == 1 })
+            .await,
+        "the first pod consumes"
+    );
+    let mut b = Pod::new(&env, "h1");
+    b.start();
+    assert!(
+        env.wait_for_async(wait, || async { env.consumer_count(&queue).await == 2 })
+            .await,
+        "the second pod consumes"
+    );
+    // Its hello was answered before it took its first delivery: it starts with half.
+    assert_eq!(b.metric("fleet_live_pods").await, Some(2.0));
+    assert_eq!(b.metric("rate_limit_share_per_minute").await, Some(300.0));
+    assert_eq!(
+        a.metric_becomes("rate_limit_share_per_minute", 300.0, wait)
+            .await,
+        Some(300.0)
+    );
+    assert_eq!(b.stop(), Some(0));
+    assert_eq!(a.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_completed_before_the_ledger_existed_still_deduplicate() {
     use session_worker::store::{IdemRecord, IdemState};
     let env = TestEnv::new(Faults::default(), |_| {}).await;

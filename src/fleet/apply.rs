@@ -12,8 +12,11 @@
 //! - a **forget** (an operator's `dlq replay --force`) clears an `unknown` key.
 //!
 //! With `replay` (a record the store has already applied, read again after a restart to
-//! rebuild the claims), only the claims change. Every change to the claims is idempotent and
-//! made after the store's, so a record retried after a store error applies once.
+//! rebuild the claims), only the claims change. Every change is idempotent, so a record
+//! applied again (retried after a store error, or read again after a restart because the
+//! reader saves its offset every few seconds) applies once: the claims change after the
+//! store, an outcome is stored whole, and a foreign audit entry is stored under its ledger
+//! position.
 
 use super::claims::Claims;
 use super::record::Record;
@@ -40,8 +43,11 @@ pub enum Applied {
     Mark {
         id: String,
     },
-    /// An outcome from another pod; its audit entry is to be appended here.
-    Foreign(Box<AuditEntry>),
+    /// An outcome from another pod, made at `at_ms`; its audit entry is to be stored here.
+    Foreign {
+        audit: Box<AuditEntry>,
+        at_ms: u64,
+    },
     Other,
 }
 
@@ -115,7 +121,10 @@ pub fn apply(
             }
             claims.remove(key);
             if record.worker_id != worker_id && !replay {
-                Ok(Applied::Foreign(audit.clone()))
+                Ok(Applied::Foreign {
+                    audit: audit.clone(),
+                    at_ms: record.updated_at_ms,
+                })
             } else {
                 Ok(Applied::Other)
             }
@@ -245,7 +254,7 @@ mod tests {
             false,
         )
         .unwrap();
-        assert!(matches!(applied, Applied::Foreign(_)));
+        assert!(matches!(applied, Applied::Foreign { .. }));
         assert!(matches!(
             decision(apply(&s, c, &claim("c", "w3", 400), "me", false).unwrap()),
             Decision::Done(r) if r.conversation_id.as_deref() == Some("conv")
@@ -306,7 +315,10 @@ mod tests {
         assert_eq!(back.offset(), Some(2));
         for (offset, r) in records.iter().enumerate().skip(3) {
             let applied = apply(&s, &mut back, r, "me", true).unwrap();
-            assert!(!matches!(applied, Applied::Foreign(_)), "no audit twice");
+            assert!(
+                !matches!(applied, Applied::Foreign { .. }),
+                "no audit twice"
+            );
             back.set_offset(offset as u64);
         }
         assert_eq!(back, live);

@@ -5,7 +5,8 @@
 //! `amqp.fleet_exchange` and hears everybody's on an exclusive queue of its own. A pod counts
 //! the pods heard within [`PEER_EXPIRY`] (itself included) and sets its limiter to
 //! `budget ÷ live pods`; a pod that shuts down says so and its share returns at once, a pod that
-//! dies is forgotten after [`PEER_EXPIRY`]. The share is also never above what Genesys Cloud
+//! dies is forgotten after [`PEER_EXPIRY`]. A starting pod says hello and every live pod
+//! answers at once, so it knows its share after [`ANSWER_WAIT`] instead of a few heartbeats. The share is also never above what Genesys Cloud
 //! says this pod's token may use (`inin-ratelimit-allowed`).
 
 use super::Fleet;
@@ -25,13 +26,17 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// How often a pod says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A pod not heard from for this long no longer counts.
 pub const PEER_EXPIRY: Duration = Duration::from_secs(5);
-/// How long a starting pod listens before it takes its share, so it does not start with the
-/// whole budget while others already spend theirs.
+/// How long a starting pod listens after its hello before it takes its share: every live pod
+/// answers a hello at once, so it does not start with the whole budget while others already
+/// spend theirs. An answer that comes later still shrinks the share the moment it arrives.
+pub const ANSWER_WAIT: Duration = Duration::from_millis(200);
+/// The longest a starting pod listens (its hello could not be sent: the broker is slow).
 pub const WARM_UP: Duration = Duration::from_millis(2_500);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +44,10 @@ struct Heartbeat {
     worker_id: String,
     instance: String,
     leaving: bool,
+    /// A starting pod: every other pod answers with its heartbeat at once. (Pods of earlier
+    /// versions ignore it and are heard at their next heartbeat.)
+    #[serde(default)]
+    hello: bool,
 }
 
 pub struct Budget {
@@ -50,6 +59,8 @@ pub struct Budget {
     publish: Mutex<Option<Channel>>,
     /// Last `inin-ratelimit-allowed` from Genesys Cloud (0: none seen).
     allowed: AtomicU64,
+    /// Set once this pod's hello is out.
+    greeted: watch::Sender<bool>,
 }
 
 impl Budget {
@@ -64,7 +75,20 @@ impl Budget {
             peers: Mutex::new(peers),
             publish: Mutex::new(None),
             allowed: AtomicU64::new(0),
+            greeted: watch::channel(false).0,
         })
+    }
+
+    /// Wait until this pod has heard the fleet: its hello is out and the others had
+    /// [`ANSWER_WAIT`] to answer (at most [`WARM_UP`] in all).
+    pub async fn heard(&self) {
+        let mut greeted = self.greeted.subscribe();
+        let answered = async {
+            if greeted.wait_for(|g| *g).await.is_ok() {
+                tokio::time::sleep(ANSWER_WAIT).await;
+            }
+        };
+        let _ = tokio::time::timeout(WARM_UP, answered).await;
     }
 
     /// Listen and send heartbeats until `shutdown`; then say goodbye.
@@ -92,7 +116,7 @@ impl Budget {
 
     /// Tell the others this pod is leaving, so they take its share back at once.
     pub async fn leave(&self) {
-        self.send(true).await;
+        self.send(Say::Leaving).await;
     }
 
     /// What Genesys Cloud says this pod's token may use per minute.
@@ -140,28 +164,34 @@ impl Budget {
                 _ = tick.tick() => {}
                 _ = shutdown.requested() => return,
             }
-            self.send(false).await;
+            self.send(Say::Alive).await;
             self.apply();
         }
     }
 
-    async fn send(&self, leaving: bool) {
+    /// Send a heartbeat; whether the broker took it.
+    async fn send(&self, say: Say) -> bool {
         let ch = self
             .publish
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let Some(ch) = ch else { return };
+        let Some(ch) = ch else { return false };
         let beat = Heartbeat {
             worker_id: self.fleet.worker_id.clone(),
             instance: self.instance.clone(),
-            leaving,
+            leaving: say == Say::Leaving,
+            hello: say == Say::Hello,
         };
         let body = serde_json::to_vec(&beat).unwrap_or_default();
         let props = amqp::json_properties().with_delivery_mode(1);
         let exchange = &self.fleet.settings.amqp.fleet_exchange;
-        if let Err(e) = amqp::publish_confirmed(&ch, exchange, "", &body, props).await {
-            tracing::debug!(error = %e, "heartbeat not sent");
+        match amqp::publish_confirmed(&ch, exchange, "", &body, props).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "heartbeat not sent");
+                false
+            }
         }
     }
 
@@ -171,6 +201,14 @@ impl Budget {
             self.fleet.settings.amqp.fleet_exchange, self.fleet.worker_id, self.instance
         )
     }
+}
+
+/// What a heartbeat says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Say {
+    Alive,
+    Hello,
+    Leaving,
 }
 
 /// A pod's share: the budget divided among the live pods (at least 1 per minute), capped by
@@ -199,15 +237,21 @@ impl Pipeline for Budget {
         _publish: Channel,
     ) -> Result<Settle, Infallible> {
         if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
-            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-            if beat.leaving {
-                peers.remove(&beat.instance);
-            } else {
-                peers.insert(beat.instance, Instant::now());
-            }
-            drop(peers);
-            if beat.leaving {
+            let stranger = beat.hello && beat.instance != self.instance;
+            let changed = {
+                let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+                if beat.leaving {
+                    peers.remove(&beat.instance).is_some()
+                } else {
+                    peers.insert(beat.instance, Instant::now()).is_none()
+                }
+            };
+            // A pod arriving or leaving changes every share now, not at the next tick.
+            if changed {
                 self.apply();
+            }
+            if stranger {
+                self.send(Say::Alive).await;
             }
         }
         Ok(Settle::Ack)
@@ -238,8 +282,11 @@ impl Pipeline for Budget {
             .await
             .map_err(|e| AmqpError::op(format!("bind {queue}"), e))?;
         *self.publish.lock().unwrap_or_else(|p| p.into_inner()) = Some(publish.clone());
-        // Say hello at once, so the others count this pod before it starts consuming.
-        self.send(false).await;
+        // Say hello at once: the others count this pod and answer, so it knows them before
+        // it starts consuming.
+        if self.send(Say::Hello).await {
+            self.greeted.send_replace(true);
+        }
         Ok(())
     }
 

@@ -69,11 +69,13 @@ struct Append {
 const MAX_BATCH: usize = 512;
 
 /// How long a batch gathers when the last one was busy (at least [`LINGER_FROM`] records).
-/// The broker's cost is per ledger message, not per record: on the 2-core bench machine a
+/// The broker's cost is per ledger message, not per record (on the 2-core bench machine a
 /// stream message published with a confirm and read back costs RabbitMQ ~0.7 ms of CPU
-/// whether it holds one record or fifty. 5 ms took the end-to-end rate up ~9 % against no
-/// linger; 10 ms was slower again (claims wait longer). A quiet pod sends at once.
-const LINGER: Duration = Duration::from_millis(5);
+/// whether it holds one record or fifty), but every claim waits out the linger before its
+/// call. 5 ms paid on a CPU-starved machine (+9 % against none) and cost 30 % on an idle one,
+/// where the run is bound by latency; 1 ms was the best of 0, 1 and 5 ms there. A quiet pod
+/// sends at once.
+const LINGER: Duration = Duration::from_millis(1);
 const LINGER_FROM: usize = 4;
 
 /// Publish what tasks append, many records per ledger message: while one batch waits for its

@@ -94,10 +94,10 @@ impl Reader {
             self.remember(offset);
             return;
         };
-        for record in records {
+        for (index, record) in records.into_iter().enumerate() {
             match record {
                 Some(record) => {
-                    if !self.apply_one(&record, offset).await {
+                    if !self.apply_one(&record, offset, index).await {
                         return;
                     }
                 }
@@ -110,9 +110,10 @@ impl Reader {
     /// Apply one record, waiting out a failing store: a record is never skipped for the
     /// store's sake (that would let this pod decide claims on a view missing an outcome).
     /// False if shutdown came first; the reader then stops applying.
-    async fn apply_one(&self, record: &Record, offset: Option<i64>) -> bool {
+    async fn apply_one(&self, record: &Record, offset: Option<i64>, index: usize) -> bool {
         let fleet = &self.fleet;
-        let replay = match (offset.and_then(|o| u64::try_from(o).ok()), self.stored) {
+        let position = offset.and_then(|o| u64::try_from(o).ok());
+        let replay = match (position, self.stored) {
             (Some(o), Some(stored)) => o <= stored,
             _ => false,
         };
@@ -169,8 +170,12 @@ impl Reader {
                     fleet.set_caught_up(true);
                 }
             }
-            Applied::Foreign(entry) => {
-                if let Err(e) = fleet.store.append_audit(&entry) {
+            Applied::Foreign { audit, at_ms } => {
+                let stored = match position {
+                    Some(o) => fleet.store.put_foreign_audit(&audit, at_ms, o, index),
+                    None => fleet.store.append_audit(&audit),
+                };
+                if let Err(e) = stored {
                     internal_events::ledger_apply_failed(&e);
                 }
             }
@@ -179,18 +184,14 @@ impl Reader {
         true
     }
 
-    /// The message at `offset` is applied: note it in the claims, in the store (unless the
-    /// store had it already), and now and then save the claims.
+    /// The message at `offset` is applied: note it in the claims, and now and then save the
+    /// claims and the offset. Not a store write per message: what a restart reads again
+    /// (at most [`SNAPSHOT_EVERY`] of the ledger) applies to the store again idempotently.
     fn remember(&self, offset: Option<i64>) {
         let Some(o) = offset.and_then(|o| u64::try_from(o).ok()) else {
             return;
         };
         self.claims().set_offset(o);
-        if self.stored.is_none_or(|stored| o > stored) {
-            if let Err(e) = self.fleet.store.set_ledger_offset(o) {
-                internal_events::ledger_apply_failed(&e);
-            }
-        }
         let due = self
             .saved_at
             .lock()
@@ -201,13 +202,21 @@ impl Reader {
         }
     }
 
-    /// Prune lapsed claims and save the rest with their offset.
+    /// Prune lapsed claims and save the rest with their offset, and note that offset as the
+    /// store's (unless the store was further on already).
     fn save_claims(&self) {
         let ttl = self.fleet.settings.store.idempotency_ttl;
         let mut claims = self.claims();
         claims.prune(crate::store::now_ms(), ttl);
         if let Err(e) = claims.save(&self.fleet.store) {
             internal_events::ledger_apply_failed(&e);
+        }
+        if let Some(o) = claims.offset() {
+            if self.stored.is_none_or(|stored| o > stored) {
+                if let Err(e) = self.fleet.store.set_ledger_offset(o) {
+                    internal_events::ledger_apply_failed(&e);
+                }
+            }
         }
         drop(claims);
         if let Ok(mut at) = self.saved_at.lock() {

@@ -4,6 +4,11 @@ use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The top bit of the sequence half of an audit key: set for entries learned from the fleet
+/// ledger (their sequence is their ledger position), clear for this pod's own (the store's
+/// ids, which never reach it).
+const FOREIGN: u64 = 1 << 63;
+
 /// One audit entry (SPEC §6).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -48,9 +53,39 @@ impl Store {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
+        self.insert_audit(entry, micros, None)
+    }
+
+    /// Store the audit entry of another pod's outcome, read from the fleet ledger at `offset`
+    /// (the `index`th record of that message), under its outcome's time `at_ms`. The key
+    /// comes from the ledger position, so a record applied again after a restart (the reader
+    /// saves its offset every few seconds, not per record) replaces its entry instead of
+    /// adding a second one.
+    pub fn put_foreign_audit(
+        &self,
+        entry: &AuditEntry,
+        at_ms: u64,
+        offset: u64,
+        index: usize,
+    ) -> Result<(), StoreError> {
+        let seq = FOREIGN | (offset << 16) | (index as u64 & 0xffff);
+        self.insert_audit(entry, at_ms.saturating_mul(1000), Some(seq))
+    }
+
+    /// The one place an audit entry is written: key = time (µs, big-endian) + a sequence
+    /// number (`seq`, or the next id of the store).
+    fn insert_audit(
+        &self,
+        entry: &AuditEntry,
+        micros: u64,
+        seq: Option<u64>,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))?;
         self.write(|t| {
-            let seq = t.db.generate_id()?;
+            let seq = match seq {
+                Some(s) => s,
+                None => t.db.generate_id()?,
+            };
             let mut key = [0u8; 16];
             key[..8].copy_from_slice(&micros.to_be_bytes());
             key[8..].copy_from_slice(&seq.to_be_bytes());
@@ -109,5 +144,34 @@ impl Store {
 
     pub fn audit_len(&self) -> usize {
         self.trees().map_or(0, |t| t.audit.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_foreign_entry_applied_twice_is_stored_once_in_time_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let entry = |k: &str| AuditEntry {
+            idempotency_key: Some(k.into()),
+            outcome: "started".into(),
+            ..Default::default()
+        };
+        s.append_audit(&entry("local")).unwrap();
+        let then = super::super::now_ms() - 60_000;
+        s.put_foreign_audit(&entry("a"), then, 41, 0).unwrap();
+        s.put_foreign_audit(&entry("b"), then, 41, 1).unwrap();
+        // The same ledger records again (a restart before the offset was saved).
+        s.put_foreign_audit(&entry("a"), then, 41, 0).unwrap();
+        s.put_foreign_audit(&entry("b"), then, 41, 1).unwrap();
+        let keys: Vec<_> = s
+            .audit_all()
+            .map(|e| e.unwrap().idempotency_key.unwrap())
+            .collect();
+        assert_eq!(keys, ["a", "b", "local"]);
     }
 }

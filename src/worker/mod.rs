@@ -29,7 +29,7 @@ use crate::amqp::consumer::Settle;
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
 use crate::amqp::{AmqpError, DeadLetters};
 use crate::config::Settings;
-use crate::fleet::budget::{self, Budget};
+use crate::fleet::budget::Budget;
 use crate::fleet::{Fleet, FleetError};
 use crate::genesys::{GenesysClient, GenesysError};
 use crate::health::Health;
@@ -169,9 +169,10 @@ impl Worker {
             "catching up with the fleet ledger and hearing the other pods before taking deliveries"
         );
         let mut listening = shutdown.clone();
+        let heard = self.budget.clone();
         let warm = async move {
             tokio::select! {
-                _ = tokio::time::sleep(budget::WARM_UP) => true,
+                _ = heard.heard() => true,
                 _ = listening.requested() => false,
             }
         };

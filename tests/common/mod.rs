@@ -399,7 +399,24 @@ impl TestEnv {
         q.message_count()
     }
 
-    /// Wait until `cond` holds, polling; false on timeout.
+    /// How many consumers `queue` has.
+    pub async fn consumer_count(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = ch.close(200, "".into()).await;
+        q.consumer_count()
+    }
+
     /// Wait until an async condition holds, at most `timeout`.
     pub async fn wait_for_async<F, Fut>(&self, timeout: Duration, mut cond: F) -> bool
     where

@@ -238,6 +238,85 @@ async fn a_starting_pod_hears_the_running_pods_before_it_takes_a_delivery() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_ledger_never_had_is_told_when_its_key_comes_again() {
+    use session_worker::fleet::record::{Record, RECORD_TYPE};
+    use session_worker::store::{IdemRecord, IdemState};
+    let env = TestEnv::new(Faults::default(), |s| {
+        s.worker.claim_lease = Duration::from_secs(600);
+    })
+    .await;
+    let me = env.settings.worker_id();
+    // A pod that was killed after its record was durable and before the ledger confirmed
+    // the outcome: its store has the key completed, the ledger only its claim.
+    let body = request("untold");
+    let valid = session_worker::request::validate_message(&body, Some("untold-key")).unwrap();
+    let key = valid.idempotency_key.clone();
+    let now = session_worker::store::now_ms();
+    let store = env.open_store();
+    store
+        .put(
+            &key,
+            &IdemRecord {
+                state: IdemState::Completed,
+                fingerprint: valid.fingerprint.clone(),
+                attempts: 1,
+                conversation_id: Some("conv-untold".into()),
+                event: None,
+                worker_id: me.clone(),
+                created_at_ms: now,
+                updated_at_ms: now,
+            },
+        )
+        .unwrap();
+    session_worker::amqp::topology::declare_ledger(
+        &env.conn,
+        &env.settings.amqp,
+        env.settings.store.idempotency_ttl,
+    )
+    .await
+    .expect("declare the ledger");
+    let claim = Record::Claim {
+        key: key.clone(),
+        claim_id: "claim-before-the-kill".into(),
+        worker_id: me.clone(),
+        fingerprint: valid.fingerprint.clone(),
+        at_ms: now - 1_000,
+        lease_ms: 600_000,
+    };
+    let ch = env.conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    ch.basic_publish(
+        "".into(),
+        env.settings.amqp.ledger_stream.as_str().into(),
+        Default::default(),
+        &claim.encode(),
+        lapin::BasicProperties::default().with_type(RECORD_TYPE.into()),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    // The key comes again to that pod: it replays, and tells the fleet the outcome.
+    let worker = env.start_worker(store);
+    env.publish(&body, Some("untold-key")).await;
+    assert_eq!(env.events(1, Duration::from_secs(30)).await.len(), 1);
+    worker.stop().await;
+    // A pod on an empty store takes the next copy: it replays too, and does not wait out
+    // the 10-minute claim of a pod whose outcome the fleet never heard.
+    let mut b = Pod::new(&env, "other");
+    b.start();
+    b.ready_within(Duration::from_secs(60)).await;
+    env.publish(&body, Some("untold-key")).await;
+    let events = env.events(1, Duration::from_secs(30)).await;
+    assert_eq!(b.stop(), Some(0));
+    assert_eq!(events.len(), 1, "the other pod replayed the outcome");
+    assert_eq!(events[0].conversation_id.as_deref(), Some("conv-untold"));
+    assert_eq!(env.sim.sim.stats().session_requests, 0, "no API call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_completed_before_the_ledger_existed_still_deduplicate() {
     use session_worker::store::{IdemRecord, IdemState};
     let env = TestEnv::new(Faults::default(), |_| {}).await;

@@ -70,6 +70,25 @@ pub fn apply(
             let (claim_id, at_ms, lease_ms) = (claim_id.clone(), *at_ms, *lease_ms);
             if store.state_of(key)?.is_some_and(IdemState::is_final) {
                 if let Some(rec) = store.get(key)? {
+                    if *claimer == worker_id
+                        && rec.worker_id == worker_id
+                        && at_ms <= rec.updated_at_ms
+                    {
+                        // This pod's claim that led to its own outcome, read again after a
+                        // restart: it stays in the view until the outcome follows in the
+                        // ledger, so the pod can tell whether the fleet ever heard it
+                        // (`Fleet::unheard`).
+                        claims.insert(
+                            key,
+                            FleetClaim {
+                                claim_id: claim_id.clone(),
+                                worker_id: claimer.clone(),
+                                fingerprint: fingerprint.clone(),
+                                at_ms,
+                                lease_ms,
+                            },
+                        );
+                    }
                     return Ok(Applied::Claim {
                         claim_id,
                         decision: Decision::Done(Box::new(rec)),
@@ -112,15 +131,26 @@ pub fn apply(
             Ok(Applied::Other)
         }
         Record::Outcome { key, record, audit } => {
+            let mut known = false;
             if !replay {
                 // An `unknown` from the ledger does not overwrite a local `completed` either;
                 // a local `unknown` is replaced by whatever the fleet learned.
-                if store.state_of(key)? != Some(IdemState::Completed) {
+                let state = store.state_of(key)?;
+                // The same outcome told again (its pod stopped before the ledger had it):
+                // its audit entry is here already.
+                known = state.is_some()
+                    && record.worker_id != worker_id
+                    && store.get(key)?.is_some_and(|r| {
+                        r.state == record.state
+                            && r.worker_id == record.worker_id
+                            && r.updated_at_ms == record.updated_at_ms
+                    });
+                if state != Some(IdemState::Completed) {
                     store.put(key, record)?;
                 }
             }
             claims.remove(key);
-            if record.worker_id != worker_id && !replay {
+            if record.worker_id != worker_id && !replay && !known {
                 Ok(Applied::Foreign {
                     audit: audit.clone(),
                     at_ms: record.updated_at_ms,
@@ -259,6 +289,45 @@ mod tests {
             decision(apply(&s, c, &claim("c", "w3", 400), "me", false).unwrap()),
             Decision::Done(r) if r.conversation_id.as_deref() == Some("conv")
         ));
+    }
+
+    #[tokio::test]
+    async fn this_pods_claim_before_its_own_outcome_stays_until_the_outcome_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let mut rec = completed("me");
+        rec.updated_at_ms = 500;
+        s.put("k", &rec).unwrap();
+        let c = &mut Claims::default();
+        // A claim made after the outcome (the key asked again) is not kept.
+        apply(&s, c, &claim("late", "me", 600), "me", false).unwrap();
+        assert!(c.get("k").is_none());
+        // The claim that led to it is, until the outcome comes through the ledger.
+        apply(&s, c, &claim("a", "me", 100), "me", true).unwrap();
+        assert_eq!(c.get("k").map(|h| h.claim_id.as_str()), Some("a"));
+        let outcome = Record::Outcome {
+            key: "k".into(),
+            record: Box::new(rec),
+            audit: Box::default(),
+        };
+        apply(&s, c, &outcome, "me", false).unwrap();
+        assert!(c.get("k").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_outcome_told_again_adds_no_second_audit_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let c = &mut Claims::default();
+        let outcome = Record::Outcome {
+            key: "k".into(),
+            record: Box::new(completed("w2")),
+            audit: Box::default(),
+        };
+        let first = apply(&s, c, &outcome, "me", false).unwrap();
+        assert!(matches!(first, Applied::Foreign { .. }));
+        let again = apply(&s, c, &outcome, "me", false).unwrap();
+        assert_eq!(again, Applied::Other);
     }
 
     #[tokio::test]

@@ -54,6 +54,8 @@ pub struct Fleet {
     worker_id: String,
     waiters: Mutex<HashMap<String, oneshot::Sender<Decision>>>,
     caught_up: watch::Sender<bool>,
+    /// The live claims as the reader has applied them (loaded and kept by [`reader`]).
+    claims: Mutex<claims::Claims>,
     /// Records on their way to the ledger; one task publishes them in batches.
     appends: mpsc::UnboundedSender<Append>,
 }
@@ -156,7 +158,21 @@ impl Fleet {
             health,
             waiters: Mutex::new(HashMap::new()),
             caught_up,
+            claims: Mutex::new(claims::Claims::default()),
         })
+    }
+
+    /// Whether the fleet's view still has a claim of this pod's on `key`: no outcome of this
+    /// pod's for it reached the ledger (the pod stopped between its durable record and the
+    /// ledger's confirm, or the append failed).
+    pub fn unheard(&self, key: &str) -> bool {
+        self.claims_lock()
+            .get(key)
+            .is_some_and(|c| c.worker_id == self.worker_id)
+    }
+
+    fn claims_lock(&self) -> std::sync::MutexGuard<'_, claims::Claims> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Run the ledger reader until shutdown.

@@ -32,8 +32,6 @@ const PREFETCH: u16 = 200;
 
 struct Reader {
     fleet: Arc<Fleet>,
-    /// The live claims and the offset they reflect.
-    claims: Mutex<Claims>,
     /// The store's ledger offset at start: records up to it are already in the store.
     stored: Option<u64>,
     saved_at: Mutex<Instant>,
@@ -69,9 +67,9 @@ pub async fn run(
         store_offset = stored,
         "fleet claims loaded"
     );
+    *fleet.claims_lock() = claims;
     let reader = Arc::new(Reader {
         fleet,
-        claims: Mutex::new(claims),
         stored,
         saved_at: Mutex::new(Instant::now()),
         mark: Mutex::new(None),
@@ -224,8 +222,9 @@ impl Reader {
         }
     }
 
+    /// The live claims (the fleet's, so the worker can ask them) and the offset they reflect.
     fn claims(&self) -> MutexGuard<'_, Claims> {
-        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+        self.fleet.claims_lock()
     }
 }
 

@@ -7,7 +7,7 @@ use super::outcome::Outcome;
 use crate::fleet::apply::Decision;
 use crate::fleet::{Fleet, FleetError};
 use crate::request::ValidRequest;
-use crate::store::{Claim, IdemState, Store, StoreError};
+use crate::store::{AuditEntry, Claim, IdemRecord, IdemState, Store, StoreError};
 use lapin::Channel;
 
 /// Take the key for this job. On `Proceed`, `job.attempts` covers every earlier attempt.
@@ -41,7 +41,16 @@ pub async fn claim_key(
     valid: &ValidRequest,
     worker_id: &str,
 ) -> Result<Claimed, ClaimError> {
-    match claim(store, job, valid, worker_id)? {
+    let claimed = claim(store, job, valid, worker_id)?;
+    if let Claim::Completed(rec) = &claimed {
+        if rec.worker_id == worker_id && fleet.unheard(&job.key) {
+            // This pod recorded the outcome, but the fleet never heard it: tell it now, or
+            // another pod would call again once this pod's claim lapses.
+            tracing::warn!(state = ?rec.state, "the fleet ledger never had this key's outcome (the pod stopped first); telling it now");
+            fleet.outcome(ch, &job.key, rec, &retold(job, rec)).await?;
+        }
+    }
+    match claimed {
         // An `unknown` key may have been cleared by an operator (`dlq replay --force`) in a
         // ledger record this pod has not applied yet: the fleet claim below decides.
         Claim::Completed(rec) if rec.state != IdemState::Unknown => {
@@ -63,6 +72,31 @@ pub async fn claim_key(
         Decision::Done(rec) => Claimed::Decided(Box::new(Outcome::Replayed(*rec))),
         Decision::Busy(holder) => Claimed::Decided(Box::new(Outcome::Parked(holder))),
     })
+}
+
+/// The audit entry that goes with an outcome told again: what the record holds, dated when
+/// the outcome was made.
+fn retold(job: &Job, rec: &IdemRecord) -> AuditEntry {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(rec.updated_at_ms);
+    AuditEntry {
+        timestamp: humantime::format_rfc3339_millis(at).to_string(),
+        event_type: "session_init".into(),
+        idempotency_key: Some(job.key.clone()),
+        visitor_id: Some(job.visitor_id.clone()).filter(|v| !v.is_empty()),
+        queue_id: Some(job.queue_id.clone()).filter(|v| !v.is_empty()),
+        bot_score: job.bot_score,
+        outcome: match rec.state {
+            IdemState::Completed => "started".into(),
+            _ => "outcome_unknown".into(),
+        },
+        conversation_id: rec.conversation_id.clone(),
+        attempts: Some(rec.attempts),
+        worker_id: rec.worker_id.clone(),
+        detail: Some(
+            "told to the fleet ledger again: the pod stopped before the ledger had it".into(),
+        ),
+        ..Default::default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -387,6 +387,7 @@ fn main() {
             // The build before the fleet ledger, if `make bench` built it: same rounds, same run.
             let before_bin = std::env::var("BENCH_BEFORE_BIN").ok().filter(|p| std::path::Path::new(p).exists());
             let mut befores = Vec::new();
+            let mut before_rows = Vec::new();
             let (mut steady_now, mut steady_before) = (Vec::new(), Vec::new());
             for round in 1..=rounds {
                 let env = TestEnv::new(Faults::default(), |s| {
@@ -415,10 +416,17 @@ fn main() {
                     for q in [&before_env.settings.amqp.dead_letter_queue, &before_env.settings.amqp.webhook_dead_letter_queue] {
                         let _ = before_env.ch.queue_delete(q.as_str().into(), Default::default()).await;
                     }
-                    let (before, _, _) = end_to_end_with(&before_env, &bodies, Some(bin)).await;
+                    let (before, _, before_cpu) = end_to_end_with(&before_env, &bodies, Some(bin)).await;
                     steady_before.push(STEADY.with(|s| s.get()));
                     eprintln!("  round {round}: before the ledger {before:.0} msg/s");
                     befores.push(before);
+                    before_rows.push(format!(
+                        "| {round} | {before:.0} msg/s | {:.0} msg/s | {} | {} | {} |",
+                        steady_before.last().copied().unwrap_or(0.0),
+                        per_msg_us(before_cpu.broker, n),
+                        per_msg_us(before_cpu.worker, n),
+                        per_msg_us(before_cpu.here, n),
+                    ));
                 }
                 eprintln!("  round {round}: baseline {baseline:.0} msg/s, end to end {e2e:.0} msg/s ({:.2})", e2e / baseline);
                 cpu_rows.push(format!(
@@ -451,6 +459,14 @@ fn main() {
             notes.push("| round | baseline | end to end, from start | end to end, steady | ratio (from start) | broker, baseline | broker, end to end | consumer, baseline | worker, end to end | simulator, end to end |".into());
             notes.push("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
             notes.extend(cpu_rows);
+            if !before_rows.is_empty() {
+                notes.push(String::new());
+                notes.push("The build before the ledger, same rounds:".into());
+                notes.push(String::new());
+                notes.push("| round | from start | steady | broker | worker | simulator |".into());
+                notes.push("|---:|---:|---:|---:|---:|---:|".into());
+                notes.extend(before_rows);
+            }
             eprintln!("  end to end done");
         }
         if run("latency") {

@@ -85,6 +85,58 @@ pub fn micros(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// `audit tail --follow`: which time window to read on each poll, and which of the entries
+/// read are new. Entries learned from the fleet ledger are stored under their outcome's time,
+/// a little before this pod learned them, so each poll looks back up to [`Follow::LAG`]
+/// (never before the follow began) and leaves out what it printed already.
+pub struct Follow {
+    began: u64,
+    since: u64,
+    printed: std::collections::HashSet<String>,
+    /// Printed entries by the poll that printed them, oldest first (to forget them).
+    printed_at: std::collections::VecDeque<(u64, String)>,
+}
+
+impl Follow {
+    /// How far back each poll looks, in µs.
+    pub const LAG: u64 = 10_000_000;
+
+    pub fn new(began_us: u64) -> Self {
+        Self {
+            began: began_us,
+            since: began_us,
+            printed: Default::default(),
+            printed_at: Default::default(),
+        }
+    }
+
+    /// The window `[since, until)` to read at `now_us`.
+    pub fn window(&self, now_us: u64) -> (u64, u64) {
+        (self.since.saturating_sub(Self::LAG).max(self.began), now_us)
+    }
+
+    /// The entries of the window read at `now_us` not printed before; the next window starts
+    /// from `now_us`.
+    pub fn fresh(&mut self, entries: Vec<AuditEntry>, now_us: u64) -> Vec<AuditEntry> {
+        let (from, _) = self.window(now_us);
+        while self.printed_at.front().is_some_and(|(at, _)| *at < from) {
+            if let Some((_, id)) = self.printed_at.pop_front() {
+                self.printed.remove(&id);
+            }
+        }
+        let mut fresh = Vec::new();
+        for e in entries {
+            let id = serde_json::to_string(&e).unwrap_or_default();
+            if self.printed.insert(id.clone()) {
+                self.printed_at.push_back((now_us, id));
+                fresh.push(e);
+            }
+        }
+        self.since = now_us;
+        fresh
+    }
+}
+
 /// Counts by event type and outcome, and latency percentiles of session creations.
 #[derive(Debug, Default, PartialEq)]
 pub struct Stats {
@@ -160,6 +212,33 @@ mod tests {
             latency_ms: latency,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn follow_prints_a_late_learned_entry_once_and_nothing_from_before_it_began() {
+        let entry = |k: &str| AuditEntry {
+            idempotency_key: Some(k.into()),
+            outcome: "started".into(),
+            ..Default::default()
+        };
+        let began = 100_000_000;
+        let mut f = Follow::new(began);
+        assert_eq!(f.window(began + 1_000_000), (began, began + 1_000_000));
+        assert_eq!(f.fresh(vec![entry("a")], began + 1_000_000).len(), 1);
+        // Next poll: the window reaches back (not before the start); "b" was stored under
+        // an earlier time, learned from the ledger after the last poll.
+        let now = began + 2_000_000;
+        assert_eq!(f.window(now), (began, now));
+        let fresh = f.fresh(vec![entry("a"), entry("b")], now);
+        assert_eq!(fresh, vec![entry("b")]);
+        // Long after, the window no longer reaches them and they are forgotten.
+        let later = began + 60_000_000;
+        assert_eq!(f.window(later).0, began, "never before the follow began");
+        assert_eq!(f.fresh(vec![entry("c")], later), vec![entry("c")]);
+        let last = later + 1_000_000;
+        assert_eq!(f.window(last).0, later - Follow::LAG);
+        assert!(f.fresh(vec![], last).is_empty());
+        assert_eq!(f.printed.len(), 1, "only c is within the window");
     }
 
     #[test]

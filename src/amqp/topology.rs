@@ -85,17 +85,28 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
 }
 
 fn mismatch_hint(kind: &str, name: &str, e: lapin::Error) -> AmqpError {
-    let msg = e.to_string();
-    let hint = if msg.contains("PRECONDITION_FAILED") || msg.contains("inequivalent") {
-        format!(
-            "; {kind} {name} already exists with other settings (e.g. amqp.queue_type changed). Drain and delete it, or keep the old settings"
-        )
+    declare_error(kind, name, e.to_string())
+}
+
+/// A declare the broker refused. Fatal (an operator has to act; reconnecting cannot help)
+/// when the object exists with other settings or the user may not declare it; anything else
+/// — right after a broker restart, say, a queue whose home node "is down or inaccessible"
+/// until the broker has started it — is an operation to retry.
+fn declare_error(kind: &str, name: &str, msg: String) -> AmqpError {
+    if msg.contains("PRECONDITION_FAILED") || msg.contains("inequivalent") {
+        AmqpError::Declare {
+            object: format!("{kind} {name}"),
+            message: format!(
+                "{msg}; {kind} {name} already exists with other settings (e.g. amqp.queue_type changed). Drain and delete it, or keep the old settings"
+            ),
+        }
+    } else if msg.contains("ACCESS_REFUSED") {
+        AmqpError::Declare {
+            object: format!("{kind} {name}"),
+            message: msg,
+        }
     } else {
-        String::new()
-    };
-    AmqpError::Declare {
-        object: format!("{kind} {name}"),
-        message: format!("{msg}{hint}"),
+        AmqpError::op(format!("declare {kind} {name}"), msg)
     }
 }
 
@@ -406,6 +417,29 @@ pub fn exchange_names(s: &AmqpSettings) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::config::Settings;
+
+    #[test]
+    fn only_a_declare_an_operator_must_fix_is_fatal() {
+        let other = declare_error(
+            "queue",
+            "q",
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type'".into(),
+        );
+        assert!(other.is_fatal());
+        let refused = declare_error(
+            "queue",
+            "q",
+            "ACCESS_REFUSED - access to queue 'q' refused".into(),
+        );
+        assert!(refused.is_fatal());
+        // Right after a broker restart, before the broker has started the queue.
+        let starting = declare_error(
+            "queue",
+            "q",
+            "NOT_FOUND - home node 'rabbit@localhost' of durable queue 'q' in vhost '/' is down or inaccessible".into(),
+        );
+        assert!(!starting.is_fatal(), "{starting}");
+    }
 
     #[test]
     fn retry_queue_names_are_readable() {

@@ -562,18 +562,20 @@ pub async fn audit_command(settings: &Settings, action: AuditAction) -> i32 {
             if !follow {
                 return EXIT_OK;
             }
-            let mut since = audit::micros(std::time::SystemTime::now());
+            let mut following = audit::Follow::new(audit::micros(std::time::SystemTime::now()));
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = audit::micros(std::time::SystemTime::now());
-                match access
+                let (since_us, until_us) = following.window(now);
+                let fresh = access
                     .query(&AuditQuery {
-                        since_us: Some(since),
-                        until_us: Some(now),
+                        since_us: Some(since_us),
+                        until_us: Some(until_us),
                         ..Default::default()
                     })
                     .await
-                {
+                    .map(|entries| following.fresh(entries, now));
+                match fresh {
                     Ok(entries) if format.json => print_jsonl(&entries),
                     Ok(entries) => {
                         // Following: one line per entry, no header after the first screen.
@@ -584,7 +586,6 @@ pub async fn audit_command(settings: &Settings, action: AuditAction) -> i32 {
                     }
                     Err(e) => return fail(e),
                 }
-                since = now;
             }
         }
         AuditAction::Show { key, format } => match access

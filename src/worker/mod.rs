@@ -146,7 +146,7 @@ impl Worker {
             requests_per_minute = s.rate_limit.requests_per_minute,
             "session worker starting"
         );
-        let mut shutdown: Shutdown = shutdown.into();
+        let shutdown: Shutdown = shutdown.into();
         let _ = self.shutdown.set(shutdown.clone());
         let pruner = tokio::spawn(prune_loop(self.store.clone(), s.store.audit_retention));
         let store_watch = tokio::spawn(pause_on_store_failure(
@@ -159,16 +159,39 @@ impl Worker {
         // I/O thread instead of three.
         let link = SharedConnection::new(&s.amqp, format!("session-worker {}", self.worker_id));
         let (stop_reader, reader_shutdown) = Shutdown::new();
-        let reader = tokio::spawn(
-            self.fleet
-                .clone()
-                .run_reader(reader_shutdown.clone(), Some(link.clone())),
-        );
+        let (reader_failed, reader_down) = tokio::sync::oneshot::channel::<()>();
+        let reader = tokio::spawn({
+            let (fleet, until, link) = (self.fleet.clone(), reader_shutdown.clone(), link.clone());
+            async move {
+                let read = fleet.run_reader(until, Some(link)).await;
+                if let Err(e) = &read {
+                    tracing::error!(error = %e, "the fleet ledger reader stopped for good: the worker stops too (no claim can be decided without it)");
+                    let _ = reader_failed.send(());
+                }
+                read
+            }
+        });
+        // The consumer stops on shutdown, or once the reader is gone for good: the process then
+        // exits with the reader's error and is restarted, instead of staying not ready.
+        let (stop_consumer, mut shutdown_or_reader) = Shutdown::new();
+        let mut outer = shutdown.clone();
+        tokio::spawn(async move {
+            let failed = async {
+                if reader_down.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                _ = outer.requested() => {}
+                _ = failed => {}
+            }
+            stop_consumer.fire();
+        });
         let budget = tokio::spawn(self.budget.clone().run(reader_shutdown, Some(link.clone())));
         tracing::info!(
             "catching up with the fleet ledger and hearing the other pods before taking deliveries"
         );
-        let mut listening = shutdown.clone();
+        let mut listening = shutdown_or_reader.clone();
         let heard = self.budget.clone();
         let warm = async move {
             tokio::select! {
@@ -176,7 +199,7 @@ impl Worker {
                 _ = listening.requested() => false,
             }
         };
-        let (caught_up, warm) = tokio::join!(self.fleet.caught_up(&mut shutdown), warm);
+        let (caught_up, warm) = tokio::join!(self.fleet.caught_up(&mut shutdown_or_reader), warm);
         let caught_up = caught_up && warm;
         let opts = ShellOptions {
             name: format!("session-worker {}", self.worker_id),
@@ -188,7 +211,14 @@ impl Worker {
             link: Some(link.clone()),
         };
         let result = if caught_up {
-            shell::run(&s.amqp, &opts, self.clone(), &self.health, shutdown).await
+            shell::run(
+                &s.amqp,
+                &opts,
+                self.clone(),
+                &self.health,
+                shutdown_or_reader,
+            )
+            .await
         } else {
             Ok(())
         };

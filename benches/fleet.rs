@@ -278,7 +278,12 @@ fn main() {
         if run("fleet-rate") {
             let window = Duration::from_secs(env_or("BENCH_FLEET_WINDOW_SECS", 55));
             let budget: u32 = env_or("BENCH_FLEET_BUDGET", 600);
-            for pods in 1..=3 {
+            let counts: Vec<usize> = std::env::var("BENCH_FLEET_PODS")
+                .unwrap_or_else(|_| "1,2,3".into())
+                .split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect();
+            for pods in counts {
                 eprintln!("fleet rate: {pods} pod(s), budget {budget}/min, {} s", window.as_secs());
                 let (achieved, per_sec, r429) = fleet_rate(pods, budget, window).await;
                 let goal = if pods == 1 { "≥ 0.98, 0 × 429" } else { "≥ 0.95, 0 × 429" };

@@ -61,6 +61,8 @@ pub struct Budget {
     allowed: AtomicU64,
     /// Set once this pod's hello is out.
     greeted: watch::Sender<bool>,
+    /// Since when this pod hears heartbeats (`None` while disconnected).
+    hearing_since: Mutex<Option<Instant>>,
 }
 
 impl Budget {
@@ -76,6 +78,7 @@ impl Budget {
             publish: Mutex::new(None),
             allowed: AtomicU64::new(0),
             greeted: watch::channel(false).0,
+            hearing_since: Mutex::new(None),
         })
     }
 
@@ -126,11 +129,15 @@ impl Budget {
         }
     }
 
-    /// The pods heard from lately, this one included.
+    /// The pods heard from lately, this one included. A pod is forgotten only once this one
+    /// has been listening [`PEER_EXPIRY`] without hearing it: while this pod's own connection
+    /// is down it hears nobody, and taking the whole budget then (its calls in flight go on)
+    /// would overspend the fleet's.
     pub fn live_pods(&self) -> usize {
+        let hearing = *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner());
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.insert(self.instance.clone(), Instant::now());
-        peers.retain(|_, seen| seen.elapsed() < PEER_EXPIRY);
+        peers.retain(|_, seen| !expired(*seen, hearing));
         peers.len()
     }
 
@@ -200,6 +207,15 @@ impl Budget {
             "{}.{}.{}",
             self.fleet.settings.amqp.fleet_exchange, self.fleet.worker_id, self.instance
         )
+    }
+}
+
+/// Whether a pod last heard at `seen` no longer counts, for a listener hearing since
+/// `hearing` (`None`: not connected, so silence proves nothing).
+fn expired(seen: Instant, hearing: Option<Instant>) -> bool {
+    match hearing {
+        Some(since) => seen.elapsed() >= PEER_EXPIRY && since.elapsed() >= PEER_EXPIRY,
+        None => false,
     }
 }
 
@@ -282,6 +298,7 @@ impl Pipeline for Budget {
             .await
             .map_err(|e| AmqpError::op(format!("bind {queue}"), e))?;
         *self.publish.lock().unwrap_or_else(|p| p.into_inner()) = Some(publish.clone());
+        *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         // Say hello at once: the others count this pod and answer, so it knows them before
         // it starts consuming.
         if self.send(Say::Hello).await {
@@ -292,12 +309,27 @@ impl Pipeline for Budget {
 
     fn disconnected(&self) {
         *self.publish.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_is_forgotten_only_after_being_unheard_while_this_one_listens() {
+        let now = Instant::now();
+        let Some(long_ago) = now.checked_sub(PEER_EXPIRY * 2) else {
+            return;
+        };
+        // Listening all along: silence for the expiry means gone.
+        assert!(expired(long_ago, Some(long_ago)));
+        assert!(!expired(now, Some(long_ago)));
+        // Disconnected, or reconnected just now: silence proves nothing yet.
+        assert!(!expired(long_ago, None));
+        assert!(!expired(long_ago, Some(now)));
+    }
 
     #[test]
     fn the_budget_is_shared_among_live_pods_and_capped_by_genesys() {

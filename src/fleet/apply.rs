@@ -67,7 +67,14 @@ pub fn apply(
             at_ms,
             lease_ms,
         } => {
-            let (claim_id, at_ms, lease_ms) = (claim_id.clone(), *at_ms, *lease_ms);
+            let (claim_id, at_ms) = (claim_id.clone(), *at_ms);
+            let this_claim = || FleetClaim {
+                claim_id: claim_id.clone(),
+                worker_id: claimer.clone(),
+                fingerprint: fingerprint.clone(),
+                at_ms,
+                lease_ms: *lease_ms,
+            };
             if store.state_of(key)?.is_some_and(IdemState::is_final) {
                 if let Some(rec) = store.get(key)? {
                     if *claimer == worker_id
@@ -78,16 +85,7 @@ pub fn apply(
                         // restart: it stays in the view until the outcome follows in the
                         // ledger, so the pod can tell whether the fleet ever heard it
                         // (`Fleet::unheard`).
-                        claims.insert(
-                            key,
-                            FleetClaim {
-                                claim_id: claim_id.clone(),
-                                worker_id: claimer.clone(),
-                                fingerprint: fingerprint.clone(),
-                                at_ms,
-                                lease_ms,
-                            },
-                        );
+                        claims.insert(key, this_claim());
                     }
                     return Ok(Applied::Claim {
                         claim_id,
@@ -106,16 +104,7 @@ pub fn apply(
                     });
                 }
             }
-            claims.insert(
-                key,
-                FleetClaim {
-                    claim_id: claim_id.clone(),
-                    worker_id: claimer.clone(),
-                    fingerprint: fingerprint.clone(),
-                    at_ms,
-                    lease_ms,
-                },
-            );
+            claims.insert(key, this_claim());
             Ok(Applied::Claim {
                 claim_id,
                 decision: Decision::Won,

@@ -383,24 +383,15 @@ impl TestEnv {
 
     /// Messages in a queue (ready, not unacked).
     pub async fn queue_len(&self, queue: &str) -> u32 {
-        let ch = self.conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue exists");
-        let _ = ch.close(200, "".into()).await;
-        q.message_count()
+        self.passive_declare(queue).await.message_count()
     }
 
     /// How many consumers `queue` has.
     pub async fn consumer_count(&self, queue: &str) -> u32 {
+        self.passive_declare(queue).await.consumer_count()
+    }
+
+    async fn passive_declare(&self, queue: &str) -> lapin::Queue {
         let ch = self.conn.create_channel().await.expect("channel");
         let q = ch
             .queue_declare(
@@ -414,7 +405,7 @@ impl TestEnv {
             .await
             .expect("queue exists");
         let _ = ch.close(200, "".into()).await;
-        q.consumer_count()
+        q
     }
 
     /// Wait until an async condition holds, at most `timeout`.

@@ -6,8 +6,9 @@
 //! the pods heard within [`PEER_EXPIRY`] (itself included) and sets its limiter to
 //! `budget ÷ live pods`; a pod that shuts down says so and its share returns at once, a pod that
 //! dies is forgotten after [`PEER_EXPIRY`]. A starting pod says hello and every live pod
-//! answers at once, so it knows its share after [`ANSWER_WAIT`] instead of a few heartbeats. The share is also never above what Genesys Cloud
-//! says this pod's token may use (`inin-ratelimit-allowed`).
+//! answers at once, so it knows its share after [`ANSWER_WAIT`] instead of a few heartbeats.
+//! The share is also never above what Genesys Cloud says this pod's token may use
+//! (`inin-ratelimit-allowed`).
 
 use super::Fleet;
 use crate::amqp::consumer::Settle;
@@ -267,7 +268,9 @@ impl Pipeline for Budget {
                 self.apply();
             }
             if stranger {
-                self.send(Say::Alive).await;
+                // Not awaited here: a broker slow to confirm must not stop this pod hearing.
+                let me = self.clone();
+                tokio::spawn(async move { me.send(Say::Alive).await });
             }
         }
         Ok(Settle::Ack)

@@ -69,6 +69,14 @@ impl Store {
         index: usize,
     ) -> Result<(), StoreError> {
         let seq = FOREIGN | (offset << 16) | (index as u64 & 0xffff);
+        // A time more than a day ahead is not a clock's skew but a broken record: it would
+        // never be pruned, so it is filed under now.
+        let now = super::now_ms();
+        let at_ms = if at_ms > now.saturating_add(86_400_000) {
+            now
+        } else {
+            at_ms
+        };
         self.insert_audit(entry, at_ms.saturating_mul(1000), Some(seq))
     }
 
@@ -168,10 +176,24 @@ mod tests {
         // The same ledger records again (a restart before the offset was saved).
         s.put_foreign_audit(&entry("a"), then, 41, 0).unwrap();
         s.put_foreign_audit(&entry("b"), then, 41, 1).unwrap();
+        // A time far ahead (a broken record) is filed under now, so retention prunes it.
+        s.put_foreign_audit(&entry("future"), u64::MAX, 42, 0)
+            .unwrap();
         let keys: Vec<_> = s
             .audit_all()
             .map(|e| e.unwrap().idempotency_key.unwrap())
             .collect();
-        assert_eq!(keys, ["a", "b", "local"]);
+        // "future" is filed under the current millisecond, "local" under its microsecond.
+        let (older, recent) = keys.split_at(2);
+        assert_eq!(older, ["a", "b"]);
+        let mut recent = recent.to_vec();
+        recent.sort();
+        assert_eq!(recent, ["future", "local"]);
+        let within_a_second = (super::super::now_ms() + 1_000) * 1_000;
+        assert_eq!(
+            s.audit_range(0, within_a_second).count(),
+            4,
+            "nothing filed in the future, where retention would never reach it"
+        );
     }
 }

@@ -219,6 +219,9 @@ async fn end_to_end_with(
         .unwrap_or(rate);
     STEADY.with(|s| s.set(steady));
     let cpu = cpu.stop(child.as_ref().map(|c| c.id()));
+    if child.is_some() && binary == Some(env!("CARGO_BIN_EXE_session-worker")) {
+        ledger_figures(&env.settings.http.listen).await;
+    }
     if let Some(child) = child.as_mut() {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -229,6 +232,40 @@ async fn end_to_end_with(
         worker.stop().await;
     }
     (rate, env.sim.sim.stats().duplicate_sessions, cpu)
+}
+
+/// Print what the worker's metrics say of its ledger: records per ledger message, and how
+/// long a claim took to be decided and an append to be confirmed (means over the run).
+async fn ledger_figures(listen: &str) {
+    let Ok(resp) = reqwest::get(format!("http://{listen}/metrics")).await else {
+        return;
+    };
+    let Ok(text) = resp.text().await else { return };
+    let value = |name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|n| n.ends_with(name))
+            })
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    let mean = |name: &str| -> Option<f64> {
+        let count = value(&format!("{name}_count"))?;
+        (count > 0.0).then(|| value(&format!("{name}_sum")).unwrap_or(0.0) / count)
+    };
+    let (Some(per_msg), Some(msgs)) = (
+        mean("ledger_batch_records"),
+        value("ledger_batch_records_count"),
+    ) else {
+        return;
+    };
+    eprintln!(
+        "    ledger: {msgs:.0} messages, {per_msg:.1} records each; claim decided in {:.2} ms, append confirmed in {:.2} ms (means)",
+        mean("ledger_claim_seconds").unwrap_or(0.0) * 1e3,
+        mean("ledger_append_seconds").unwrap_or(0.0) * 1e3,
+    );
 }
 
 /// Latency-bound: the simulator answers after `latency`; ideal throughput = concurrency / latency.
@@ -395,6 +432,8 @@ fn main() {
                     s.amqp.prefetch = (concurrency * 2) as u16;
                     s.rate_limit.requests_per_minute = 100_000_000;
                     s.rate_limit.burst = 100_000;
+                    // A known port, to read the worker's ledger metrics at the end.
+                    s.http.listen = format!("127.0.0.1:{}", common::free_port());
                 })
                 .await;
                 let (baseline, base_cpu) =

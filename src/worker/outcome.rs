@@ -3,7 +3,8 @@
 //!
 //! 1. the idempotency record and the audit entry are written to sled;
 //! 2. the store is made durable (group commit);
-//! 3. the result event is published with confirm;
+//! 3. the result event is published with confirm (while the fleet ledger is told the
+//!    outcome, when this delivery holds a fleet claim; the ack waits for both);
 //! 4. the delivery is routed: dead-lettered, sent to a delayed-retry queue, or nothing;
 //! 5. the outcome is logged and counted (`internal_events`), once;
 //! 6. the verdict goes back to the consume loop, which acks or requeues.
@@ -151,7 +152,19 @@ impl Recorder {
             }
         };
         let to_write = record.as_ref();
-        let (mut written, told) = tokio::join!(self.write(job, valid, &plan, to_write), tell);
+        // 3 (while the fleet is told): once the outcome is durable, its event may leave. The
+        // ack still waits for both; the claim and the outcome are the ledger's two round trips
+        // per request, and this one no longer adds to a request's time in hand.
+        let telling = job.held.is_some() && record.is_some() && plan.audit.is_some();
+        let write_then_publish = async {
+            let written = self.write(job, valid, &plan, to_write).await;
+            let published = match (&written, &plan.event) {
+                (Ok(()), Some(event)) if telling => Some(self.publish_event(ch, event).await),
+                _ => None,
+            };
+            (written, published)
+        };
+        let ((mut written, published), told) = tokio::join!(write_then_publish, tell);
         let mut told_fleet = match told {
             Some(Ok(())) => true,
             Some(Err(fe)) if written.is_ok() => return Err(fe.into()),
@@ -221,9 +234,11 @@ impl Recorder {
                 _ => self.fleet.release(ch, &job.key, claim).await?,
             }
         }
-        // 3. Publish the result event.
-        if let Some(event) = &plan.event {
-            self.publish_event(ch, event).await?;
+        // 3. Publish the result event (unless it left while the fleet was told).
+        match (published, &plan.event) {
+            (Some(sent), _) => sent?,
+            (None, Some(event)) => self.publish_event(ch, event).await?,
+            (None, None) => {}
         }
         // 4. Route, 5. tell.
         let settle = match plan.route {

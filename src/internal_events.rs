@@ -231,3 +231,23 @@ pub fn session_deferred(error: &dyn std::fmt::Display) {
     tracing::warn!(error = %error, "store failing before the call: delivery put back on the queue, no call made");
     metrics().outcome("requeued_store");
 }
+
+/// None of this pod's heartbeats reached the broker lately (or none yet): the other pods will
+/// count it gone and take its share, so its calls wait until they hear it again.
+pub fn budget_held(silent_for: Option<Duration>) {
+    if let Some(silent) = silent_for {
+        tracing::warn!(
+            silent_for_ms = silent.as_millis() as u64,
+            "no heartbeat of this pod reached the broker lately: the other pods will count it gone and take its share, so it holds its calls until they hear it again"
+        );
+    }
+    metrics().rate_limit_held.set(1);
+}
+
+/// The other pods hear this one (again): its calls go on.
+pub fn budget_heard() {
+    if metrics().rate_limit_held.get() != 0 {
+        tracing::info!("the other pods hear this pod: its calls go on");
+    }
+    metrics().rate_limit_held.set(0);
+}

@@ -22,6 +22,9 @@ pub struct Limiter {
     paused_until: Mutex<Option<Instant>>,
     /// Spread of the jitter applied to tasks resuming after a pause.
     resume_jitter: Mutex<Duration>,
+    /// Set while the other pods cannot hear this one ([`crate::fleet::budget`]): they will
+    /// count it gone and take its share, so it hands out no token until it is heard again.
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 fn bucket(requests_per_minute: u32, burst: u32) -> (Arc<Bucket>, Duration) {
@@ -44,7 +47,19 @@ impl Limiter {
             bucket: RwLock::new((b, (requests_per_minute, burst))),
             paused_until: Mutex::new(None),
             resume_jitter: Mutex::new(jitter),
+            held: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Hold every token (or release the hold); whether this changed anything.
+    pub fn hold(&self, held: bool) -> bool {
+        self.held
+            .send_if_modified(|h| std::mem::replace(h, held) != held)
+    }
+
+    /// Whether tokens are held.
+    pub fn is_held(&self) -> bool {
+        *self.held.borrow()
     }
 
     /// Change the rate. A new bucket starts with only one token, so a change never lets a
@@ -101,6 +116,11 @@ impl Limiter {
         let started = Instant::now();
         let mut resumed = false;
         loop {
+            if self.is_held() {
+                let mut released = self.held.subscribe();
+                let _ = released.wait_for(|h| !*h).await;
+                continue;
+            }
             if let Some(until) = self.pause_deadline() {
                 tokio::time::sleep_until(until).await;
                 resumed = true;
@@ -113,8 +133,8 @@ impl Limiter {
             } else {
                 bucket.until_ready().await;
             }
-            // A 429 may have arrived while this task waited for its token.
-            if self.pause_deadline().is_none() {
+            // A 429 (or a hold) may have arrived while this task waited for its token.
+            if self.pause_deadline().is_none() && !self.is_held() {
                 return started.elapsed();
             }
         }
@@ -124,6 +144,24 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_held_limiter_hands_out_no_token_until_released() {
+        let l = Arc::new(Limiter::new(60_000, 10));
+        assert!(l.hold(true));
+        assert!(!l.hold(true), "holding twice changes nothing");
+        let waiting = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a token was handed out while held");
+        assert!(l.hold(false));
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("released: the token comes")
+            .expect("task");
+    }
 
     #[tokio::test]
     async fn burst_then_the_bucket_is_empty() {

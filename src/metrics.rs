@@ -56,6 +56,7 @@ pub struct Metrics {
     /// Pods heard from lately (this one included), and this pod's share of the rate budget.
     pub fleet_live_pods: Gauge,
     pub rate_limit_share: Gauge,
+    pub rate_limit_held: Gauge,
     /// Calls sent without a usable answer (SPEC §5), and those re-sent by opt-in.
     pub unknown_outcomes: Counter,
     pub unknown_outcome_resends: Counter,
@@ -94,6 +95,7 @@ impl Metrics {
             ledger_skipped: Counter::default(),
             fleet_live_pods: Gauge::default(),
             rate_limit_share: Gauge::default(),
+            rate_limit_held: Gauge::default(),
             unknown_outcomes: Counter::default(),
             unknown_outcome_resends: Counter::default(),
             store_failures: Counter::default(),
@@ -198,6 +200,11 @@ impl Metrics {
             "rate_limit_share_per_minute",
             "This pod's share of rate_limit.requests_per_minute",
             m.rate_limit_share.clone(),
+        );
+        registry.register(
+            "rate_limit_held",
+            "1 while this pod holds its calls because the other pods cannot hear it (no heartbeat reached the broker lately, or none yet)",
+            m.rate_limit_held.clone(),
         );
         registry.register(
             "unknown_outcomes",

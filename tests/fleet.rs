@@ -238,6 +238,67 @@ async fn a_starting_pod_hears_the_running_pods_before_it_takes_a_delivery() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_whose_heartbeats_are_refused_connect_again_and_keep_sharing_the_budget() {
+    let env = TestEnv::new(Faults::default(), |s| {
+        s.rate_limit.requests_per_minute = 600;
+        s.rate_limit.burst = 30;
+    })
+    .await;
+    let wait = Duration::from_secs(30);
+    let mut pods: Vec<Pod> = ["mute0", "mute1"]
+        .iter()
+        .map(|n| Pod::new(&env, n))
+        .collect();
+    for p in &mut pods {
+        p.start();
+    }
+    for p in &pods {
+        assert!(p.ready_within(wait).await.is_some(), "the pod gets ready");
+        assert_eq!(
+            p.metric_becomes("fleet_live_pods", 2.0, wait).await,
+            Some(2.0)
+        );
+        assert_eq!(
+            p.metric("rate_limit_held").await,
+            Some(0.0),
+            "heard: it spends"
+        );
+    }
+    // Both consume (the consumer declares the topology as it connects, the exchange too).
+    let queue = env.settings.amqp.inbound_queue.clone();
+    assert!(
+        env.wait_for_async(wait, || async { env.consumer_count(&queue).await == 2 })
+            .await
+    );
+    // The fleet exchange disappears: the broker closes each pod's channel at its next
+    // heartbeat. Each connects again (declaring the exchange and binding its queue anew) and
+    // is heard again before the other forgets it, so neither takes the whole budget.
+    env.ch
+        .exchange_delete(
+            env.settings.amqp.fleet_exchange.as_str().into(),
+            Default::default(),
+        )
+        .await
+        .expect("delete the fleet exchange");
+    tokio::time::sleep(session_worker::fleet::budget::PEER_EXPIRY + Duration::from_secs(3)).await;
+    for p in &pods {
+        assert_eq!(
+            p.metric("fleet_live_pods").await,
+            Some(2.0),
+            "still two pods"
+        );
+        assert_eq!(p.metric("rate_limit_share_per_minute").await, Some(300.0));
+        assert_eq!(p.metric("rate_limit_held").await, Some(0.0), "heard again");
+    }
+    env.publish(&request("after-the-exchange-came-back"), None)
+        .await;
+    assert_eq!(env.events(1, wait).await.len(), 1);
+    for p in &mut pods {
+        assert_eq!(p.stop(), Some(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_the_ledger_never_had_is_told_when_its_key_comes_again() {
     use session_worker::fleet::record::{Record, RECORD_TYPE};
     use session_worker::store::{IdemRecord, IdemState};

@@ -60,7 +60,8 @@ pub trait Pipeline: Send + Sync + 'static {
     fn disconnected(&self) {}
 
     /// A notification that stops consuming (in-flight work finishes, prefetched deliveries go
-    /// back to the queue) until [`Pipeline::resume`] returns.
+    /// back to the queue) until [`Pipeline::resume`] returns; or, if the publishing channel
+    /// was closed meanwhile, until the pipeline is connected again.
     fn interrupt(&self) -> Option<&Notify> {
         None
     }
@@ -284,6 +285,12 @@ async fn connected<P: Pipeline>(
                 return Ok(Next::Reconnect);
             }
             Ok(ConsumeEnd::Interrupted) => {
+                if !publish_ch.status().connected() {
+                    // The pipeline stopped because its publishing channel is gone (the broker
+                    // closed it over a refused publish): a new one comes with reconnecting.
+                    internal_events::broker_lost(&"the publishing channel was closed");
+                    return Ok(Next::Reconnect);
+                }
                 if !pipeline.resume(shutdown).await {
                     let _ = publish_ch.close(200, "shutdown".into()).await;
                     return Ok(Next::Stop);

@@ -9,6 +9,11 @@
 //! answers at once, so it knows its share after [`ANSWER_WAIT`] instead of a few heartbeats.
 //! The share is also never above what Genesys Cloud says this pod's token may use
 //! (`inin-ratelimit-allowed`).
+//!
+//! A pod spends only while the others can hear it: until its hello is out, and whenever none
+//! of its heartbeats reached the broker for [`MUTE_AFTER`] (its listener cannot reconnect, the
+//! broker does not confirm), its limiter holds every call — the others forget it after
+//! [`PEER_EXPIRY`] and take its share, and both spending it would overspend the budget.
 
 use super::Fleet;
 use crate::amqp::consumer::Settle;
@@ -39,6 +44,10 @@ pub const PEER_EXPIRY: Duration = Duration::from_secs(5);
 pub const ANSWER_WAIT: Duration = Duration::from_millis(200);
 /// The longest a starting pod listens (its hello could not be sent: the broker is slow).
 pub const WARM_UP: Duration = Duration::from_millis(2_500);
+/// A pod none of whose heartbeats the broker took for this long holds its calls: the others
+/// forget a pod unheard for [`PEER_EXPIRY`] and take its share, so it must stop spending
+/// first. It spends again once a heartbeat is out. A starting pod is held until its hello is.
+pub const MUTE_AFTER: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Heartbeat {
@@ -64,6 +73,10 @@ pub struct Budget {
     greeted: watch::Sender<bool>,
     /// Since when this pod hears heartbeats (`None` while disconnected).
     hearing_since: Mutex<Option<Instant>>,
+    /// When the broker last took one of this pod's heartbeats (`None`: never yet).
+    said_at: Mutex<Option<Instant>>,
+    /// Fired when the publishing channel is found closed: the listener connects again.
+    lost: tokio::sync::Notify,
 }
 
 impl Budget {
@@ -71,6 +84,9 @@ impl Budget {
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let mut peers = HashMap::new();
         peers.insert(instance.clone(), Instant::now());
+        // Nobody has heard this pod yet: no call until its hello is out.
+        limiter.hold(true);
+        crate::internal_events::budget_held(None);
         Arc::new(Self {
             fleet,
             limiter,
@@ -80,6 +96,8 @@ impl Budget {
             allowed: AtomicU64::new(0),
             greeted: watch::channel(false).0,
             hearing_since: Mutex::new(None),
+            said_at: Mutex::new(None),
+            lost: tokio::sync::Notify::new(),
         })
     }
 
@@ -172,7 +190,9 @@ impl Budget {
                 _ = tick.tick() => {}
                 _ = shutdown.requested() => return,
             }
-            self.send(Say::Alive).await;
+            // Bounded: a broker that never confirms must not stop the check below.
+            let _ = tokio::time::timeout(HEARTBEAT, self.send(Say::Alive)).await;
+            self.check_heard();
             self.apply();
         }
     }
@@ -195,11 +215,37 @@ impl Budget {
         let props = amqp::json_properties().with_delivery_mode(1);
         let exchange = &self.fleet.settings.amqp.fleet_exchange;
         match amqp::publish_confirmed(&ch, exchange, "", &body, props).await {
-            Ok(()) => true,
+            Ok(()) => {
+                if say != Say::Leaving {
+                    self.said();
+                }
+                true
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "heartbeat not sent");
+                if !ch.status().connected() {
+                    // The broker closed the channel (the fleet exchange is gone, say): connect
+                    // again, which declares the exchange and this pod's queue anew.
+                    self.lost.notify_one();
+                }
                 false
             }
+        }
+    }
+
+    /// The broker took a heartbeat of this pod's: the others hear it, so it may spend.
+    fn said(&self) {
+        *self.said_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        if self.limiter.hold(false) {
+            crate::internal_events::budget_heard();
+        }
+    }
+
+    /// Hold calls if no heartbeat of this pod's got out for [`MUTE_AFTER`].
+    fn check_heard(&self) {
+        let said = *self.said_at.lock().unwrap_or_else(|p| p.into_inner());
+        if muted(said) && self.limiter.hold(true) {
+            crate::internal_events::budget_held(said.map(|t| t.elapsed()));
         }
     }
 
@@ -218,6 +264,11 @@ fn expired(seen: Instant, hearing: Option<Instant>) -> bool {
         Some(since) => seen.elapsed() >= PEER_EXPIRY && since.elapsed() >= PEER_EXPIRY,
         None => false,
     }
+}
+
+/// Whether a pod whose last heartbeat got out at `said` (`None`: never) must hold its calls.
+fn muted(said: Option<Instant>) -> bool {
+    said.is_none_or(|t| t.elapsed() >= MUTE_AFTER)
 }
 
 /// What a heartbeat says.
@@ -276,6 +327,10 @@ impl Pipeline for Budget {
         Ok(Settle::Ack)
     }
 
+    fn interrupt(&self) -> Option<&tokio::sync::Notify> {
+        Some(&self.lost)
+    }
+
     async fn connected(&self, _conn: &Connection, publish: &Channel) -> Result<(), AmqpError> {
         let queue = self.queue_name();
         publish
@@ -332,6 +387,16 @@ mod tests {
         // Disconnected, or reconnected just now: silence proves nothing yet.
         assert!(!expired(long_ago, None));
         assert!(!expired(long_ago, Some(now)));
+    }
+
+    #[test]
+    fn a_pod_whose_heartbeats_do_not_get_out_holds_its_calls_before_the_others_forget_it() {
+        const { assert!(MUTE_AFTER.as_millis() + 2 * HEARTBEAT.as_millis() <= PEER_EXPIRY.as_millis()) };
+        assert!(muted(None), "never heard: held");
+        assert!(!muted(Some(Instant::now())));
+        if let Some(then) = Instant::now().checked_sub(MUTE_AFTER) {
+            assert!(muted(Some(then)));
+        }
     }
 
     #[test]

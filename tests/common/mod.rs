@@ -563,7 +563,9 @@ impl Pod {
     }
 
     pub fn start(&mut self) {
-        self.child = Some(spawn_worker_binary(self.config.path(), "warn"));
+        // `POD_LOG` (a `RUST_LOG` filter) shows more of what the pods do; warnings by default.
+        let level = std::env::var("POD_LOG").unwrap_or_else(|_| "warn".into());
+        self.child = Some(spawn_worker_binary(self.config.path(), &level));
     }
 
     pub fn kill(&mut self) {

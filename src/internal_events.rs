@@ -232,13 +232,13 @@ pub fn session_deferred(error: &dyn std::fmt::Display) {
     metrics().outcome("requeued_store");
 }
 
-/// None of this pod's heartbeats reached the broker lately (or none yet): the other pods will
-/// count it gone and take its share, so its calls wait until they hear it again.
+/// This pod has not heard its own heartbeat come back lately (or not yet): the other pods will
+/// count it gone and take its share, so its calls wait until it hears itself again.
 pub fn budget_held(silent_for: Option<Duration>) {
     if let Some(silent) = silent_for {
         tracing::warn!(
             silent_for_ms = silent.as_millis() as u64,
-            "no heartbeat of this pod reached the broker lately: the other pods will count it gone and take its share, so it holds its calls until they hear it again"
+            "this pod has not heard its own heartbeat through the fleet exchange lately, so the other pods cannot hear it either and will take its share: it holds its calls and connects its listener again"
         );
     }
     metrics().rate_limit_held.set(1);

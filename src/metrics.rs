@@ -203,7 +203,7 @@ impl Metrics {
         );
         registry.register(
             "rate_limit_held",
-            "1 while this pod holds its calls because the other pods cannot hear it (no heartbeat reached the broker lately, or none yet)",
+            "1 while this pod holds its calls because the other pods cannot hear it (it has not heard its own heartbeat through the fleet exchange lately, or not yet)",
             m.rate_limit_held.clone(),
         );
         registry.register(

@@ -238,7 +238,7 @@ async fn a_starting_pod_hears_the_running_pods_before_it_takes_a_delivery() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_whose_heartbeats_are_refused_connect_again_and_keep_sharing_the_budget() {
+async fn pods_that_stop_hearing_themselves_connect_again_and_keep_sharing_the_budget() {
     let env = TestEnv::new(Faults::default(), |s| {
         s.rate_limit.requests_per_minute = 600;
         s.rate_limit.burst = 30;
@@ -270,22 +270,50 @@ async fn pods_whose_heartbeats_are_refused_connect_again_and_keep_sharing_the_bu
         env.wait_for_async(wait, || async { env.consumer_count(&queue).await == 2 })
             .await
     );
-    // The fleet exchange disappears: the broker closes each pod's channel at its next
+    let exchange = env.settings.amqp.fleet_exchange.clone();
+    let settle = session_worker::fleet::budget::PEER_EXPIRY + Duration::from_secs(3);
+    // 1. The fleet exchange disappears: the broker closes each pod's channel at its next
     // heartbeat. Each connects again (declaring the exchange and binding its queue anew) and
     // is heard again before the other forgets it, so neither takes the whole budget.
     env.ch
-        .exchange_delete(
-            env.settings.amqp.fleet_exchange.as_str().into(),
-            Default::default(),
-        )
+        .exchange_delete(exchange.as_str().into(), Default::default())
         .await
         .expect("delete the fleet exchange");
-    tokio::time::sleep(session_worker::fleet::budget::PEER_EXPIRY + Duration::from_secs(3)).await;
+    tokio::time::sleep(settle).await;
     for p in &pods {
         assert_eq!(
             p.metric("fleet_live_pods").await,
             Some(2.0),
-            "still two pods"
+            "still two pods after the exchange was deleted"
+        );
+        assert_eq!(p.metric("rate_limit_share_per_minute").await, Some(300.0));
+        assert_eq!(p.metric("rate_limit_held").await, Some(0.0), "heard again");
+    }
+    // 2. The exchange is deleted and declared again at once (an operator's declare, another
+    // process's topology): every binding is gone, yet every publish still succeeds. The pods
+    // stop hearing themselves, hold their calls, and bind their queues again.
+    env.ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await
+        .expect("delete the fleet exchange");
+    env.ch
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("declare it again");
+    tokio::time::sleep(settle).await;
+    for p in &pods {
+        assert_eq!(
+            p.metric("fleet_live_pods").await,
+            Some(2.0),
+            "still two pods after the exchange lost its bindings"
         );
         assert_eq!(p.metric("rate_limit_share_per_minute").await, Some(300.0));
         assert_eq!(p.metric("rate_limit_held").await, Some(0.0), "heard again");

@@ -10,10 +10,12 @@
 //! The share is also never above what Genesys Cloud says this pod's token may use
 //! (`inin-ratelimit-allowed`).
 //!
-//! A pod spends only while the others can hear it: until its hello is out, and whenever none
-//! of its heartbeats reached the broker for [`MUTE_AFTER`] (its listener cannot reconnect, the
-//! broker does not confirm), its limiter holds every call — the others forget it after
-//! [`PEER_EXPIRY`] and take its share, and both spending it would overspend the budget.
+//! A pod spends only while the others can hear it, which it knows by hearing its own
+//! heartbeats come back through the exchange: until it hears its hello, and whenever it has
+//! not heard itself for [`MUTE_AFTER`] (its channel was closed, its queue lost its binding, the
+//! broker does not confirm), its limiter holds every call and its listener connects again —
+//! the others forget it after [`PEER_EXPIRY`] and take its share, and both spending it would
+//! overspend the budget.
 
 use super::Fleet;
 use crate::amqp::consumer::Settle;
@@ -44,9 +46,12 @@ pub const PEER_EXPIRY: Duration = Duration::from_secs(5);
 pub const ANSWER_WAIT: Duration = Duration::from_millis(200);
 /// The longest a starting pod listens (its hello could not be sent: the broker is slow).
 pub const WARM_UP: Duration = Duration::from_millis(2_500);
-/// A pod none of whose heartbeats the broker took for this long holds its calls: the others
-/// forget a pod unheard for [`PEER_EXPIRY`] and take its share, so it must stop spending
-/// first. It spends again once a heartbeat is out. A starting pod is held until its hello is.
+/// A pod that has not heard its own heartbeat come back through the fleet exchange for this
+/// long holds its calls: if it cannot hear itself, the others cannot hear it either, and they
+/// forget a pod unheard for [`PEER_EXPIRY`] and take its share, so it must stop spending first.
+/// It also connects its listener again (declaring the exchange and binding its queue anew:
+/// an exchange deleted and declared again has lost every binding). It spends again once it
+/// hears itself. A starting pod is held until it hears its own hello.
 pub const MUTE_AFTER: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,8 +78,9 @@ pub struct Budget {
     greeted: watch::Sender<bool>,
     /// Since when this pod hears heartbeats (`None` while disconnected).
     hearing_since: Mutex<Option<Instant>>,
-    /// When the broker last took one of this pod's heartbeats (`None`: never yet).
-    said_at: Mutex<Option<Instant>>,
+    /// When this pod last heard its own heartbeat back through the fleet exchange (`None`:
+    /// never yet).
+    echoed_at: Mutex<Option<Instant>>,
     /// Fired when the publishing channel is found closed: the listener connects again.
     lost: tokio::sync::Notify,
 }
@@ -96,7 +102,7 @@ impl Budget {
             allowed: AtomicU64::new(0),
             greeted: watch::channel(false).0,
             hearing_since: Mutex::new(None),
-            said_at: Mutex::new(None),
+            echoed_at: Mutex::new(None),
             lost: tokio::sync::Notify::new(),
         })
     }
@@ -215,12 +221,7 @@ impl Budget {
         let props = amqp::json_properties().with_delivery_mode(1);
         let exchange = &self.fleet.settings.amqp.fleet_exchange;
         match amqp::publish_confirmed(&ch, exchange, "", &body, props).await {
-            Ok(()) => {
-                if say != Say::Leaving {
-                    self.said();
-                }
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
                 tracing::debug!(error = %e, "heartbeat not sent");
                 if !ch.status().connected() {
@@ -233,20 +234,48 @@ impl Budget {
         }
     }
 
-    /// The broker took a heartbeat of this pod's: the others hear it, so it may spend.
-    fn said(&self) {
-        *self.said_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    /// This pod heard its own heartbeat back through the fleet exchange: the others hear it
+    /// too, so it may spend.
+    fn echoed(&self) {
+        *self.echoed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         if self.limiter.hold(false) {
             crate::internal_events::budget_heard();
         }
     }
 
-    /// Hold calls if no heartbeat of this pod's got out for [`MUTE_AFTER`].
-    fn check_heard(&self) {
-        let said = *self.said_at.lock().unwrap_or_else(|p| p.into_inner());
-        if muted(said) && self.limiter.hold(true) {
-            crate::internal_events::budget_held(said.map(|t| t.elapsed()));
+    /// Hold calls if this pod has not heard itself for [`MUTE_AFTER`]; and if it has been
+    /// connected that long, connect the listener again (its queue may have lost its binding).
+    fn check_heard(self: &Arc<Self>) {
+        let echoed = *self.echoed_at.lock().unwrap_or_else(|p| p.into_inner());
+        if !muted(echoed) {
+            return;
         }
+        if self.limiter.hold(true) {
+            crate::internal_events::budget_held(echoed.map(|t| t.elapsed()));
+        }
+        let hearing = *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner());
+        if hearing.is_some_and(|since| since.elapsed() >= MUTE_AFTER) {
+            self.reconnect();
+        }
+    }
+
+    /// Connect the listener again: its publishing channel is closed, so the shell connects the
+    /// pipeline anew (declaring the exchange, this pod's queue and its binding).
+    fn reconnect(self: &Arc<Self>) {
+        let ch = self
+            .publish
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(ch) = ch {
+                let _ = ch
+                    .close(200, "not hearing itself: connecting again".into())
+                    .await;
+            }
+            me.lost.notify_one();
+        });
     }
 
     fn queue_name(&self) -> String {
@@ -266,9 +295,9 @@ fn expired(seen: Instant, hearing: Option<Instant>) -> bool {
     }
 }
 
-/// Whether a pod whose last heartbeat got out at `said` (`None`: never) must hold its calls.
-fn muted(said: Option<Instant>) -> bool {
-    said.is_none_or(|t| t.elapsed() >= MUTE_AFTER)
+/// Whether a pod that last heard itself at `echoed` (`None`: never) must hold its calls.
+fn muted(echoed: Option<Instant>) -> bool {
+    echoed.is_none_or(|t| t.elapsed() >= MUTE_AFTER)
 }
 
 /// What a heartbeat says.
@@ -306,6 +335,9 @@ impl Pipeline for Budget {
     ) -> Result<Settle, Infallible> {
         if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
             let stranger = beat.hello && beat.instance != self.instance;
+            if beat.instance == self.instance && !beat.leaving {
+                self.echoed();
+            }
             let changed = {
                 let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
                 if beat.leaving {

@@ -279,16 +279,7 @@ async fn pods_that_stop_hearing_themselves_connect_again_and_keep_sharing_the_bu
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await
         .expect("delete the fleet exchange");
-    tokio::time::sleep(settle).await;
-    for p in &pods {
-        assert_eq!(
-            p.metric("fleet_live_pods").await,
-            Some(2.0),
-            "still two pods after the exchange was deleted"
-        );
-        assert_eq!(p.metric("rate_limit_share_per_minute").await, Some(300.0));
-        assert_eq!(p.metric("rate_limit_held").await, Some(0.0), "heard again");
-    }
+    still_sharing_after(settle, &pods, "the exchange was deleted").await;
     // 2. The exchange is deleted and declared again at once (an operator's declare, another
     // process's topology): every binding is gone, yet every publish still succeeds. The pods
     // stop hearing themselves, hold their calls, and bind their queues again.
@@ -308,21 +299,26 @@ async fn pods_that_stop_hearing_themselves_connect_again_and_keep_sharing_the_bu
         )
         .await
         .expect("declare it again");
-    tokio::time::sleep(settle).await;
-    for p in &pods {
-        assert_eq!(
-            p.metric("fleet_live_pods").await,
-            Some(2.0),
-            "still two pods after the exchange lost its bindings"
-        );
-        assert_eq!(p.metric("rate_limit_share_per_minute").await, Some(300.0));
-        assert_eq!(p.metric("rate_limit_held").await, Some(0.0), "heard again");
-    }
+    still_sharing_after(settle, &pods, "the exchange lost its bindings").await;
     env.publish(&request("after-the-exchange-came-back"), None)
         .await;
     assert_eq!(env.events(1, wait).await.len(), 1);
     for p in &mut pods {
         assert_eq!(p.stop(), Some(0));
+    }
+}
+
+/// After `settle`, each of two pods still hears the other, takes half and spends.
+async fn still_sharing_after(settle: Duration, pods: &[Pod], what: &str) {
+    tokio::time::sleep(settle).await;
+    for p in pods {
+        assert_eq!(
+            p.metric("fleet_live_pods").await,
+            Some(2.0),
+            "still two pods after {what}"
+        );
+        assert_eq!(p.metric("rate_limit_share_per_minute").await, Some(300.0));
+        assert_eq!(p.metric("rate_limit_held").await, Some(0.0), "heard again");
     }
 }
 

@@ -90,7 +90,7 @@ impl Budget {
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let mut peers = HashMap::new();
         peers.insert(instance.clone(), Instant::now());
-        // Nobody has heard this pod yet: no call until its hello is out.
+        // Nobody has heard this pod yet: no call until it hears its own hello come back.
         limiter.hold(true);
         crate::internal_events::budget_held(None);
         Arc::new(Self {

@@ -285,15 +285,17 @@ async fn connected<P: Pipeline>(
                 return Ok(Next::Reconnect);
             }
             Ok(ConsumeEnd::Interrupted) => {
-                if !publish_ch.status().connected() {
-                    // The pipeline stopped because its publishing channel is gone (the broker
-                    // closed it over a refused publish): a new one comes with reconnecting.
-                    internal_events::broker_lost(&"the publishing channel was closed");
-                    return Ok(Next::Reconnect);
-                }
+                // What paused the pipeline (a failing store, refused credentials) is waited out
+                // first, whatever else happened meanwhile.
                 if !pipeline.resume(shutdown).await {
                     let _ = publish_ch.close(200, "shutdown".into()).await;
                     return Ok(Next::Stop);
+                }
+                if !publish_ch.status().connected() {
+                    // Its publishing channel is gone (the broker closed it over a refused
+                    // publish): a new one comes with reconnecting.
+                    internal_events::broker_lost(&"the publishing channel was closed");
+                    return Ok(Next::Reconnect);
                 }
             }
         }

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub idempotent_replays: Counter,
     pub webhook_deliveries: Family<OutcomeLabel, Counter>,
     pub inflight_requests: Gauge,
+    pub calls_in_flight: Gauge,
     /// Last `inin-ratelimit-allowed` / `-count` seen from Genesys Cloud.
     pub genesys_ratelimit_allowed: Gauge,
     pub genesys_ratelimit_count: Gauge,
@@ -84,6 +85,7 @@ impl Metrics {
             idempotent_replays: Counter::default(),
             webhook_deliveries: Family::default(),
             inflight_requests: Gauge::default(),
+            calls_in_flight: Gauge::default(),
             genesys_ratelimit_allowed: Gauge::default(),
             genesys_ratelimit_count: Gauge::default(),
             auth_paused: Gauge::default(),
@@ -145,6 +147,11 @@ impl Metrics {
             "inflight_requests",
             "Deliveries being processed now",
             m.inflight_requests.clone(),
+        );
+        registry.register(
+            "calls_in_flight",
+            "Session requests calling Genesys Cloud or recording its answer now (at most worker.concurrency)",
+            m.calls_in_flight.clone(),
         );
         registry.register(
             "genesys_ratelimit_allowed",

@@ -110,6 +110,9 @@ pub struct SimStats {
     pub rate_limited: u64,
     pub injected_errors: u64,
     pub webhook_deliveries: u64,
+    /// The most session requests answered at once (each counted until its answer is ready).
+    #[serde(default)]
+    pub most_at_once: u64,
 }
 
 #[derive(Default)]
@@ -125,6 +128,8 @@ struct Counters {
     rate_limited: AtomicU64,
     injected_errors: AtomicU64,
     webhook_deliveries: AtomicU64,
+    at_once: AtomicU64,
+    most_at_once: AtomicU64,
 }
 
 struct Window {
@@ -190,6 +195,7 @@ impl Sim {
             rate_limited: load(&c.rate_limited),
             injected_errors: load(&c.injected_errors),
             webhook_deliveries: load(&c.webhook_deliveries),
+            most_at_once: load(&c.most_at_once),
         }
     }
 
@@ -363,9 +369,27 @@ async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> 
     Json(json!({"access_token": token, "token_type": "bearer", "expires_in": sim.opts.token_ttl.as_secs()})).into_response()
 }
 
+/// A session request being answered, counted in `at_once` while it lives.
+struct Answering<'a>(&'a Counters);
+
+impl<'a> Answering<'a> {
+    fn new(c: &'a Counters) -> Self {
+        let now = c.at_once.fetch_add(1, Ordering::Relaxed) + 1;
+        c.most_at_once.fetch_max(now, Ordering::Relaxed);
+        Answering(c)
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.at_once.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Checks every session endpoint shares: faults, auth, rate limit. `Err` is the answer to send.
 async fn admit(sim: &Sim, headers: &HeaderMap) -> Result<(u32, u32, u64), Response> {
     bump(&sim.counters.session_requests);
+    let _answering = Answering::new(&sim.counters);
     let faults = sim.faults();
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;

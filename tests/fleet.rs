@@ -308,6 +308,46 @@ async fn pods_that_stop_hearing_themselves_connect_again_and_keep_sharing_the_bu
     }
 }
 
+/// The fleet exchange redeclared with another type: the budget listener cannot declare it
+/// again, so the pod would hold every call for good while it looks ready. It exits instead
+/// (non-zero), like a pod whose ledger reader stops for good, so its orchestrator restarts it
+/// and shows the crash loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_budget_listener_stops_for_good_exits() {
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let wait = Duration::from_secs(20);
+    let mut pod = Pod::new(&env, "a");
+    pod.start();
+    assert!(pod.ready_within(wait).await.is_some(), "the pod gets ready");
+    let queue = env.settings.amqp.inbound_queue.clone();
+    assert!(
+        env.wait_for_async(wait, || async { env.consumer_count(&queue).await == 1 })
+            .await
+    );
+    let exchange = env.settings.amqp.fleet_exchange.clone();
+    env.ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await
+        .expect("delete the fleet exchange");
+    env.ch
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("declare it with another type");
+    let code = pod.exited_within(Duration::from_secs(30)).await;
+    assert!(
+        matches!(code, Some(Some(c)) if c != 0),
+        "the pod exits with an error, got {code:?}"
+    );
+}
+
 /// After `settle`, each of two pods still hears the other, takes half and spends.
 async fn still_sharing_after(settle: Duration, pods: &[Pod], what: &str) {
     tokio::time::sleep(settle).await;
@@ -603,4 +643,44 @@ async fn parks_a_copy(env: &TestEnv, pod: &Pod) -> bool {
             >= 1.0
     })
     .await
+}
+
+/// `worker.concurrency` bounds the Genesys calls; deliveries waiting for their fleet claim (or
+/// recording an answer already durable) do not take a call's place, up to `amqp.prefetch`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_bounds_the_calls_while_more_deliveries_are_in_hand() {
+    let faults = Faults {
+        latency_ms: 300,
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| {
+        s.worker.concurrency = 2;
+        s.amqp.prefetch = 16;
+    })
+    .await;
+    let mut pod = Pod::new(&env, "a");
+    pod.start();
+    assert!(pod.ready_within(Duration::from_secs(20)).await.is_some());
+    let n = 12;
+    publish_all(&env, &bodies("calls-", n)).await;
+    let most_in_hand = std::cell::Cell::new(0.0f64);
+    let finished = env
+        .wait_for_async(Duration::from_secs(30), || async {
+            let now = pod.metric("inflight_requests").await.unwrap_or(0.0);
+            most_in_hand.set(most_in_hand.get().max(now));
+            env.sim.sim.stats().sessions_created >= n as u64
+        })
+        .await;
+    let most_in_hand = most_in_hand.get();
+    assert!(finished, "every request got its session");
+    let stats = env.sim.sim.stats();
+    assert_eq!(
+        stats.most_at_once, 2,
+        "never more calls than worker.concurrency: {stats:?}"
+    );
+    assert!(
+        most_in_hand > 2.0,
+        "deliveries beyond the calls were in hand at once: at most {most_in_hand}"
+    );
+    assert_eq!(pod.stop(), Some(0));
 }

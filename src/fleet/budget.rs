@@ -138,6 +138,10 @@ impl Budget {
         let beat = tokio::spawn(self.clone().beat(shutdown.clone()));
         let health = Arc::new(crate::health::Health::default());
         let result = shell::run(&s.amqp, &opts, self.clone(), &health, shutdown).await;
+        if result.is_err() {
+            // Gone for good: nobody will hear the heartbeats, and the worker stops.
+            beat.abort();
+        }
         let _ = beat.await;
         result
     }

@@ -11,11 +11,18 @@ use crate::request::ValidRequest;
 use crate::shutdown::Shutdown;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
-/// Everything a call needs: the client, the process-wide limiter and the retry policy.
+/// Everything a call needs: the client, the process-wide limiter, the call permits and the
+/// retry policy.
 pub struct Caller {
     pub client: GenesysClient,
     pub limiter: Arc<Limiter>,
+    /// `worker.concurrency` permits: the Genesys calls this pod makes at once, each with the
+    /// recording of its answer. A delivery takes one only once its key is claimed, so
+    /// deliveries waiting for their fleet claim overlap the calls in progress instead of
+    /// holding a call's place.
+    pub calls: Arc<Semaphore>,
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -25,12 +32,40 @@ pub struct Caller {
     pub grace: Duration,
 }
 
+/// One of the `worker.concurrency` call permits, counted in `calls_in_flight` while held.
+pub struct CallPermit<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Drop for CallPermit<'_> {
+    fn drop(&mut self) {
+        metrics().calls_in_flight.dec();
+    }
+}
+
 /// Kept back from `shutdown_grace` for recording the outcome after the call gives up.
 fn record_margin(grace: Duration) -> Duration {
     (grace / 4).min(Duration::from_secs(2))
 }
 
 impl Caller {
+    /// Wait for one of the `worker.concurrency` call permits; `None` if shutdown came first
+    /// (nothing was sent). The permit is held through the call and the recording of its
+    /// answer, so at most `worker.concurrency` calls are ever answered but not yet durable:
+    /// the most a SIGKILL can make Genesys Cloud do twice.
+    pub async fn permit(&self, shutdown: &Shutdown) -> Option<CallPermit<'_>> {
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            biased;
+            _ = stop.requested() => None,
+            // Never closed; if it were, nothing was sent either.
+            permit = self.calls.acquire() => permit.ok().map(|permit| {
+                metrics().calls_in_flight.inc();
+                CallPermit { _permit: permit }
+            }),
+        }
+    }
+
     /// Call until an answer decides the outcome or the in-process attempts are used up. If
     /// shutdown comes while the first attempt still waits for the limiter, or between attempts
     /// (every earlier one provably not acted on), nothing is pending: the outcome is

@@ -39,7 +39,7 @@ use crate::request::ValidRequest;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 use auth::AuthGate;
-use call::Caller;
+use call::{CallPermit, Caller};
 use claim::{ClaimError, Claimed};
 use intake::{Intake, Job};
 use keylocks::KeyLocks;
@@ -105,6 +105,7 @@ impl Worker {
             caller: Caller {
                 client,
                 limiter,
+                calls: Arc::new(tokio::sync::Semaphore::new(w.concurrency.max(1))),
                 max_attempts: w.max_attempts,
                 backoff_base: w.backoff_base,
                 backoff_max: w.backoff_max,
@@ -159,25 +160,29 @@ impl Worker {
         // I/O thread instead of three.
         let link = SharedConnection::new(&s.amqp, format!("session-worker {}", self.worker_id));
         let (stop_reader, reader_shutdown) = Shutdown::new();
-        let (reader_failed, reader_down) = tokio::sync::oneshot::channel::<()>();
-        let reader = tokio::spawn({
-            let (fleet, until, link) = (self.fleet.clone(), reader_shutdown.clone(), link.clone());
-            async move {
-                let read = fleet.run_reader(until, Some(link)).await;
-                if let Err(e) = &read {
-                    tracing::error!(error = %e, "the fleet ledger reader stopped for good: the worker stops too (no claim can be decided without it)");
-                    let _ = reader_failed.send(());
-                }
-                read
-            }
-        });
-        // The consumer stops on shutdown, or once the reader is gone for good: the process then
-        // exits with the reader's error and is restarted, instead of staying not ready.
-        let (stop_consumer, mut shutdown_or_reader) = Shutdown::new();
+        // Either fleet task gone for good stops the consumer: the process then exits with that
+        // task's error and is restarted, instead of staying ready while it cannot decide a
+        // claim (the reader) or holds every call because nobody hears it (the budget).
+        let (gone_for_good, mut fatal) = tokio::sync::mpsc::channel::<()>(2);
+        let reader = tokio::spawn(stop_for_good(
+            self.fleet
+                .clone()
+                .run_reader(reader_shutdown.clone(), Some(link.clone())),
+            "the fleet ledger reader stopped for good: the worker stops too (no claim can be decided without it)",
+            gone_for_good.clone(),
+        ));
+        let budget = tokio::spawn(stop_for_good(
+            self.budget
+                .clone()
+                .run(reader_shutdown.clone(), Some(link.clone())),
+            "the rate budget listener stopped for good: the worker stops too (it would hold every call, unheard by the other pods)",
+            gone_for_good,
+        ));
+        let (stop_consumer, mut shutdown_or_fatal) = Shutdown::new();
         let mut outer = shutdown.clone();
         tokio::spawn(async move {
             let failed = async {
-                if reader_down.await.is_err() {
+                if fatal.recv().await.is_none() {
                     std::future::pending::<()>().await;
                 }
             };
@@ -187,11 +192,10 @@ impl Worker {
             }
             stop_consumer.fire();
         });
-        let budget = tokio::spawn(self.budget.clone().run(reader_shutdown, Some(link.clone())));
         tracing::info!(
             "catching up with the fleet ledger and hearing the other pods before taking deliveries"
         );
-        let mut listening = shutdown_or_reader.clone();
+        let mut listening = shutdown_or_fatal.clone();
         let heard = self.budget.clone();
         let warm = async move {
             tokio::select! {
@@ -199,14 +203,14 @@ impl Worker {
                 _ = listening.requested() => false,
             }
         };
-        let (caught_up, warm) = tokio::join!(self.fleet.caught_up(&mut shutdown_or_reader), warm);
+        let (caught_up, warm) = tokio::join!(self.fleet.caught_up(&mut shutdown_or_fatal), warm);
         let caught_up = caught_up && warm;
         let opts = ShellOptions {
             name: format!("session-worker {}", self.worker_id),
             queue: s.amqp.inbound_queue.clone(),
             tag_prefix: self.worker_id.clone(),
             prefetch: s.amqp.prefetch,
-            concurrency: s.worker.concurrency,
+            concurrency: deliveries_in_flight(&s.worker, s.amqp.prefetch),
             grace: s.worker.shutdown_grace,
             link: Some(link.clone()),
         };
@@ -216,7 +220,7 @@ impl Worker {
                 &opts,
                 self.clone(),
                 &self.health,
-                shutdown_or_reader,
+                shutdown_or_fatal,
             )
             .await
         } else {
@@ -225,9 +229,7 @@ impl Worker {
         self.budget.leave().await;
         stop_reader.fire();
         let read = reader.await;
-        if let Ok(Err(e)) = budget.await {
-            tracing::warn!(error = %e, "the rate budget listener stopped with an error");
-        }
+        let listened = budget.await;
         link.close().await;
         pruner.abort();
         let _ = pruner.await;
@@ -241,12 +243,14 @@ impl Worker {
         }
         result?;
         match read {
-            Ok(r) => Ok(r?),
-            Err(e) => {
-                tracing::error!(error = %e, "the fleet ledger reader task failed");
-                Ok(())
-            }
+            Ok(r) => r?,
+            Err(e) => tracing::error!(error = %e, "the fleet ledger reader task failed"),
         }
+        match listened {
+            Ok(r) => r?,
+            Err(e) => tracing::error!(error = %e, "the rate budget listener task failed"),
+        }
+        Ok(())
     }
 
     /// The stages, in order: intake, claim, call, finish.
@@ -259,7 +263,7 @@ impl Worker {
                 let outcome = Outcome::Poison(deliveries);
                 return Ok(self
                     .recorder
-                    .finish(&job, None, outcome, ch, &self.shutdown())
+                    .finish(&job, None, outcome, None, ch, &self.shutdown())
                     .await?);
             }
             Intake::Invalid(job, err) => {
@@ -267,7 +271,7 @@ impl Worker {
                 let outcome = Outcome::Invalid(err);
                 return Ok(self
                     .recorder
-                    .finish(&job, None, outcome, ch, &self.shutdown())
+                    .finish(&job, None, outcome, None, ch, &self.shutdown())
                     .await?);
             }
         };
@@ -289,8 +293,9 @@ impl Worker {
             Err(ClaimError::Store(e)) => return Ok(self.recorder.defer(&job, ch, &e).await?),
             Err(e) => return Err(e.into()),
         };
-        let outcome = match claimed {
-            Claimed::Decided(outcome) => *outcome,
+        // Held until the answer is durable (see `Caller::permit`).
+        let (outcome, permit) = match claimed {
+            Claimed::Decided(outcome) => (*outcome, None),
             Claimed::Call => self.call(&mut job, &valid, ch).await,
         };
         let auth_refused = matches!(outcome, Outcome::AuthRefused(_));
@@ -300,7 +305,7 @@ impl Worker {
         };
         let settle = self
             .recorder
-            .finish(&job, Some(&valid), outcome, ch, &self.shutdown())
+            .finish(&job, Some(&valid), outcome, permit, ch, &self.shutdown())
             .await?;
         if auth_refused {
             self.auth.trip();
@@ -320,16 +325,28 @@ impl Worker {
         self.shutdown.get().cloned().unwrap_or_else(Shutdown::never)
     }
 
-    /// The call stage, with the fleet claim renewed while it runs.
-    async fn call(&self, job: &mut Job, valid: &ValidRequest, ch: &Channel) -> Outcome {
+    /// The call stage, with the fleet claim renewed while it runs: a call permit, then the
+    /// call. The permit comes back with the outcome, for the caller to hold while it records.
+    async fn call(
+        &self,
+        job: &mut Job,
+        valid: &ValidRequest,
+        ch: &Channel,
+    ) -> (Outcome, Option<CallPermit<'_>>) {
         let shutdown = self.shutdown();
-        let Some(held) = job.held.clone() else {
-            return self.caller.call(job, valid, &shutdown).await;
-        };
+        let held = job.held.clone();
         let key = job.key.clone();
+        let call = async {
+            match self.caller.permit(&shutdown).await {
+                Some(permit) => (self.caller.call(job, valid, &shutdown).await, Some(permit)),
+                None => (Outcome::Abandoned, None),
+            }
+        };
+        let Some(held) = held else {
+            return call.await;
+        };
         let mut tick = tokio::time::interval(self.fleet.renew_every());
         tick.tick().await;
-        let call = self.caller.call(job, valid, &shutdown);
         tokio::pin!(call);
         loop {
             tokio::select! {
@@ -387,6 +404,34 @@ impl Pipeline for Worker {
     }
 }
 
+/// How many deliveries the consumer works on at once. `worker.concurrency` bounds the Genesys
+/// calls ([`Caller::calls`]); a delivery also spends time before its call (the fleet claim's
+/// round trip through the ledger) and after it (the durable record, the result event), and
+/// those overlap the calls of others, up to what the broker hands over (`amqp.prefetch`). At
+/// concurrency 1 the pod works on one delivery at a time, so deliveries are handled in queue
+/// order.
+pub fn deliveries_in_flight(worker: &crate::config::WorkerSettings, prefetch: u16) -> usize {
+    match worker.concurrency {
+        0 | 1 => 1,
+        n => n.max(usize::from(prefetch)),
+    }
+}
+
+/// Run one of the worker's fleet tasks; if it ends with an error, log it and say so on
+/// `gone_for_good`, which stops the consumer.
+async fn stop_for_good<E: std::fmt::Display>(
+    task: impl std::future::Future<Output = Result<(), E>>,
+    what: &'static str,
+    gone_for_good: tokio::sync::mpsc::Sender<()>,
+) -> Result<(), E> {
+    let ended = task.await;
+    if let Err(e) = &ended {
+        tracing::error!(error = %e, "{what}");
+        let _ = gone_for_good.try_send(());
+    }
+    ended
+}
+
 /// Stop taking deliveries whenever the store begins failing writes.
 async fn pause_on_store_failure(
     mut failures: tokio::sync::watch::Receiver<Option<String>>,
@@ -416,5 +461,28 @@ async fn prune_loop(store: Store, audit_retention: Duration) {
             Ok(Err(e)) => tracing::error!(error = %e, "pruning the store failed"),
             Err(e) => tracing::error!(error = %e, "pruning task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deliveries_in_flight;
+    use crate::config::Settings;
+
+    #[test]
+    fn calls_bound_the_work_and_prefetch_bounds_the_deliveries_except_at_one() {
+        let mut w = Settings::load_from(None, &Default::default())
+            .expect("defaults load")
+            .worker;
+        w.concurrency = 1;
+        assert_eq!(
+            deliveries_in_flight(&w, 64),
+            1,
+            "one at a time, in queue order"
+        );
+        w.concurrency = 32;
+        assert_eq!(deliveries_in_flight(&w, 64), 64);
+        // A prefetch below the concurrency (against the advice) still lets every call run.
+        assert_eq!(deliveries_in_flight(&w, 8), 32);
     }
 }

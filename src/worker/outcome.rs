@@ -11,6 +11,7 @@
 //!
 //! A crash between any two steps loses nothing: the delivery is unacked until step 6.
 
+use super::call::CallPermit;
 use super::intake::Job;
 use crate::amqp::consumer::Settle;
 use crate::amqp::{self, header, header_i64, int, text, topology, AmqpError, DeadLetters, Failure};
@@ -121,6 +122,7 @@ impl Recorder {
         job: &Job,
         valid: Option<&ValidRequest>,
         outcome: Outcome,
+        permit: Option<CallPermit<'_>>,
         ch: &Channel,
         shutdown: &Shutdown,
     ) -> Result<Settle, FinishError> {
@@ -158,6 +160,11 @@ impl Recorder {
         let telling = job.held.is_some() && record.is_some() && plan.audit.is_some();
         let write_then_publish = async {
             let written = self.write(job, valid, &plan, to_write).await;
+            if written.is_ok() {
+                // The answer is durable: a SIGKILL from here on cannot lead to a second
+                // call, so the permit goes to the next call (`Caller::permit`).
+                drop(permit);
+            }
             let published = match (&written, &plan.event) {
                 (Ok(()), Some(event)) if telling => Some(self.publish_event(ch, event).await),
                 _ => None,

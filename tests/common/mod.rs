@@ -581,6 +581,21 @@ impl Pod {
         terminate(&mut c)
     }
 
+    /// Wait up to `timeout` for the process to end by itself; its exit code (`Some(None)` for
+    /// a signal), or `None` while it still runs.
+    pub async fn exited_within(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status.code());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     pub fn config_path(&self) -> &std::path::Path {
         self.config.path()
     }

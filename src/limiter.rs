@@ -25,6 +25,9 @@ pub struct Limiter {
     /// Set while the other pods cannot hear this one ([`crate::fleet::budget`]): they will
     /// count it gone and take its share, so it hands out no token until it is heard again.
     held: tokio::sync::watch::Sender<bool>,
+    /// Bumped by every change of rate: tasks waiting on the old bucket move to the new one
+    /// (left there, they would drain it at the old rate beside the new bucket's tokens).
+    rate_changes: tokio::sync::watch::Sender<u64>,
 }
 
 fn bucket(requests_per_minute: u32, burst: u32) -> (Arc<Bucket>, Duration) {
@@ -48,6 +51,7 @@ impl Limiter {
             paused_until: Mutex::new(None),
             resume_jitter: Mutex::new(jitter),
             held: tokio::sync::watch::channel(false).0,
+            rate_changes: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -77,6 +81,8 @@ impl Limiter {
         }
         *guard = (b, (requests_per_minute, burst));
         *self.resume_jitter.lock().unwrap_or_else(|p| p.into_inner()) = jitter;
+        drop(guard);
+        self.rate_changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The rate in force (requests per minute, burst).
@@ -126,12 +132,21 @@ impl Limiter {
                 resumed = true;
                 continue;
             }
+            // Subscribed before the bucket is read, so a change in between is seen.
+            let mut changed = self.rate_changes.subscribe();
             let bucket = self.current();
-            if resumed {
-                let jitter = *self.resume_jitter.lock().unwrap_or_else(|p| p.into_inner());
-                bucket.until_ready_with_jitter(Jitter::up_to(jitter)).await;
-            } else {
-                bucket.until_ready().await;
+            let jitter =
+                resumed.then(|| *self.resume_jitter.lock().unwrap_or_else(|p| p.into_inner()));
+            let token = async {
+                match jitter {
+                    Some(j) => bucket.until_ready_with_jitter(Jitter::up_to(j)).await,
+                    None => bucket.until_ready().await,
+                }
+            };
+            tokio::select! {
+                _ = token => {}
+                // The rate changed meanwhile: wait on the new bucket instead.
+                _ = changed.changed() => continue,
             }
             // A 429 (or a hold) may have arrived while this task waited for its token.
             if self.pause_deadline().is_none() && !self.is_held() {
@@ -204,6 +219,34 @@ mod tests {
         // The switch spent the new burst but one token.
         l.acquire().await;
         assert!(l.current().check().is_err());
+    }
+
+    #[tokio::test]
+    async fn tasks_waiting_when_the_rate_changes_wait_on_the_new_rate() {
+        // One token a second: three waiters would take three seconds at this rate.
+        let l = Arc::new(Limiter::new(60, 1));
+        l.acquire().await;
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let l = l.clone();
+                tokio::spawn(async move { l.acquire().await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A much lower rate: one token a minute. Left on the old bucket, the waiters would
+        // still get their tokens within three seconds.
+        l.set_rate(1, 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut served = 0;
+        for w in waiters {
+            if tokio::time::timeout(Duration::from_millis(2_500), w)
+                .await
+                .is_ok()
+            {
+                served += 1;
+            }
+        }
+        assert!(served <= 1, "{served} waiters were served at the old rate");
     }
 
     #[test]

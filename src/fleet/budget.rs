@@ -6,7 +6,8 @@
 //! the pods heard within [`PEER_EXPIRY`] (itself included) and sets its limiter to
 //! `budget ÷ live pods`; a pod that shuts down says so and its share returns at once, a pod that
 //! dies is forgotten after [`PEER_EXPIRY`]. A starting pod says hello and every live pod
-//! answers at once, so it knows its share after [`ANSWER_WAIT`] instead of a few heartbeats.
+//! answers at once, so it knows its share within [`ANSWER_WAIT`] instead of a few heartbeats;
+//! until then it counts at least one other pod, so it never starts with the whole budget.
 //! The share is also never above what Genesys Cloud says this pod's token may use
 //! (`inin-ratelimit-allowed`).
 //!
@@ -40,9 +41,10 @@ use tokio::sync::watch;
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A pod not heard from for this long no longer counts.
 pub const PEER_EXPIRY: Duration = Duration::from_secs(5);
-/// How long a starting pod listens after its hello before it takes its share: every live pod
+/// How long after its hello a starting pod counts at least one other pod: every live pod
 /// answers a hello at once, so it does not start with the whole budget while others already
-/// spend theirs. An answer that comes later still shrinks the share the moment it arrives.
+/// spend theirs (it takes deliveries meanwhile; its share is at most half the budget). An
+/// answer that comes later still shrinks the share the moment it arrives.
 pub const ANSWER_WAIT: Duration = Duration::from_millis(200);
 /// The longest a starting pod listens (its hello could not be sent: the broker is slow).
 pub const WARM_UP: Duration = Duration::from_millis(2_500);
@@ -76,6 +78,10 @@ pub struct Budget {
     allowed: AtomicU64,
     /// Set once this pod's hello is out.
     greeted: watch::Sender<bool>,
+    /// Until when the answers to this pod's first hello may still come.
+    answers_due: Mutex<Option<Instant>>,
+    /// This budget itself, for the task that takes the share once the answers are in.
+    me: std::sync::Weak<Budget>,
     /// Since when this pod hears heartbeats (`None` while disconnected).
     hearing_since: Mutex<Option<Instant>>,
     /// When this pod last heard its own heartbeat back through the fleet exchange (`None`:
@@ -93,7 +99,8 @@ impl Budget {
         // Nobody has heard this pod yet: no call until it hears its own hello come back.
         limiter.hold(true);
         crate::internal_events::budget_held(None);
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             fleet,
             limiter,
             instance,
@@ -101,22 +108,18 @@ impl Budget {
             publish: Mutex::new(None),
             allowed: AtomicU64::new(0),
             greeted: watch::channel(false).0,
+            answers_due: Mutex::new(None),
             hearing_since: Mutex::new(None),
             echoed_at: Mutex::new(None),
             lost: tokio::sync::Notify::new(),
         })
     }
 
-    /// Wait until this pod has heard the fleet: its hello is out and the others had
-    /// [`ANSWER_WAIT`] to answer (at most [`WARM_UP`] in all).
-    pub async fn heard(&self) {
+    /// Wait until this pod's hello is out (at most [`WARM_UP`]): the others are answering,
+    /// and until their answers are in its share counts at least one of them.
+    pub async fn greeted(&self) {
         let mut greeted = self.greeted.subscribe();
-        let answered = async {
-            if greeted.wait_for(|g| *g).await.is_ok() {
-                tokio::time::sleep(ANSWER_WAIT).await;
-            }
-        };
-        let _ = tokio::time::timeout(WARM_UP, answered).await;
+        let _ = tokio::time::timeout(WARM_UP, greeted.wait_for(|g| *g)).await;
     }
 
     /// Listen and send heartbeats until `shutdown`; then say goodbye.
@@ -173,11 +176,12 @@ impl Budget {
     /// Set the limiter to this pod's share.
     fn apply(&self) {
         let live = self.live_pods();
+        let due = *self.answers_due.lock().unwrap_or_else(|p| p.into_inner());
         let r = &self.fleet.settings.rate_limit;
         let (rpm, burst) = share(
             r.requests_per_minute,
             r.burst,
-            live,
+            counted(live, due.is_some_and(|t| Instant::now() < t)),
             self.allowed.load(Ordering::Relaxed),
         );
         if self.limiter.rate() != (rpm, burst) {
@@ -299,6 +303,16 @@ fn expired(seen: Instant, hearing: Option<Instant>) -> bool {
     }
 }
 
+/// The pods a share is computed for: the `live` ones heard, and while the answers to this
+/// pod's hello may still come, at least one more than itself.
+fn counted(live: usize, answers_pending: bool) -> usize {
+    if answers_pending {
+        live.max(2)
+    } else {
+        live
+    }
+}
+
 /// Whether a pod that last heard itself at `echoed` (`None`: never) must hold its calls.
 fn muted(echoed: Option<Instant>) -> bool {
     echoed.is_none_or(|t| t.elapsed() >= MUTE_AFTER)
@@ -395,8 +409,19 @@ impl Pipeline for Budget {
         *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         // Say hello at once: the others count this pod and answer, so it knows them before
         // it starts consuming.
-        if self.send(Say::Hello).await {
-            self.greeted.send_replace(true);
+        if self.send(Say::Hello).await && !self.greeted.send_replace(true) {
+            // The first hello: count at least one other pod until the answers are in, then
+            // take the share of those heard.
+            *self.answers_due.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + ANSWER_WAIT);
+            self.apply();
+            let me = self.me.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(ANSWER_WAIT).await;
+                if let Some(me) = me.upgrade() {
+                    me.apply();
+                }
+            });
         }
         Ok(())
     }
@@ -423,6 +448,18 @@ mod tests {
         // Disconnected, or reconnected just now: silence proves nothing yet.
         assert!(!expired(long_ago, None));
         assert!(!expired(long_ago, Some(now)));
+    }
+
+    #[test]
+    fn a_starting_pod_counts_another_pod_until_the_answers_to_its_hello_are_in() {
+        assert_eq!(
+            counted(1, true),
+            2,
+            "alone, as far as it knows yet: half at most"
+        );
+        assert_eq!(counted(3, true), 3, "the answers heard count as they come");
+        assert_eq!(counted(1, false), 1, "no answer came: the whole budget");
+        assert_eq!(share(600, 10, counted(1, true), 0), (300, 5));
     }
 
     #[test]

@@ -193,13 +193,13 @@ impl Worker {
             stop_consumer.fire();
         });
         tracing::info!(
-            "catching up with the fleet ledger and hearing the other pods before taking deliveries"
+            "catching up with the fleet ledger and greeting the other pods before taking deliveries"
         );
         let mut listening = shutdown_or_fatal.clone();
-        let heard = self.budget.clone();
+        let greeting = self.budget.clone();
         let warm = async move {
             tokio::select! {
-                _ = heard.heard() => true,
+                _ = greeting.greeted() => true,
                 _ = listening.requested() => false,
             }
         };

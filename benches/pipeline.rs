@@ -148,6 +148,8 @@ fn per_msg_us(d: Option<Duration>, n: usize) -> String {
 thread_local! {
     /// The steady-state rate of the last end-to-end run (first event to last).
     static STEADY: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+    /// Seconds from the last end-to-end run's start to its first result event (start-up).
+    static FIRST_EVENT: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
 }
 
 /// `bodies` through the worker; the rate counts from the worker's start (connecting and
@@ -218,6 +220,8 @@ async fn end_to_end_with(
         .map(|(at, n)| (bodies.len() - n) as f64 / at.elapsed().as_secs_f64().max(1e-3))
         .unwrap_or(rate);
     STEADY.with(|s| s.set(steady));
+    let first = first_event.map(|(at, _)| at.duration_since(started).as_secs_f64());
+    FIRST_EVENT.with(|s| s.set(first.unwrap_or(0.0)));
     let cpu = cpu.stop(child.as_ref().map(|c| c.id()));
     if child.is_some() && binary == Some(env!("CARGO_BIN_EXE_session-worker")) {
         ledger_figures(&env.settings.http.listen).await;
@@ -440,6 +444,7 @@ fn main() {
                     broker_baseline(&env, &bodies, (concurrency * 2) as u16).await;
                 let (e2e, d, e2e_cpu) = end_to_end(&env, &bodies, true).await;
                 steady_now.push(STEADY.with(|s| s.get()));
+                let first_now = FIRST_EVENT.with(|s| s.get()) * 1e3;
                 dups += d;
                 drop(env);
                 if let Some(bin) = &before_bin {
@@ -457,19 +462,20 @@ fn main() {
                     }
                     let (before, _, before_cpu) = end_to_end_with(&before_env, &bodies, Some(bin)).await;
                     steady_before.push(STEADY.with(|s| s.get()));
-                    eprintln!("  round {round}: before the ledger {before:.0} msg/s");
+                    let first_before = FIRST_EVENT.with(|s| s.get()) * 1e3;
+                    eprintln!("  round {round}: before the ledger {before:.0} msg/s (first result event after {first_before:.0} ms)");
                     befores.push(before);
                     before_rows.push(format!(
-                        "| {round} | {before:.0} msg/s | {:.0} msg/s | {} | {} | {} |",
+                        "| {round} | {before:.0} msg/s | {:.0} msg/s | {first_before:.0} ms | {} | {} | {} |",
                         steady_before.last().copied().unwrap_or(0.0),
                         per_msg_us(before_cpu.broker, n),
                         per_msg_us(before_cpu.worker, n),
                         per_msg_us(before_cpu.here, n),
                     ));
                 }
-                eprintln!("  round {round}: baseline {baseline:.0} msg/s, end to end {e2e:.0} msg/s ({:.2})", e2e / baseline);
+                eprintln!("  round {round}: baseline {baseline:.0} msg/s, end to end {e2e:.0} msg/s ({:.2}; first result event after {first_now:.0} ms)", e2e / baseline);
                 cpu_rows.push(format!(
-                    "| {round} | {baseline:.0} msg/s | {e2e:.0} msg/s | {:.0} msg/s | {:.2} | {} | {} | {} | {} | {} |",
+                    "| {round} | {baseline:.0} msg/s | {e2e:.0} msg/s | {:.0} msg/s | {first_now:.0} ms | {:.2} | {} | {} | {} | {} | {} |",
                     steady_now.last().copied().unwrap_or(0.0),
                     e2e / baseline,
                     per_msg_us(base_cpu.broker, n),
@@ -495,15 +501,15 @@ fn main() {
             notes.push(String::new());
             notes.push("Per round, CPU time per message: broker = RabbitMQ (beam.smp); consumer = the bare consumer; worker = the `session-worker run` process; simulator = this process (the simulator, and the queue-length polling):".into());
             notes.push(String::new());
-            notes.push("| round | baseline | end to end, from start | end to end, steady | ratio (from start) | broker, baseline | broker, end to end | consumer, baseline | worker, end to end | simulator, end to end |".into());
-            notes.push("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
+            notes.push("| round | baseline | end to end, from start | end to end, steady | first result event | ratio (from start) | broker, baseline | broker, end to end | consumer, baseline | worker, end to end | simulator, end to end |".into());
+            notes.push("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
             notes.extend(cpu_rows);
             if !before_rows.is_empty() {
                 notes.push(String::new());
                 notes.push("The build before the ledger, same rounds:".into());
                 notes.push(String::new());
-                notes.push("| round | from start | steady | broker | worker | simulator |".into());
-                notes.push("|---:|---:|---:|---:|---:|---:|".into());
+                notes.push("| round | from start | steady | first result event | broker | worker | simulator |".into());
+                notes.push("|---:|---:|---:|---:|---:|---:|---:|".into());
                 notes.extend(before_rows);
             }
             eprintln!("  end to end done");

@@ -33,10 +33,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 const IDEMPOTENCY_TREE: &str = "idempotency";
 const AUDIT_TREE: &str = "audit";
-/// sled page cache; bounds the worker's memory with a large backlog. Its size barely moves
-/// throughput here (8 and 64 MiB measured alike; the leaf pages it misses come back from the
-/// OS page cache), so it is kept small: 6 MiB (docs/performance.md).
-const CACHE_BYTES: u64 = 6 * 1024 * 1024;
+/// sled page cache; bounds the worker's memory with a large backlog.
+const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

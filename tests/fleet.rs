@@ -288,22 +288,7 @@ async fn pods_that_stop_hearing_themselves_connect_again_and_keep_sharing_the_bu
     // 2. The exchange is deleted and declared again at once (an operator's declare, another
     // process's topology): every binding is gone, yet every publish still succeeds. The pods
     // stop hearing themselves, hold their calls, and bind their queues again.
-    env.ch
-        .exchange_delete(exchange.as_str().into(), Default::default())
-        .await
-        .expect("delete the fleet exchange");
-    env.ch
-        .exchange_declare(
-            exchange.as_str().into(),
-            lapin::ExchangeKind::Fanout,
-            lapin::options::ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .expect("declare it again");
+    redeclare(&env, &exchange, lapin::ExchangeKind::Fanout).await;
     still_sharing_after(settle, &pods, "the exchange lost its bindings").await;
     env.publish(&request("after-the-exchange-came-back"), None)
         .await;
@@ -330,14 +315,24 @@ async fn a_pod_whose_budget_listener_stops_for_good_exits() {
             .await
     );
     let exchange = env.settings.amqp.fleet_exchange.clone();
+    redeclare(&env, &exchange, lapin::ExchangeKind::Topic).await;
+    let code = pod.exited_within(Duration::from_secs(30)).await;
+    assert!(
+        matches!(code, Some(Some(c)) if c != 0),
+        "the pod exits with an error, got {code:?}"
+    );
+}
+
+/// Delete `exchange` and declare it again at once, durable, of `kind`.
+async fn redeclare(env: &TestEnv, exchange: &str, kind: lapin::ExchangeKind) {
     env.ch
-        .exchange_delete(exchange.as_str().into(), Default::default())
+        .exchange_delete(exchange.into(), Default::default())
         .await
-        .expect("delete the fleet exchange");
+        .expect("delete the exchange");
     env.ch
         .exchange_declare(
-            exchange.as_str().into(),
-            lapin::ExchangeKind::Topic,
+            exchange.into(),
+            kind,
             lapin::options::ExchangeDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -345,12 +340,7 @@ async fn a_pod_whose_budget_listener_stops_for_good_exits() {
             Default::default(),
         )
         .await
-        .expect("declare it with another type");
-    let code = pod.exited_within(Duration::from_secs(30)).await;
-    assert!(
-        matches!(code, Some(Some(c)) if c != 0),
-        "the pod exits with an error, got {code:?}"
-    );
+        .expect("declare it again");
 }
 
 /// After `settle`, each of two pods still hears the other, takes half and spends.

@@ -409,9 +409,10 @@ impl Pipeline for Budget {
         *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         // Say hello at once: the others count this pod and answer, so it knows them before
         // it starts consuming.
-        if self.send(Say::Hello).await && !self.greeted.send_replace(true) {
+        if self.send(Say::Hello).await && !*self.greeted.borrow() {
             // The first hello: count at least one other pod until the answers are in, then
-            // take the share of those heard.
+            // take the share of those heard. The share is set before the worker, waiting for
+            // `greeted`, takes its first delivery.
             *self.answers_due.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(Instant::now() + ANSWER_WAIT);
             self.apply();
@@ -422,6 +423,7 @@ impl Pipeline for Budget {
                     me.apply();
                 }
             });
+            self.greeted.send_replace(true);
         }
         Ok(())
     }

@@ -158,12 +158,15 @@ impl Recorder {
         // ack still waits for both; the claim and the outcome are the ledger's two round trips
         // per request, and this one no longer adds to a request's time in hand.
         let telling = job.held.is_some() && record.is_some() && plan.audit.is_some();
+        // Kept until the answer is durable: while the store fails, an answered outcome held
+        // in memory keeps its call's place, so no more calls are answered than the permits.
+        let mut permit = permit;
         let write_then_publish = async {
             let written = self.write(job, valid, &plan, to_write).await;
             if written.is_ok() {
                 // The answer is durable: a SIGKILL from here on cannot lead to a second
                 // call, so the permit goes to the next call (`Caller::permit`).
-                drop(permit);
+                drop(permit.take());
             }
             let published = match (&written, &plan.event) {
                 (Ok(()), Some(event)) if telling => Some(self.publish_event(ch, event).await),

@@ -11,8 +11,10 @@
 //!   replay, `failed` frees the key (a local `completed` is never overwritten);
 //! - a **forget** (an operator's `dlq replay --force`) clears an `unknown` key.
 //!
-//! With `replay` (a record the store has already applied, read again after a restart to
-//! rebuild the claims), only the claims change. Every change is idempotent, so a record
+//! With [`Known::Applied`] (a record the store has already applied: read again after a
+//! restart to rebuild the claims, or this pod's own outcome, stored before the ledger had it),
+//! only the claims change; with [`Known::Open`] (this pod's own fresh claim, see
+//! [`super::Fleet::claim`]) the store is not read. Every change is idempotent, so a record
 //! applied again (retried after a store error, or read again after a restart because the
 //! reader saves its offset every few seconds) applies once: the claims change after the
 //! store, an outcome is stored whole, and a foreign audit entry is stored under its ledger
@@ -51,13 +53,28 @@ pub enum Applied {
     Other,
 }
 
+/// What the reader knows of this pod's store for a record without reading it: every pod
+/// decides alike either way, the reader only skips the reads it does not need (two per
+/// request of this pod's own, on a store larger than its cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// Nothing: read the store.
+    Nothing,
+    /// The store has this record's change already: only the live claims change.
+    Applied,
+    /// This pod's own claim, made on a key its store held `in_progress` for it, and no record
+    /// applied since has changed that key: there is no outcome to find.
+    Open,
+}
+
 pub fn apply(
     store: &Store,
     claims: &mut Claims,
     record: &Record,
     worker_id: &str,
-    replay: bool,
+    known: Known,
 ) -> Result<Applied, StoreError> {
+    let replay = known == Known::Applied;
     match record {
         Record::Claim {
             key,
@@ -75,7 +92,7 @@ pub fn apply(
                 at_ms,
                 lease_ms: *lease_ms,
             };
-            if store.state_of(key)?.is_some_and(IdemState::is_final) {
+            if known != Known::Open && store.state_of(key)?.is_some_and(IdemState::is_final) {
                 if let Some(rec) = store.get(key)? {
                     if *claimer == worker_id
                         && rec.worker_id == worker_id
@@ -120,14 +137,14 @@ pub fn apply(
             Ok(Applied::Other)
         }
         Record::Outcome { key, record, audit } => {
-            let mut known = false;
+            let mut told_before = false;
             if !replay {
                 // An `unknown` from the ledger does not overwrite a local `completed` either;
                 // a local `unknown` is replaced by whatever the fleet learned.
                 let state = store.state_of(key)?;
                 // The same outcome told again (its pod stopped before the ledger had it):
                 // its audit entry is here already.
-                known = state.is_some()
+                told_before = state.is_some()
                     && record.worker_id != worker_id
                     && store.get(key)?.is_some_and(|r| {
                         r.state == record.state
@@ -139,7 +156,7 @@ pub fn apply(
                 }
             }
             claims.remove(key);
-            if record.worker_id != worker_id && !replay && !known {
+            if record.worker_id != worker_id && !replay && !told_before {
                 Ok(Applied::Foreign {
                     audit: audit.clone(),
                     at_ms: record.updated_at_ms,
@@ -201,25 +218,25 @@ mod tests {
         let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let c = &mut Claims::default();
         assert_eq!(
-            decision(apply(&s, c, &claim("a", "w1", 100), "me", false).unwrap()),
+            decision(apply(&s, c, &claim("a", "w1", 100), "me", Known::Nothing).unwrap()),
             Decision::Won
         );
         // A second pod inside the lease loses; the owner renewing keeps it.
         assert!(matches!(
-            decision(apply(&s, c, &claim("b", "w2", 500), "me", false).unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 500), "me", Known::Nothing).unwrap()),
             Decision::Busy(c) if c.claim_id == "a"
         ));
         assert_eq!(
-            decision(apply(&s, c, &claim("a", "w1", 900), "me", false).unwrap()),
+            decision(apply(&s, c, &claim("a", "w1", 900), "me", Known::Nothing).unwrap()),
             Decision::Won
         );
         assert!(matches!(
-            decision(apply(&s, c, &claim("b", "w2", 1_800), "me", false).unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 1_800), "me", Known::Nothing).unwrap()),
             Decision::Busy(_)
         ));
         // Past the renewed lease (900 + 1000) the next claim takes over.
         assert_eq!(
-            decision(apply(&s, c, &claim("b", "w2", 1_901), "me", false).unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 1_901), "me", Known::Nothing).unwrap()),
             Decision::Won
         );
     }
@@ -229,7 +246,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let c = &mut Claims::default();
-        apply(&s, c, &claim("a", "w1", 100), "me", false).unwrap();
+        apply(&s, c, &claim("a", "w1", 100), "me", Known::Nothing).unwrap();
         // A release by someone else's claim id changes nothing.
         apply(
             &s,
@@ -239,11 +256,11 @@ mod tests {
                 claim_id: "x".into(),
             },
             "me",
-            false,
+            Known::Nothing,
         )
         .unwrap();
         assert!(matches!(
-            decision(apply(&s, c, &claim("b", "w2", 200), "me", false).unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 200), "me", Known::Nothing).unwrap()),
             Decision::Busy(_)
         ));
         apply(
@@ -254,11 +271,11 @@ mod tests {
                 claim_id: "a".into(),
             },
             "me",
-            false,
+            Known::Nothing,
         )
         .unwrap();
         assert_eq!(
-            decision(apply(&s, c, &claim("b", "w2", 300), "me", false).unwrap()),
+            decision(apply(&s, c, &claim("b", "w2", 300), "me", Known::Nothing).unwrap()),
             Decision::Won
         );
         let applied = apply(
@@ -270,12 +287,12 @@ mod tests {
                 audit: Box::default(),
             },
             "me",
-            false,
+            Known::Nothing,
         )
         .unwrap();
         assert!(matches!(applied, Applied::Foreign { .. }));
         assert!(matches!(
-            decision(apply(&s, c, &claim("c", "w3", 400), "me", false).unwrap()),
+            decision(apply(&s, c, &claim("c", "w3", 400), "me", Known::Nothing).unwrap()),
             Decision::Done(r) if r.conversation_id.as_deref() == Some("conv")
         ));
     }
@@ -289,18 +306,53 @@ mod tests {
         s.put("k", &rec).unwrap();
         let c = &mut Claims::default();
         // A claim made after the outcome (the key asked again) is not kept.
-        apply(&s, c, &claim("late", "me", 600), "me", false).unwrap();
+        apply(&s, c, &claim("late", "me", 600), "me", Known::Nothing).unwrap();
         assert!(c.get("k").is_none());
         // The claim that led to it is, until the outcome comes through the ledger.
-        apply(&s, c, &claim("a", "me", 100), "me", true).unwrap();
+        apply(&s, c, &claim("a", "me", 100), "me", Known::Applied).unwrap();
         assert_eq!(c.get("k").map(|h| h.claim_id.as_str()), Some("a"));
         let outcome = Record::Outcome {
             key: "k".into(),
             record: Box::new(rec),
             audit: Box::default(),
         };
-        apply(&s, c, &outcome, "me", false).unwrap();
+        apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
         assert!(c.get("k").is_none());
+    }
+
+    #[tokio::test]
+    async fn what_the_reader_knows_spares_the_store_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let c = &mut Claims::default();
+        s.put("k", &completed("w2")).unwrap();
+        // Read, the store decides; an open claim is decided on the live claims alone (the
+        // worker saw `in_progress` and nothing touched the key since).
+        assert!(matches!(
+            decision(apply(&s, c, &claim("a", "me", 100), "me", Known::Nothing).unwrap()),
+            Decision::Done(_)
+        ));
+        assert_eq!(
+            decision(apply(&s, c, &claim("b", "me", 200), "me", Known::Open).unwrap()),
+            Decision::Won
+        );
+        // An own outcome the store holds already is not written again.
+        let mut failed = completed("me");
+        failed.state = IdemState::Failed;
+        let outcome = Record::Outcome {
+            key: "k".into(),
+            record: Box::new(failed),
+            audit: Box::default(),
+        };
+        s.remove("k").unwrap();
+        assert_eq!(
+            apply(&s, c, &outcome, "me", Known::Applied).unwrap(),
+            Applied::Other
+        );
+        assert_eq!(s.get("k").unwrap(), None);
+        assert!(c.get("k").is_none());
+        apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
+        assert_eq!(s.get("k").unwrap().unwrap().state, IdemState::Failed);
     }
 
     #[tokio::test]
@@ -313,9 +365,9 @@ mod tests {
             record: Box::new(completed("w2")),
             audit: Box::default(),
         };
-        let first = apply(&s, c, &outcome, "me", false).unwrap();
+        let first = apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
         assert!(matches!(first, Applied::Foreign { .. }));
-        let again = apply(&s, c, &outcome, "me", false).unwrap();
+        let again = apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
         assert_eq!(again, Applied::Other);
     }
 
@@ -361,7 +413,7 @@ mod tests {
         // Applied as it came, with a snapshot after the third record.
         let mut live = Claims::default();
         for (offset, r) in records.iter().enumerate() {
-            apply(&s, &mut live, r, "me", false).unwrap();
+            apply(&s, &mut live, r, "me", Known::Nothing).unwrap();
             live.set_offset(offset as u64);
             if offset == 2 {
                 live.save(&s).unwrap();
@@ -372,7 +424,7 @@ mod tests {
         let mut back = Claims::load(&s).unwrap();
         assert_eq!(back.offset(), Some(2));
         for (offset, r) in records.iter().enumerate().skip(3) {
-            let applied = apply(&s, &mut back, r, "me", true).unwrap();
+            let applied = apply(&s, &mut back, r, "me", Known::Applied).unwrap();
             assert!(
                 !matches!(applied, Applied::Foreign { .. }),
                 "no audit twice"

@@ -52,7 +52,11 @@ pub struct Fleet {
     store: Store,
     health: Arc<Health>,
     worker_id: String,
-    waiters: Mutex<HashMap<String, oneshot::Sender<Decision>>>,
+    /// This pod's claims on their way through the ledger, by key (a key is claimed under its
+    /// per-key lock, so once at a time).
+    waiters: Mutex<HashMap<String, Waiter>>,
+    /// This pod's own outcomes on their way through the ledger, by key.
+    told: Mutex<HashMap<String, Told>>,
     caught_up: watch::Sender<bool>,
     /// The live claims as the reader has applied them (loaded and kept by [`reader`]).
     claims: Mutex<claims::Claims>,
@@ -137,6 +141,44 @@ async fn append_batches(stream: String, mut rx: mpsc::UnboundedReceiver<Append>)
     }
 }
 
+/// A claim of this pod's that the reader has not applied yet.
+struct Waiter {
+    claim_id: String,
+    /// Still true when the claim is made on a key the store held `in_progress` for it and no
+    /// record the reader applied since touched the key ([`apply::Known::Open`]).
+    open: bool,
+    /// Set once the claim is appended; the reader hands the decision here.
+    decision: Option<oneshot::Sender<Decision>>,
+}
+
+/// An own outcome the reader has not applied yet: stored here means the reader need not
+/// read or write the store for it ([`apply::Known::Applied`]).
+struct Told {
+    updated_at_ms: u64,
+    stored: bool,
+}
+
+/// A claim being made: registered before the key's local record is read, so that a record the
+/// reader applies to that key from then on is noticed (see [`Fleet::intend`]). Dropped without
+/// [`Fleet::claim`], it is forgotten.
+pub struct Intent<'a> {
+    fleet: &'a Fleet,
+    key: String,
+    claim_id: String,
+}
+
+impl Drop for Intent<'_> {
+    fn drop(&mut self) {
+        let mut waiters = self.fleet.waiters_lock();
+        if waiters
+            .get(&self.key)
+            .is_some_and(|w| w.claim_id == self.claim_id)
+        {
+            waiters.remove(&self.key);
+        }
+    }
+}
+
 /// A claim this pod holds; released or ended by an outcome.
 #[derive(Debug, Clone)]
 pub struct Held {
@@ -157,6 +199,7 @@ impl Fleet {
             store,
             health,
             waiters: Mutex::new(HashMap::new()),
+            told: Mutex::new(HashMap::new()),
             caught_up,
             claims: Mutex::new(claims::Claims::default()),
         })
@@ -199,24 +242,59 @@ impl Fleet {
         self.health.set_ledger_ready(v);
     }
 
-    /// Claim `key` for a call, or learn who holds it or what its outcome was.
+    /// Begin claiming `key`: call before reading the key's local record, then [`Fleet::claim`].
+    pub fn intend(&self, key: &str) -> Intent<'_> {
+        let claim_id = uuid::Uuid::new_v4().simple().to_string();
+        self.waiters_lock().insert(
+            key.to_string(),
+            Waiter {
+                claim_id: claim_id.clone(),
+                open: true,
+                decision: None,
+            },
+        );
+        Intent {
+            fleet: self,
+            key: key.to_string(),
+            claim_id,
+        }
+    }
+
+    /// Claim the key for a call, or learn who holds it or what its outcome was. `open`: the
+    /// local record read after [`Fleet::intend`] was made `in_progress` for this claim (then,
+    /// unless the reader touches the key meanwhile, it need not read the store to decide).
     pub async fn claim(
         &self,
         ch: &Channel,
-        key: &str,
+        intent: Intent<'_>,
         fingerprint: &str,
+        open: bool,
     ) -> Result<(Held, Decision), FleetError> {
         let started = std::time::Instant::now();
-        let claim_id = uuid::Uuid::new_v4().simple().to_string();
+        let key = intent.key.clone();
+        let claim_id = intent.claim_id.clone();
         let (tx, rx) = oneshot::channel();
-        self.waiters_lock().insert(claim_id.clone(), tx);
-        let record = self.claim_record(key, &claim_id, fingerprint);
+        {
+            let mut waiters = self.waiters_lock();
+            let waiter = waiters.entry(key.clone()).or_insert_with(|| Waiter {
+                claim_id: claim_id.clone(),
+                open: false,
+                decision: None,
+            });
+            if waiter.claim_id != claim_id {
+                // Not this intent's any more (only a bug could do that): no shortcut.
+                waiter.claim_id = claim_id.clone();
+                waiter.open = false;
+            }
+            waiter.open &= open;
+            waiter.decision = Some(tx);
+        }
+        let record = self.claim_record(&key, &claim_id, fingerprint);
         if let Err(e) = self.append(ch, record).await {
-            self.waiters_lock().remove(&claim_id);
             return Err(e.into());
         }
         let held = Held {
-            claim_id: claim_id.clone(),
+            claim_id,
             fingerprint: fingerprint.to_string(),
         };
         match tokio::time::timeout(CLAIM_TIMEOUT, rx).await {
@@ -227,9 +305,9 @@ impl Fleet {
                 Ok((held, decision))
             }
             _ => {
-                self.waiters_lock().remove(&claim_id);
+                drop(intent);
                 // The claim may still land: give it back so nobody waits out its lease.
-                let _ = self.release(ch, key, &held).await;
+                let _ = self.release(ch, &key, &held).await;
                 Err(FleetError::Unconfirmed(CLAIM_TIMEOUT))
             }
         }
@@ -250,20 +328,75 @@ impl Fleet {
         Ok(self.append(ch, record).await?)
     }
 
-    /// Tell the fleet a key's outcome.
+    /// Tell the fleet a key's outcome. `stored`: this pod's store holds it already (else call
+    /// [`Fleet::stored`] once it does, so the reader need not read the store for it).
     pub async fn outcome(
         &self,
         ch: &Channel,
         key: &str,
         record: &IdemRecord,
         audit: &AuditEntry,
+        stored: bool,
     ) -> Result<(), FleetError> {
+        let updated_at_ms = record.updated_at_ms;
+        self.telling(key, updated_at_ms, stored);
         let record = Record::Outcome {
             key: key.to_string(),
             record: Box::new(record.clone()),
             audit: Box::new(audit.clone()),
         };
-        Ok(self.append(ch, record).await?)
+        let appended = self.append(ch, record).await;
+        if appended.is_err() {
+            self.take_told(key, updated_at_ms);
+        }
+        Ok(appended?)
+    }
+
+    fn telling(&self, key: &str, updated_at_ms: u64, stored: bool) {
+        self.told_lock().insert(
+            key.to_string(),
+            Told {
+                updated_at_ms,
+                stored,
+            },
+        );
+    }
+
+    /// The outcome told for `key` (made at `updated_at_ms`) is in this pod's store now.
+    pub fn stored(&self, key: &str, updated_at_ms: u64) {
+        if let Some(told) = self.told_lock().get_mut(key) {
+            if told.updated_at_ms == updated_at_ms {
+                told.stored = true;
+            }
+        }
+    }
+
+    /// For the reader: this pod's outcome for `key` (made at `updated_at_ms`) has come through
+    /// the ledger. True if the store holds it already.
+    fn take_told(&self, key: &str, updated_at_ms: u64) -> bool {
+        let mut told = self.told_lock();
+        match told.get(key) {
+            Some(t) if t.updated_at_ms == updated_at_ms => {
+                told.remove(key).is_some_and(|t| t.stored)
+            }
+            _ => false,
+        }
+    }
+
+    /// For the reader: whether this pod's claim `claim_id` on `key` is still open (see
+    /// [`apply::Known::Open`]).
+    fn open(&self, key: &str, claim_id: &str) -> bool {
+        self.waiters_lock()
+            .get(key)
+            .is_some_and(|w| w.claim_id == claim_id && w.open)
+    }
+
+    /// For the reader: it is about to apply a record that may change `key` in the store, so
+    /// a claim of this pod's being made on it must read the store to be decided.
+    fn touched(&self, key: &str) {
+        if let Some(w) = self.waiters_lock().get_mut(key) {
+            w.open = false;
+        }
     }
 
     /// How often a held claim is renewed: a third of the lease.
@@ -297,16 +430,72 @@ impl Fleet {
             .map_err(|e| AmqpError::op("append to the fleet ledger", e))
     }
 
-    fn waiters_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Decision>>> {
+    fn waiters_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn told_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Told>> {
+        self.told.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Hand a decision to the task waiting for it, if it is this pod's.
-    fn decided(&self, claim_id: &str, decision: Decision) {
-        if let Some(tx) = self.waiters_lock().remove(claim_id) {
+    fn decided(&self, key: &str, claim_id: &str, decision: Decision) {
+        let waiter = {
+            let mut waiters = self.waiters_lock();
+            match waiters.get(key) {
+                Some(w) if w.claim_id == claim_id && w.decision.is_some() => waiters.remove(key),
+                _ => None,
+            }
+        };
+        if let Some(tx) = waiter.and_then(|w| w.decision) {
             let _ = tx.send(decision);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet() -> (tempfile::TempDir, Arc<Fleet>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let settings = Settings::load_from(None, &HashMap::new()).unwrap();
+        let fleet = Fleet::new(Arc::new(settings), store, Arc::new(Health::default()));
+        (dir, fleet)
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_open_until_the_reader_touches_its_key() {
+        let (_d, f) = fleet();
+        let intent = f.intend("k");
+        let id = intent.claim_id.clone();
+        assert!(f.open("k", &id));
+        assert!(!f.open("k", "another claim"));
+        assert!(!f.open("j", &id));
+        f.touched("j");
+        assert!(f.open("k", &id));
+        f.touched("k");
+        assert!(!f.open("k", &id));
+        // Given up (a replay, a conflict, an error): forgotten.
+        drop(intent);
+        assert!(f.waiters_lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_own_outcome_counts_as_stored_only_once_the_worker_said_so() {
+        let (_d, f) = fleet();
+        // The reader gets there first: it reads the store.
+        f.telling("k", 5, false);
+        f.stored("k", 4);
+        assert!(!f.take_told("k", 5));
+        f.stored("k", 5);
+        assert!(f.told_lock().is_empty());
+        // The worker first: the reader skips the store.
+        f.telling("k", 6, false);
+        f.stored("k", 6);
+        assert!(!f.take_told("k", 5), "another outcome of the key");
+        assert!(f.take_told("k", 6));
+        assert!(f.told_lock().is_empty());
     }
 }

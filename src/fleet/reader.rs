@@ -5,7 +5,7 @@
 //! back. It saves the claims every few seconds and when it stops; a restart loads them and
 //! reads on from their offset, applying to the claims alone what the store already holds.
 
-use super::apply::{apply, Applied};
+use super::apply::{apply, Applied, Known};
 use super::claims::{Claims, SNAPSHOT_EVERY};
 use super::record::{Record, RECORD_TYPE};
 use super::Fleet;
@@ -115,6 +115,11 @@ impl Reader {
             (Some(o), Some(stored)) => o <= stored,
             _ => false,
         };
+        let known = if replay {
+            Known::Applied
+        } else {
+            self.known(record)
+        };
         let mut other_errors = 0u32;
         let applied = loop {
             let result = apply(
@@ -122,7 +127,7 @@ impl Reader {
                 &mut self.claims(),
                 record,
                 &fleet.worker_id,
-                replay,
+                known,
             );
             match result {
                 Ok(a) => break a,
@@ -155,8 +160,17 @@ impl Reader {
             }
         };
         metrics().ledger_applied.inc();
+        if let Record::Outcome { key, .. } | Record::Forget { key } = record {
+            // After the store write: a claim of this pod's made on the key from its `intend`
+            // on either saw that write or is no longer open (`Known::Open`).
+            fleet.touched(key);
+        }
         match applied {
-            Applied::Claim { claim_id, decision } => fleet.decided(&claim_id, decision),
+            Applied::Claim { claim_id, decision } => {
+                if let Record::Claim { key, .. } = record {
+                    fleet.decided(key, &claim_id, decision);
+                }
+            }
             Applied::Mark { id } => {
                 let mine = self
                     .mark
@@ -180,6 +194,28 @@ impl Reader {
             Applied::Other => {}
         }
         true
+    }
+
+    /// What this pod knows of its store for a record it has not applied before, without
+    /// reading the store: its own open claims and its own stored outcomes need no read.
+    /// Asked once per record (it takes the outcome's note).
+    fn known(&self, record: &Record) -> Known {
+        let fleet = &self.fleet;
+        match record {
+            Record::Claim {
+                key,
+                claim_id,
+                worker_id,
+                ..
+            } if *worker_id == fleet.worker_id && fleet.open(key, claim_id) => Known::Open,
+            Record::Outcome { key, record, .. }
+                if record.worker_id == fleet.worker_id
+                    && fleet.take_told(key, record.updated_at_ms) =>
+            {
+                Known::Applied
+            }
+            _ => Known::Nothing,
+        }
     }
 
     /// The message at `offset` is applied: note it in the claims, and now and then save the

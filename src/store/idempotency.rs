@@ -49,6 +49,11 @@ pub enum Claim {
     Conflict(IdemRecord),
 }
 
+/// How often [`Store::claim`] reads a key again that changed between its read and its write
+/// (only the ledger reader writes a key beside the worker that holds its lock, once an
+/// outcome: a second change in a row is all but impossible).
+const CLAIM_TRIES: usize = 8;
+
 impl Store {
     pub fn get(&self, key: &str) -> Result<Option<IdemRecord>, StoreError> {
         match self.trees()?.idem.get(key.as_bytes())? {
@@ -77,20 +82,45 @@ impl Store {
 
     /// Take the key for processing. Callers serialize on the key in-process (see
     /// `worker::KeyLocks`), so an `in_progress` record found here was left by a crash.
+    ///
+    /// The fleet ledger's reader may store an outcome for the key between the read and the
+    /// write: the write is a compare-and-swap against what was read, so such an outcome is
+    /// never overwritten with `in_progress`; the key is read again instead.
     pub fn claim(
         &self,
         key: &str,
         fingerprint: &str,
         worker_id: &str,
     ) -> Result<Claim, StoreError> {
+        for _ in 0..CLAIM_TRIES {
+            let read = self.trees()?.idem.get(key.as_bytes())?;
+            if let Some(claim) = self.claim_as_read(key, fingerprint, worker_id, read)? {
+                return Ok(claim);
+            }
+        }
+        Err(StoreError::Contended {
+            key: key.to_string(),
+        })
+    }
+
+    /// [`Store::claim`] on the record as `read`; `None` if it changed since.
+    pub(super) fn claim_as_read(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        worker_id: &str,
+        read: Option<sled::IVec>,
+    ) -> Result<Option<Claim>, StoreError> {
         let now = now_ms();
         let ttl_ms = self.shared.idempotency_ttl.as_millis() as u64;
-        let existing = self
-            .get(key)?
-            .filter(|r| r.updated_at_ms.saturating_add(ttl_ms) >= now);
+        let existing = match &read {
+            Some(bytes) => Some(decode(key, bytes)?),
+            None => None,
+        }
+        .filter(|r| r.updated_at_ms.saturating_add(ttl_ms) >= now);
         let attempts = match existing {
-            Some(rec) if rec.fingerprint != fingerprint => return Ok(Claim::Conflict(rec)),
-            Some(rec) if rec.state.is_final() => return Ok(Claim::Completed(rec)),
+            Some(rec) if rec.fingerprint != fingerprint => return Ok(Some(Claim::Conflict(rec))),
+            Some(rec) if rec.state.is_final() => return Ok(Some(Claim::Completed(rec))),
             Some(rec) => {
                 if rec.state == IdemState::InProgress {
                     tracing::info!(idempotency_key = key, previous_worker = %rec.worker_id, "resuming a key left in progress");
@@ -109,8 +139,10 @@ impl Store {
             created_at_ms: now,
             updated_at_ms: now,
         };
-        self.put(key, &record)?;
-        Ok(Claim::Proceed { attempts })
+        let bytes = serde_json::to_vec(&record).map_err(|e| StoreError::Io(e.to_string()))?;
+        let swapped =
+            self.write(|t| Ok(t.idem.compare_and_swap(key.as_bytes(), read, Some(bytes))?))?;
+        Ok(swapped.ok().map(|()| Claim::Proceed { attempts }))
     }
 
     /// Keep the API attempts made so far on the key's record (a delayed retry, an auth pause),

@@ -44,6 +44,8 @@ pub enum StoreError {
     Open { path: PathBuf, message: String },
     #[error("store I/O error: {0}")]
     Io(String),
+    #[error("the record under key {key:?} kept changing while this pod claimed it; the delivery is tried again")]
+    Contended { key: String },
     #[error("corrupt record under key {key:?} ({message}); the store is damaged: stop the worker, move store.path aside, and start it on an empty store (it restores the completed keys from the fleet ledger before it consumes)")]
     Corrupt { key: String, message: String },
 }
@@ -410,6 +412,25 @@ mod tests {
             other => panic!("{other:?}"),
         }
         s.durable().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_claim_never_overwrites_an_outcome_stored_after_its_read() {
+        let (_d, s) = open();
+        let read = s.trees().unwrap().idem.get(b"k").unwrap();
+        // The ledger reader stores another pod's outcome between the claim's read and write.
+        s.claim("k", "fp", "other-pod").unwrap();
+        let mut rec = s.get("k").unwrap().unwrap();
+        rec.state = IdemState::Completed;
+        rec.conversation_id = Some("c".into());
+        s.put("k", &rec).unwrap();
+        assert_eq!(s.claim_as_read("k", "fp", "w", read).unwrap(), None);
+        assert_eq!(s.get("k").unwrap().unwrap().state, IdemState::Completed);
+        // Read again, the claim finds the outcome.
+        assert!(matches!(
+            s.claim("k", "fp", "w").unwrap(),
+            Claim::Completed(r) if r.conversation_id.as_deref() == Some("c")
+        ));
     }
 
     #[tokio::test]

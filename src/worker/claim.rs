@@ -41,13 +41,18 @@ pub async fn claim_key(
     valid: &ValidRequest,
     worker_id: &str,
 ) -> Result<Claimed, ClaimError> {
+    // Registered before the local record is read: see `Fleet::intend`.
+    let intent = fleet.intend(&job.key);
     let claimed = claim(store, job, valid, worker_id)?;
+    let open = matches!(claimed, Claim::Proceed { .. });
     if let Claim::Completed(rec) = &claimed {
         if rec.worker_id == worker_id && fleet.unheard(&job.key) {
             // This pod recorded the outcome, but the fleet never heard it: tell it now, or
             // another pod would call again once this pod's claim lapses.
             tracing::warn!(state = ?rec.state, "the fleet ledger never had this key's outcome (the pod stopped first); telling it now");
-            fleet.outcome(ch, &job.key, rec, &retold(job, rec)).await?;
+            fleet
+                .outcome(ch, &job.key, rec, &retold(job, rec), true)
+                .await?;
         }
     }
     match claimed {
@@ -60,7 +65,7 @@ pub async fn claim_key(
         Claim::Conflict(rec) => return Ok(Claimed::Decided(Box::new(Outcome::Conflict(rec)))),
         Claim::Proceed { .. } => {}
     }
-    let (held, decision) = fleet.claim(ch, &job.key, &valid.fingerprint).await?;
+    let (held, decision) = fleet.claim(ch, intent, &valid.fingerprint, open).await?;
     Ok(match decision {
         Decision::Won => {
             job.held = Some(held);

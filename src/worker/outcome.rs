@@ -148,7 +148,7 @@ impl Recorder {
         let tell = async {
             match (&job.held, &record, &plan.audit) {
                 (Some(_), Some(record), Some(entry)) => {
-                    Some(self.fleet.outcome(ch, &job.key, record, entry).await)
+                    Some(self.fleet.outcome(ch, &job.key, record, entry, false).await)
                 }
                 _ => None,
             }
@@ -167,6 +167,9 @@ impl Recorder {
                 // The answer is durable: a SIGKILL from here on cannot lead to a second
                 // call, so the permit goes to the next call (`Caller::permit`).
                 drop(permit.take());
+                if let (true, Some(record)) = (telling, &record) {
+                    self.fleet.stored(&job.key, record.updated_at_ms);
+                }
             }
             let published = match (&written, &plan.event) {
                 (Ok(()), Some(event)) if telling => Some(self.publish_event(ch, event).await),
@@ -196,7 +199,7 @@ impl Recorder {
             // the outcome until the store takes it.
             if !told_fleet {
                 if let Some(claim) = &job.held {
-                    match self.fleet.outcome(ch, &job.key, record, entry).await {
+                    match self.fleet.outcome(ch, &job.key, record, entry, false).await {
                         Ok(()) => told_fleet = true,
                         Err(fe) => {
                             tracing::error!(error = %fe, claim_id = %claim.claim_id, "cannot tell the fleet ledger the held outcome either")
@@ -238,7 +241,9 @@ impl Recorder {
         if let Some(claim) = &job.held {
             match (&record, &plan.audit) {
                 (Some(record), Some(entry)) if !told_fleet => {
-                    self.fleet.outcome(ch, &job.key, record, entry).await?
+                    self.fleet
+                        .outcome(ch, &job.key, record, entry, true)
+                        .await?
                 }
                 (Some(_), Some(_)) => {}
                 _ => self.fleet.release(ch, &job.key, claim).await?,

@@ -11,6 +11,7 @@
 mod common;
 
 use common::{request, Pod, TestEnv};
+use session_worker::event::{EventKind, ResultEvent};
 use session_worker::fleet::record::{Record, RECORD_TYPE};
 use session_worker::sim::Faults;
 use session_worker::store::{AuditEntry, IdemRecord, IdemState};
@@ -37,26 +38,44 @@ fn claim_of(i: usize, now: u64) -> Record {
 
 fn outcome_of(i: usize, now: u64) -> Record {
     let key = format!("restore-{i:09}");
-    Record::Outcome {
-        key: key.clone(),
-        record: Box::new(IdemRecord {
+    // As a real outcome: with the result event a duplicate re-publishes.
+    let mut event = ResultEvent::new(
+        EventKind::SessionStarted,
+        &key,
+        &format!("visitor-{i}"),
+        "0b8c8ba0-a5cb-4b65-a6d6-3b0b3b7ad3c1",
+    );
+    event.conversation_id = Some(format!("conv-{i}"));
+    event.attempts = 1;
+    Record::outcome(
+        &key,
+        &IdemRecord {
             state: IdemState::Completed,
             fingerprint: format!("fp-{i}"),
             attempts: 1,
             conversation_id: Some(format!("conv-{i}")),
-            event: None,
+            event: Some(event.clone()),
             worker_id: "another-pod".into(),
             created_at_ms: now,
             updated_at_ms: now,
-        }),
-        audit: Box::new(AuditEntry {
+        },
+        &AuditEntry {
+            timestamp: event.timestamp.clone(),
             event_type: "session_init".into(),
-            idempotency_key: Some(key),
+            idempotency_key: Some(key.clone()),
+            visitor_id: Some(event.visitor_id.clone()),
+            queue_id: Some(event.queue_id.clone()),
+            bot_score: Some(0.12),
             outcome: "started".into(),
+            http_status: Some(200),
+            conversation_id: event.conversation_id.clone(),
+            correlation_id: Some(format!("corr-{i}")),
+            latency_ms: Some(41.5),
+            attempts: Some(1),
             worker_id: "another-pod".into(),
             ..Default::default()
-        }),
-    }
+        },
+    )
 }
 
 /// Append `n` completed keys to the test's ledger stream as a fleet writes them: each key's

@@ -21,7 +21,7 @@
 //! position.
 
 use super::claims::Claims;
-use super::record::Record;
+use super::record::{Json, OutcomeRecord, Record};
 use crate::store::{AuditEntry, FleetClaim, IdemRecord, IdemState, Store, StoreError};
 
 /// What a claim came to.
@@ -47,9 +47,11 @@ pub enum Applied {
     },
     /// An outcome from another pod, made at `at_ms`; its audit entry is to be stored here.
     Foreign {
-        audit: Box<AuditEntry>,
+        audit: Json<AuditEntry>,
         at_ms: u64,
     },
+    /// A record that decoded but whose parts are not what this version writes: skipped.
+    Stranger,
     Other,
 }
 
@@ -136,30 +138,39 @@ pub fn apply(
             }
             Ok(Applied::Other)
         }
-        Record::Outcome { key, record, audit } => {
+        Record::Outcome(OutcomeRecord {
+            key,
+            head,
+            record,
+            audit,
+        }) => {
             let mut told_before = false;
             if !replay {
+                // Checked whole before it is stored as it came.
+                if record.parse().is_none() {
+                    return Ok(Applied::Stranger);
+                }
                 // An `unknown` from the ledger does not overwrite a local `completed` either;
                 // a local `unknown` is replaced by whatever the fleet learned.
                 let state = store.state_of(key)?;
                 // The same outcome told again (its pod stopped before the ledger had it):
                 // its audit entry is here already.
                 told_before = state.is_some()
-                    && record.worker_id != worker_id
+                    && head.worker_id != worker_id
                     && store.get(key)?.is_some_and(|r| {
-                        r.state == record.state
-                            && r.worker_id == record.worker_id
-                            && r.updated_at_ms == record.updated_at_ms
+                        r.state == head.state
+                            && r.worker_id == head.worker_id
+                            && r.updated_at_ms == head.updated_at_ms
                     });
                 if state != Some(IdemState::Completed) {
-                    store.put(key, record)?;
+                    store.put_json(key, record.text())?;
                 }
             }
             claims.remove(key);
-            if record.worker_id != worker_id && !replay && !told_before {
+            if head.worker_id != worker_id && !replay && !told_before {
                 Ok(Applied::Foreign {
                     audit: audit.clone(),
-                    at_ms: record.updated_at_ms,
+                    at_ms: head.updated_at_ms,
                 })
             } else {
                 Ok(Applied::Other)
@@ -281,11 +292,7 @@ mod tests {
         let applied = apply(
             &s,
             c,
-            &Record::Outcome {
-                key: "k".into(),
-                record: Box::new(completed("w2")),
-                audit: Box::default(),
-            },
+            &Record::outcome("k", &completed("w2"), &AuditEntry::default()),
             "me",
             Known::Nothing,
         )
@@ -311,11 +318,7 @@ mod tests {
         // The claim that led to it is, until the outcome comes through the ledger.
         apply(&s, c, &claim("a", "me", 100), "me", Known::Applied).unwrap();
         assert_eq!(c.get("k").map(|h| h.claim_id.as_str()), Some("a"));
-        let outcome = Record::Outcome {
-            key: "k".into(),
-            record: Box::new(rec),
-            audit: Box::default(),
-        };
+        let outcome = Record::outcome("k", &rec, &AuditEntry::default());
         apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
         assert!(c.get("k").is_none());
     }
@@ -339,11 +342,7 @@ mod tests {
         // An own outcome the store holds already is not written again.
         let mut failed = completed("me");
         failed.state = IdemState::Failed;
-        let outcome = Record::Outcome {
-            key: "k".into(),
-            record: Box::new(failed),
-            audit: Box::default(),
-        };
+        let outcome = Record::outcome("k", &failed, &AuditEntry::default());
         s.remove("k").unwrap();
         assert_eq!(
             apply(&s, c, &outcome, "me", Known::Applied).unwrap(),
@@ -356,15 +355,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_outcome_whose_record_is_not_whole_is_a_stranger_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let c = &mut Claims::default();
+        apply(&s, c, &claim("a", "w1", 100), "me", Known::Nothing).unwrap();
+        // The fields the reader decides on are there; the fingerprint is not.
+        let body = br#"{"kind":"outcome","key":"k","record":{"state":"completed","worker_id":"w1","updated_at_ms":5},"audit":{}}"#;
+        let record = Record::decode(body).expect("decodes: the head is there");
+        assert_eq!(
+            apply(&s, c, &record, "me", Known::Nothing).unwrap(),
+            Applied::Stranger
+        );
+        assert_eq!(s.get("k").unwrap(), None);
+        assert!(c.get("k").is_some(), "the claim stays");
+        // A whole one is stored as it came.
+        let rec = completed("w1");
+        let whole = Record::outcome("k", &rec, &AuditEntry::default());
+        apply(&s, c, &whole, "me", Known::Nothing).unwrap();
+        assert_eq!(s.get("k").unwrap(), Some(rec));
+        assert!(c.get("k").is_none());
+    }
+
+    #[tokio::test]
     async fn an_outcome_told_again_adds_no_second_audit_entry() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let c = &mut Claims::default();
-        let outcome = Record::Outcome {
-            key: "k".into(),
-            record: Box::new(completed("w2")),
-            audit: Box::default(),
-        };
+        let outcome = Record::outcome("k", &completed("w2"), &AuditEntry::default());
         let first = apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
         assert!(matches!(first, Applied::Foreign { .. }));
         let again = apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
@@ -397,11 +415,7 @@ mod tests {
             key("a", claim("a1", "w1", 100)),
             key("b", claim("b1", "w2", 110)),
             key("c", claim("c1", "w3", 120)),
-            Record::Outcome {
-                key: "a".into(),
-                record: Box::new(completed("w1")),
-                audit: Box::default(),
-            },
+            Record::outcome("a", &completed("w1"), &AuditEntry::default()),
             key("b", claim("b2", "w1", 130)),
             Record::Release {
                 key: "c".into(),

@@ -25,10 +25,10 @@ use crate::amqp::{self, AmqpError};
 use crate::config::Settings;
 use crate::health::Health;
 use crate::shutdown::Shutdown;
-use crate::store::{now_ms, AuditEntry, IdemRecord, Store};
+use crate::store::{now_ms, Store};
 use apply::Decision;
 use lapin::Channel;
-use record::{Record, RECORD_TYPE};
+use record::{OutcomeRecord, Record, RECORD_TYPE};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -333,21 +333,15 @@ impl Fleet {
     pub async fn outcome(
         &self,
         ch: &Channel,
-        key: &str,
-        record: &IdemRecord,
-        audit: &AuditEntry,
+        outcome: OutcomeRecord,
         stored: bool,
     ) -> Result<(), FleetError> {
-        let updated_at_ms = record.updated_at_ms;
-        self.telling(key, updated_at_ms, stored);
-        let record = Record::Outcome {
-            key: key.to_string(),
-            record: Box::new(record.clone()),
-            audit: Box::new(audit.clone()),
-        };
-        let appended = self.append(ch, record).await;
+        let key = outcome.key.clone();
+        let updated_at_ms = outcome.head.updated_at_ms;
+        self.telling(&key, updated_at_ms, stored);
+        let appended = self.append(ch, Record::Outcome(outcome)).await;
         if appended.is_err() {
-            self.take_told(key, updated_at_ms);
+            self.take_told(&key, updated_at_ms);
         }
         Ok(appended?)
     }

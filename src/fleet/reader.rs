@@ -7,7 +7,7 @@
 
 use super::apply::{apply, Applied, Known};
 use super::claims::{Claims, SNAPSHOT_EVERY};
-use super::record::{Record, RECORD_TYPE};
+use super::record::{OutcomeRecord, Record, RECORD_TYPE};
 use super::Fleet;
 use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
@@ -160,7 +160,7 @@ impl Reader {
             }
         };
         metrics().ledger_applied.inc();
-        if let Record::Outcome { key, .. } | Record::Forget { key } = record {
+        if let Record::Outcome(OutcomeRecord { key, .. }) | Record::Forget { key } = record {
             // After the store write: a claim of this pod's made on the key from its `intend`
             // on either saw that write or is no longer open (`Known::Open`).
             fleet.touched(key);
@@ -183,6 +183,10 @@ impl Reader {
                 }
             }
             Applied::Foreign { audit, at_ms } => {
+                let Some(audit) = audit.parse() else {
+                    internal_events::ledger_record_skipped(offset, audit.text().len());
+                    return true;
+                };
                 let stored = match position {
                     Some(o) => fleet.store.put_foreign_audit(&audit, at_ms, o, index),
                     None => fleet.store.append_audit(&audit),
@@ -191,6 +195,7 @@ impl Reader {
                     internal_events::ledger_apply_failed(&e);
                 }
             }
+            Applied::Stranger => internal_events::ledger_record_skipped(offset, 0),
             Applied::Other => {}
         }
         true
@@ -208,9 +213,9 @@ impl Reader {
                 worker_id,
                 ..
             } if *worker_id == fleet.worker_id && fleet.open(key, claim_id) => Known::Open,
-            Record::Outcome { key, record, .. }
-                if record.worker_id == fleet.worker_id
-                    && fleet.take_told(key, record.updated_at_ms) =>
+            Record::Outcome(OutcomeRecord { key, head, .. })
+                if head.worker_id == fleet.worker_id
+                    && fleet.take_told(key, head.updated_at_ms) =>
             {
                 Known::Applied
             }

@@ -1,9 +1,16 @@
 //! The records of the fleet ledger: what pods append to the stream and every pod applies in
 //! stream order. A body this program did not write, or cannot parse, decodes to `None` and is
 //! skipped by the reader.
+//!
+//! An outcome's idempotency record and audit entry stay the JSON they came as ([`Json`]) until
+//! they are needed: the reader applies most of its own pod's outcomes from the few fields of
+//! the [`OutcomeHead`], and stores another pod's record as it came, once it has parsed it.
 
-use crate::store::{AuditEntry, IdemRecord};
+use crate::store::{AuditEntry, IdemRecord, IdemState};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::marker::PhantomData;
 
 /// AMQP `type` property of every ledger record this version writes.
 pub const RECORD_TYPE: &str = "session-ledger.v1";
@@ -25,11 +32,7 @@ pub enum Record {
     Release { key: String, claim_id: String },
     /// A key's outcome: `completed` (every pod replays it) or `failed` (the key is free).
     /// The audit entry lets `audit show KEY` answer on every pod.
-    Outcome {
-        key: String,
-        record: Box<IdemRecord>,
-        audit: Box<AuditEntry>,
-    },
+    Outcome(OutcomeRecord),
     /// An operator cleared an `unknown` key (`dlq replay --force`): every pod forgets that
     /// outcome, so the replayed request is sent once more.
     Forget { key: String },
@@ -38,7 +41,100 @@ pub enum Record {
     Mark { id: String, worker_id: String },
 }
 
+/// A key's outcome as the ledger carries it, made into JSON once for this pod's store and the
+/// ledger alike ([`Record::outcome`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutcomeRecord {
+    pub key: String,
+    /// What the reader decides on, read from `record` as it is decoded.
+    #[serde(skip)]
+    pub head: OutcomeHead,
+    pub record: Json<IdemRecord>,
+    pub audit: Json<AuditEntry>,
+}
+
+/// The fields of an outcome's idempotency record that the reader decides on.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct OutcomeHead {
+    pub state: IdemState,
+    pub worker_id: String,
+    pub updated_at_ms: u64,
+}
+
+/// A value kept as its JSON text, parsed when asked ([`Json::parse`]).
+#[derive(Debug, Clone)]
+pub struct Json<T> {
+    raw: Box<RawValue>,
+    of: PhantomData<fn() -> T>,
+}
+
+impl<T: Serialize> Json<T> {
+    pub fn new(value: &T) -> Self {
+        // Records of strings and numbers always serialize; were one not to, it would decode
+        // as a stranger and be skipped, not crash anything.
+        let raw = serde_json::value::to_raw_value(value).unwrap_or_else(|_| Self::null());
+        Self::from_raw(raw)
+    }
+
+    fn null() -> Box<RawValue> {
+        serde_json::value::to_raw_value(&()).unwrap_or_default()
+    }
+}
+
+impl<T> Json<T> {
+    fn from_raw(raw: Box<RawValue>) -> Self {
+        Self {
+            raw,
+            of: PhantomData,
+        }
+    }
+
+    /// The JSON text.
+    pub fn text(&self) -> &str {
+        self.raw.get()
+    }
+}
+
+impl<T: DeserializeOwned> Json<T> {
+    /// The value, or `None` if the text is not one.
+    pub fn parse(&self) -> Option<T> {
+        serde_json::from_str(self.raw.get()).ok()
+    }
+}
+
+impl<T> PartialEq for Json<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw.get() == other.raw.get()
+    }
+}
+
+impl<T> Serialize for Json<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(s)
+    }
+}
+
+impl OutcomeRecord {
+    pub fn new(key: &str, record: &IdemRecord, audit: &AuditEntry) -> Self {
+        Self {
+            key: key.to_string(),
+            head: OutcomeHead {
+                state: record.state,
+                worker_id: record.worker_id.clone(),
+                updated_at_ms: record.updated_at_ms,
+            },
+            record: Json::new(record),
+            audit: Json::new(audit),
+        }
+    }
+}
+
 impl Record {
+    /// The outcome `record` of `key`, with its `audit` entry.
+    pub fn outcome(key: &str, record: &IdemRecord, audit: &AuditEntry) -> Record {
+        Record::Outcome(OutcomeRecord::new(key, record, audit))
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Strings, numbers and records of them always serialize.
         serde_json::to_vec(self).unwrap_or_default()
@@ -93,8 +189,8 @@ struct Wire {
     fingerprint: Option<String>,
     at_ms: Option<u64>,
     lease_ms: Option<u64>,
-    record: Option<Box<IdemRecord>>,
-    audit: Option<Box<AuditEntry>>,
+    record: Option<Box<RawValue>>,
+    audit: Option<Box<RawValue>>,
     id: Option<String>,
 }
 
@@ -123,11 +219,19 @@ impl Wire {
                 key: self.key?,
                 claim_id: self.claim_id?,
             },
-            WireKind::Outcome => Record::Outcome {
-                key: self.key?,
-                record: self.record?,
-                audit: self.audit?,
-            },
+            WireKind::Outcome => {
+                let record = self.record?;
+                let audit = self.audit?;
+                if !audit.get().starts_with('{') {
+                    return None;
+                }
+                Record::Outcome(OutcomeRecord {
+                    key: self.key?,
+                    head: serde_json::from_str(record.get()).ok()?,
+                    record: Json::from_raw(record),
+                    audit: Json::from_raw(audit),
+                })
+            }
             WireKind::Forget => Record::Forget { key: self.key? },
             WireKind::Mark => Record::Mark {
                 id: self.id?,
@@ -168,9 +272,9 @@ mod tests {
                 key: "k".into(),
                 claim_id: "c".into(),
             },
-            Record::Outcome {
-                key: "k".into(),
-                record: Box::new(IdemRecord {
+            Record::outcome(
+                "k",
+                &IdemRecord {
                     state: crate::store::IdemState::Completed,
                     fingerprint: "fp".into(),
                     attempts: 1,
@@ -179,9 +283,9 @@ mod tests {
                     worker_id: "w".into(),
                     created_at_ms: 3,
                     updated_at_ms: 4,
-                }),
-                audit: Box::default(),
-            },
+                },
+                &AuditEntry::default(),
+            ),
             Record::Forget { key: "k".into() },
             Record::Mark {
                 id: "m".into(),
@@ -205,6 +309,11 @@ mod tests {
             Record::decode(br#"{"kind":"outcome","key":"k","record":7,"audit":{}}"#),
             None
         );
+        let head = r#"{"state":"completed","worker_id":"w","updated_at_ms":4}"#;
+        for audit in ["7", "null", "[]"] {
+            let body = format!(r#"{{"kind":"outcome","key":"k","record":{head},"audit":{audit}}}"#);
+            assert_eq!(Record::decode(body.as_bytes()), None, "audit {audit}");
+        }
     }
 
     #[test]

@@ -46,14 +46,27 @@ pub struct AuditQuery {
     pub tail: Option<usize>,
 }
 
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn audit_json(entry: &AuditEntry) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))
+}
+
 impl Store {
     /// Append an audit entry; its key orders entries by time.
     pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        let micros = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        self.insert_audit(entry, micros, None)
+        self.insert_audit(audit_json(entry)?, now_micros(), None)
+    }
+
+    /// [`Store::append_audit`] of an entry already made into JSON (an outcome's, made once
+    /// for the store and the fleet ledger).
+    pub fn append_audit_json(&self, json: &str) -> Result<(), StoreError> {
+        self.insert_audit(json.as_bytes().to_vec(), now_micros(), None)
     }
 
     /// Store the audit entry of another pod's outcome, read from the fleet ledger at `offset`
@@ -77,18 +90,17 @@ impl Store {
         } else {
             at_ms
         };
-        self.insert_audit(entry, at_ms.saturating_mul(1000), Some(seq))
+        self.insert_audit(audit_json(entry)?, at_ms.saturating_mul(1000), Some(seq))
     }
 
     /// The one place an audit entry is written: key = time (µs, big-endian) + a sequence
     /// number (`seq`, or the next id of the store).
     fn insert_audit(
         &self,
-        entry: &AuditEntry,
+        bytes: Vec<u8>,
         micros: u64,
         seq: Option<u64>,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))?;
         self.write(|t| {
             let seq = match seq {
                 Some(s) => s,

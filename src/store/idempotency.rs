@@ -168,6 +168,12 @@ impl Store {
         self.write(|t| Ok(t.idem.remove(key.as_bytes()).map(drop)?))
     }
 
+    /// Store a record given as its JSON (a fleet ledger record, parsed and checked first).
+    pub fn put_json(&self, key: &str, json: &str) -> Result<(), StoreError> {
+        let bytes = json.as_bytes().to_vec();
+        self.write(|t| Ok(t.idem.insert(key.as_bytes(), bytes).map(drop)?))
+    }
+
     pub fn put(&self, key: &str, record: &IdemRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Io(e.to_string()))?;
         self.write(|t| Ok(t.idem.insert(key.as_bytes(), bytes).map(drop)?))

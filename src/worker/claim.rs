@@ -5,6 +5,7 @@
 use super::intake::Job;
 use super::outcome::Outcome;
 use crate::fleet::apply::Decision;
+use crate::fleet::record::OutcomeRecord;
 use crate::fleet::{Fleet, FleetError};
 use crate::request::ValidRequest;
 use crate::store::{AuditEntry, Claim, IdemRecord, IdemState, Store, StoreError};
@@ -50,9 +51,8 @@ pub async fn claim_key(
             // This pod recorded the outcome, but the fleet never heard it: tell it now, or
             // another pod would call again once this pod's claim lapses.
             tracing::warn!(state = ?rec.state, "the fleet ledger never had this key's outcome (the pod stopped first); telling it now");
-            fleet
-                .outcome(ch, &job.key, rec, &retold(job, rec), true)
-                .await?;
+            let told = OutcomeRecord::new(&job.key, rec, &retold(job, rec));
+            fleet.outcome(ch, told, true).await?;
         }
     }
     match claimed {

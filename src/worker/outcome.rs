@@ -17,6 +17,7 @@ use crate::amqp::consumer::Settle;
 use crate::amqp::{self, header, header_i64, int, text, topology, AmqpError, DeadLetters, Failure};
 use crate::config::Settings;
 use crate::event::{EventError, EventKind, Reason, ResultEvent};
+use crate::fleet::record::OutcomeRecord;
 use crate::fleet::{Fleet, FleetError};
 use crate::genesys::{GenesysError, SessionCreated};
 use crate::internal_events;
@@ -141,15 +142,18 @@ impl Recorder {
             (Some(state), Some(valid)) => Some(self.record(job, valid, state, &outcome, &plan)),
             _ => None,
         };
+        // An answered outcome as JSON, made once for the store and the fleet ledger alike.
+        let json = match (&record, &plan.audit) {
+            (Some(record), Some(entry)) => Some(OutcomeRecord::new(&job.key, record, entry)),
+            _ => None,
+        };
 
         // 1. Record, 2. durable before anything leaves the process; meanwhile the fleet
         // ledger is told the outcome (the two wait on different disks, so neither waits for
         // the other; an answered outcome is told to the fleet whatever the store does).
         let tell = async {
-            match (&job.held, &record, &plan.audit) {
-                (Some(_), Some(record), Some(entry)) => {
-                    Some(self.fleet.outcome(ch, &job.key, record, entry, false).await)
-                }
+            match (&job.held, &json) {
+                (Some(_), Some(json)) => Some(self.fleet.outcome(ch, json.clone(), false).await),
                 _ => None,
             }
         };
@@ -157,12 +161,12 @@ impl Recorder {
         // 3 (while the fleet is told): once the outcome is durable, its event may leave. The
         // ack still waits for both; the claim and the outcome are the ledger's two round trips
         // per request, and this one no longer adds to a request's time in hand.
-        let telling = job.held.is_some() && record.is_some() && plan.audit.is_some();
+        let telling = job.held.is_some() && json.is_some();
         // Kept until the answer is durable: while the store fails, an answered outcome held
         // in memory keeps its call's place, so no more calls are answered than the permits.
         let mut permit = permit;
         let write_then_publish = async {
-            let written = self.write(job, valid, &plan, to_write).await;
+            let written = self.write(job, valid, &plan, to_write, json.as_ref()).await;
             if written.is_ok() {
                 // The answer is durable: a SIGKILL from here on cannot lead to a second
                 // call, so the permit goes to the next call (`Caller::permit`).
@@ -190,7 +194,7 @@ impl Recorder {
         let mut held = false;
         let mut other_errors = 0u32;
         while let Err(e) = written {
-            let (Some(record), Some(entry)) = (&record, &plan.audit) else {
+            let Some(answered) = &json else {
                 // Nothing answered to keep: the delivery goes back while the store heals.
                 return self.defer(job, ch, &e).await;
             };
@@ -199,7 +203,7 @@ impl Recorder {
             // the outcome until the store takes it.
             if !told_fleet {
                 if let Some(claim) = &job.held {
-                    match self.fleet.outcome(ch, &job.key, record, entry, false).await {
+                    match self.fleet.outcome(ch, answered.clone(), false).await {
                         Ok(()) => told_fleet = true,
                         Err(fe) => {
                             tracing::error!(error = %fe, claim_id = %claim.claim_id, "cannot tell the fleet ledger the held outcome either")
@@ -221,7 +225,7 @@ impl Recorder {
                     return Err(e.into());
                 }
                 tokio::time::sleep(crate::store::HEAL_EVERY).await;
-                written = self.write(job, valid, &plan, to_write).await;
+                written = self.write(job, valid, &plan, to_write, json.as_ref()).await;
                 continue;
             }
             let mut waiting = shutdown.clone();
@@ -232,21 +236,17 @@ impl Recorder {
                 tracing::warn!(in_ledger = told_fleet, "shutdown while holding an answered outcome; the delivery goes back and its redelivery replays the outcome from the fleet ledger");
                 return Ok(Settle::Requeue);
             }
-            written = self.write(job, valid, &plan, to_write).await;
+            written = self.write(job, valid, &plan, to_write, json.as_ref()).await;
         }
         if held {
             internal_events::outcome_released();
         }
         // 2b. Tell the fleet: the key's outcome, or the claim given back.
         if let Some(claim) = &job.held {
-            match (&record, &plan.audit) {
-                (Some(record), Some(entry)) if !told_fleet => {
-                    self.fleet
-                        .outcome(ch, &job.key, record, entry, true)
-                        .await?
-                }
-                (Some(_), Some(_)) => {}
-                _ => self.fleet.release(ch, &job.key, claim).await?,
+            match &json {
+                Some(json) if !told_fleet => self.fleet.outcome(ch, json.clone(), true).await?,
+                Some(_) => {}
+                None => self.fleet.release(ch, &job.key, claim).await?,
             }
         }
         // 3. Publish the result event (unless it left while the fleet was told).
@@ -370,17 +370,23 @@ impl Recorder {
         valid: Option<&ValidRequest>,
         plan: &Plan,
         record: Option<&IdemRecord>,
+        json: Option<&OutcomeRecord>,
     ) -> Result<(), StoreError> {
         let generation = self.store.generation();
-        if let Some(record) = record {
-            self.store.put(&job.key, record)?;
+        match (record, json) {
+            (_, Some(json)) => self.store.put_json(&job.key, json.record.text())?,
+            (Some(record), None) => self.store.put(&job.key, record)?,
+            (None, None) => {}
         }
         if let (true, Some(valid)) = (plan.keep_attempts, valid) {
             self.store
                 .record_attempts(&job.key, &valid.fingerprint, job.attempts)?;
         }
         if let Some(entry) = &plan.audit {
-            self.store.append_audit(entry)?;
+            match json {
+                Some(json) => self.store.append_audit_json(json.audit.text())?,
+                None => self.store.append_audit(entry)?,
+            }
             self.store.durable().await?;
         }
         if self.store.generation() != generation {

@@ -183,13 +183,13 @@ impl Reader {
                 }
             }
             Applied::Foreign { audit, at_ms } => {
-                let Some(audit) = audit.parse() else {
+                let Some(entry) = audit.parse() else {
                     internal_events::ledger_record_skipped(offset, audit.text().len());
                     return true;
                 };
                 let stored = match position {
-                    Some(o) => fleet.store.put_foreign_audit(&audit, at_ms, o, index),
-                    None => fleet.store.append_audit(&audit),
+                    Some(o) => fleet.store.put_foreign_audit(audit.text(), at_ms, o, index),
+                    None => fleet.store.append_audit(&entry),
                 };
                 if let Err(e) = stored {
                     internal_events::ledger_apply_failed(&e);

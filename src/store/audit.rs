@@ -74,9 +74,12 @@ impl Store {
     /// comes from the ledger position, so a record applied again after a restart (the reader
     /// saves its offset every few seconds, not per record) replaces its entry instead of
     /// adding a second one.
+    ///
+    /// `json` is the entry as the ledger carried it, already checked to parse as an
+    /// [`AuditEntry`]: it is stored as it came.
     pub fn put_foreign_audit(
         &self,
-        entry: &AuditEntry,
+        json: &str,
         at_ms: u64,
         offset: u64,
         index: usize,
@@ -90,7 +93,11 @@ impl Store {
         } else {
             at_ms
         };
-        self.insert_audit(audit_json(entry)?, at_ms.saturating_mul(1000), Some(seq))
+        self.insert_audit(
+            json.as_bytes().to_vec(),
+            at_ms.saturating_mul(1000),
+            Some(seq),
+        )
     }
 
     /// The one place an audit entry is written: key = time (µs, big-endian) + a sequence
@@ -181,15 +188,16 @@ mod tests {
             outcome: "started".into(),
             ..Default::default()
         };
+        let json = |k: &str| serde_json::to_string(&entry(k)).unwrap();
         s.append_audit(&entry("local")).unwrap();
         let then = super::super::now_ms() - 60_000;
-        s.put_foreign_audit(&entry("a"), then, 41, 0).unwrap();
-        s.put_foreign_audit(&entry("b"), then, 41, 1).unwrap();
+        s.put_foreign_audit(&json("a"), then, 41, 0).unwrap();
+        s.put_foreign_audit(&json("b"), then, 41, 1).unwrap();
         // The same ledger records again (a restart before the offset was saved).
-        s.put_foreign_audit(&entry("a"), then, 41, 0).unwrap();
-        s.put_foreign_audit(&entry("b"), then, 41, 1).unwrap();
+        s.put_foreign_audit(&json("a"), then, 41, 0).unwrap();
+        s.put_foreign_audit(&json("b"), then, 41, 1).unwrap();
         // A time far ahead (a broken record) is filed under now, so retention prunes it.
-        s.put_foreign_audit(&entry("future"), u64::MAX, 42, 0)
+        s.put_foreign_audit(&json("future"), u64::MAX, 42, 0)
             .unwrap();
         let keys: Vec<_> = s
             .audit_all()

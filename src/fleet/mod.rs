@@ -385,8 +385,8 @@ impl Fleet {
             .is_some_and(|w| w.claim_id == claim_id && w.open)
     }
 
-    /// For the reader: it is about to apply a record that may change `key` in the store, so
-    /// a claim of this pod's being made on it must read the store to be decided.
+    /// For the reader: it has applied (store written) a record that may have changed `key`,
+    /// so a claim of this pod's being made on it must read the store to be decided.
     fn touched(&self, key: &str) {
         if let Some(w) = self.waiters_lock().get_mut(key) {
             w.open = false;

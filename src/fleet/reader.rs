@@ -7,6 +7,7 @@
 
 use super::apply::{apply, Applied, Known};
 use super::claims::{Claims, SNAPSHOT_EVERY};
+use super::record::Json;
 use super::record::{OutcomeRecord, Record, RECORD_TYPE};
 use super::Fleet;
 use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
@@ -15,6 +16,7 @@ use crate::amqp::{self, header_i64, topology, AmqpError};
 use crate::internal_events;
 use crate::metrics::metrics;
 use crate::shutdown::Shutdown;
+use crate::store::{AuditEntry, Store};
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
@@ -22,6 +24,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 
 /// How often a record that fails against a healthy store (not an I/O failure) is tried before
 /// it is skipped.
@@ -41,6 +44,85 @@ struct Reader {
     /// applied or remembered, so the next start resumes at that record.
     stopped: AtomicBool,
     shutdown: Shutdown,
+    audits: AuditWriter,
+}
+
+/// Another pod's audit entry, to be stored under its ledger position.
+struct ForeignAudit {
+    audit: Json<AuditEntry>,
+    at_ms: u64,
+    offset: u64,
+    index: usize,
+}
+
+enum AuditJob {
+    Store(Vec<ForeignAudit>),
+    /// Answered once every job sent before it is done.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Stores other pods' audit entries on a thread of its own, beside the reader: each is keyed
+/// by its ledger position, so the order they are written in does not matter, and the reader
+/// (one thread, applying records in ledger order) need not wait for their inserts, a quarter
+/// of its work when a new pod restores. The reader's saved offset waits for them
+/// ([`AuditWriter::done`]), so a restart never skips one.
+struct AuditWriter {
+    jobs: mpsc::Sender<AuditJob>,
+}
+
+/// Audit batches (one per ledger message) that may wait for the writer.
+const AUDIT_BACKLOG: usize = 64;
+
+impl AuditWriter {
+    fn start(store: Store) -> Self {
+        let (jobs, mut rx) = mpsc::channel(AUDIT_BACKLOG);
+        let spawned = std::thread::Builder::new()
+            .name("ledger-audit".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    match job {
+                        AuditJob::Store(entries) => {
+                            entries.iter().for_each(|e| store_one(&store, e))
+                        }
+                        AuditJob::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // No thread: the jobs channel is closed, and `send` stores in place instead.
+            tracing::warn!(error = %e, "cannot start the ledger audit thread; the reader stores audit entries itself");
+        }
+        Self { jobs }
+    }
+
+    /// Hand a message's entries to the writer (in place if it is gone).
+    async fn send(&self, store: &Store, entries: Vec<ForeignAudit>) {
+        if let Err(mpsc::error::SendError(AuditJob::Store(entries))) =
+            self.jobs.send(AuditJob::Store(entries)).await
+        {
+            entries.iter().for_each(|e| store_one(store, e));
+        }
+    }
+
+    /// Resolves once every entry handed over before is stored.
+    async fn done(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(AuditJob::Barrier(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn store_one(store: &Store, e: &ForeignAudit) {
+    if e.audit.parse().is_none() {
+        internal_events::ledger_record_skipped(i64::try_from(e.offset).ok(), e.audit.text().len());
+        return;
+    }
+    if let Err(err) = store.put_foreign_audit(e.audit.text(), e.at_ms, e.offset, e.index) {
+        internal_events::ledger_apply_failed(&err);
+    }
 }
 
 pub async fn run(
@@ -68,7 +150,9 @@ pub async fn run(
         "fleet claims loaded"
     );
     *fleet.claims_lock() = claims;
+    let audits = AuditWriter::start(fleet.store.clone());
     let reader = Arc::new(Reader {
+        audits,
         fleet,
         stored,
         saved_at: Mutex::new(Instant::now()),
@@ -77,7 +161,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let result = shell::run(&s.amqp, &opts, reader.clone(), &health, shutdown).await;
-    reader.save_claims();
+    reader.save_claims().await;
     result
 }
 
@@ -89,26 +173,36 @@ impl Reader {
         let offset = header_i64(&delivery.properties, "x-stream-offset");
         let Some(records) = Record::decode_message(&delivery.data) else {
             internal_events::ledger_record_skipped(offset, delivery.data.len());
-            self.remember(offset);
+            self.remember(offset).await;
             return;
         };
+        let mut audits = Vec::new();
         for (index, record) in records.into_iter().enumerate() {
             match record {
                 Some(record) => {
-                    if !self.apply_one(&record, offset, index).await {
+                    if !self.apply_one(&record, offset, index, &mut audits).await {
                         return;
                     }
                 }
                 None => internal_events::ledger_record_skipped(offset, delivery.data.len()),
             }
         }
-        self.remember(offset);
+        if !audits.is_empty() {
+            self.audits.send(&self.fleet.store, audits).await;
+        }
+        self.remember(offset).await;
     }
 
     /// Apply one record, waiting out a failing store: a record is never skipped for the
     /// store's sake (that would let this pod decide claims on a view missing an outcome).
     /// False if shutdown came first; the reader then stops applying.
-    async fn apply_one(&self, record: &Record, offset: Option<i64>, index: usize) -> bool {
+    async fn apply_one(
+        &self,
+        record: &Record,
+        offset: Option<i64>,
+        index: usize,
+        audits: &mut Vec<ForeignAudit>,
+    ) -> bool {
         let fleet = &self.fleet;
         let position = offset.and_then(|o| u64::try_from(o).ok());
         let replay = match (position, self.stored) {
@@ -182,19 +276,22 @@ impl Reader {
                     fleet.set_caught_up(true);
                 }
             }
-            Applied::Foreign { audit, at_ms } => {
-                let Some(entry) = audit.parse() else {
-                    internal_events::ledger_record_skipped(offset, audit.text().len());
-                    return true;
-                };
-                let stored = match position {
-                    Some(o) => fleet.store.put_foreign_audit(audit.text(), at_ms, o, index),
-                    None => fleet.store.append_audit(&entry),
-                };
-                if let Err(e) = stored {
-                    internal_events::ledger_apply_failed(&e);
-                }
-            }
+            Applied::Foreign { audit, at_ms } => match position {
+                Some(offset) => audits.push(ForeignAudit {
+                    audit,
+                    at_ms,
+                    offset,
+                    index,
+                }),
+                None => match audit.parse() {
+                    Some(entry) => {
+                        if let Err(e) = fleet.store.append_audit(&entry) {
+                            internal_events::ledger_apply_failed(&e);
+                        }
+                    }
+                    None => internal_events::ledger_record_skipped(offset, audit.text().len()),
+                },
+            },
             Applied::Stranger => internal_events::ledger_record_skipped(offset, 0),
             Applied::Other => {}
         }
@@ -226,7 +323,7 @@ impl Reader {
     /// The message at `offset` is applied: note it in the claims, and now and then save the
     /// claims and the offset. Not a store write per message: what a restart reads again
     /// (at most [`SNAPSHOT_EVERY`] of the ledger) applies to the store again idempotently.
-    fn remember(&self, offset: Option<i64>) {
+    async fn remember(&self, offset: Option<i64>) {
         let Some(o) = offset.and_then(|o| u64::try_from(o).ok()) else {
             return;
         };
@@ -237,13 +334,15 @@ impl Reader {
             .map(|at| at.elapsed() >= SNAPSHOT_EVERY)
             .unwrap_or(true);
         if due {
-            self.save_claims();
+            self.save_claims().await;
         }
     }
 
     /// Prune lapsed claims and save the rest with their offset, and note that offset as the
-    /// store's (unless the store was further on already).
-    fn save_claims(&self) {
+    /// store's (unless the store was further on already). First every audit entry of the
+    /// records up to that offset is stored.
+    async fn save_claims(&self) {
+        self.audits.done().await;
         let ttl = self.fleet.settings.store.idempotency_ttl;
         let mut claims = self.claims();
         claims.prune(crate::store::now_ms(), ttl);
@@ -316,5 +415,37 @@ impl Pipeline for Reader {
 
     fn disconnected(&self) {
         self.fleet.set_caught_up(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn other_pods_audit_entries_are_all_stored_once_the_writer_says_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let writer = AuditWriter::start(store.clone());
+        let entry = |key: &str| AuditEntry {
+            idempotency_key: Some(key.into()),
+            outcome: "started".into(),
+            ..Default::default()
+        };
+        let at_ms = crate::store::now_ms();
+        for offset in 0..20u64 {
+            let batch = (0..10)
+                .map(|index| ForeignAudit {
+                    audit: Json::new(&entry(&format!("k{offset}-{index}"))),
+                    at_ms,
+                    offset,
+                    index,
+                })
+                .collect();
+            writer.send(&store, batch).await;
+        }
+        writer.done().await;
+        assert_eq!(store.audit_all().count(), 200);
     }
 }

@@ -203,6 +203,13 @@ mod tests {
         }
     }
 
+    /// A store of its own (kept while the directory lives).
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        (dir, s)
+    }
+
     fn decision(a: Applied) -> Decision {
         match a {
             Applied::Claim { decision, .. } => decision,
@@ -225,8 +232,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_live_claim_wins_until_its_lease_lapses() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let (_dir, s) = store();
         let c = &mut Claims::default();
         assert_eq!(
             decision(apply(&s, c, &claim("a", "w1", 100), "me", Known::Nothing).unwrap()),
@@ -254,8 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn release_frees_and_outcome_ends_claims() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let (_dir, s) = store();
         let c = &mut Claims::default();
         apply(&s, c, &claim("a", "w1", 100), "me", Known::Nothing).unwrap();
         // A release by someone else's claim id changes nothing.
@@ -306,8 +311,7 @@ mod tests {
 
     #[tokio::test]
     async fn this_pods_claim_before_its_own_outcome_stays_until_the_outcome_follows() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let (_dir, s) = store();
         let mut rec = completed("me");
         rec.updated_at_ms = 500;
         s.put("k", &rec).unwrap();
@@ -325,8 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_the_reader_knows_spares_the_store_reads() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let (_dir, s) = store();
         let c = &mut Claims::default();
         s.put("k", &completed("w2")).unwrap();
         // Read, the store decides; an open claim is decided on the live claims alone (the
@@ -356,8 +359,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_outcome_whose_record_is_not_whole_is_a_stranger_and_changes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let (_dir, s) = store();
         let c = &mut Claims::default();
         apply(&s, c, &claim("a", "w1", 100), "me", Known::Nothing).unwrap();
         // The fields the reader decides on are there; the fingerprint is not.
@@ -379,8 +381,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_outcome_told_again_adds_no_second_audit_entry() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let (_dir, s) = store();
         let c = &mut Claims::default();
         let outcome = Record::outcome("k", &completed("w2"), &AuditEntry::default());
         let first = apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
@@ -391,8 +392,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_restart_rebuilds_the_claims_from_a_snapshot_and_the_records_after_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let (_dir, s) = store();
         let key = |k: &str, r: Record| match r {
             Record::Claim {
                 claim_id,

@@ -154,6 +154,28 @@ async fn a_pod_on_an_empty_store_knows_the_fleets_history() {
         text.contains("\"outcome\":\"started\"") && text.contains("-first"),
         "the outcome and the pod that produced it: {text}"
     );
+
+    // The first pod loses its volume and comes back under the same name (a StatefulSet's
+    // lost PVC): its own outcomes' audit entries come back from the ledger too.
+    std::fs::remove_dir_all(&first.store).expect("wipe the first pod's store");
+    first.start();
+    assert!(
+        first.ready_within(Duration::from_secs(60)).await.is_some(),
+        "the first pod catches up again"
+    );
+    assert_eq!(first.stop(), Some(0));
+    let out = Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .arg("--config")
+        .arg(first.config_path())
+        .args(["audit", "show", "--json", key])
+        .output()
+        .expect("audit show runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("\"outcome\":\"started\""),
+        "audit show on the wiped pod: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,8 @@
 //! With [`Known::Applied`] (a record the store has already applied: read again after a
 //! restart to rebuild the claims, or this pod's own outcome, stored before the ledger had it),
 //! only the claims change; with [`Known::Open`] (this pod's own fresh claim, see
-//! [`super::Fleet::claim`]) the store is not read. Every change is idempotent, so a record
+//! [`super::Fleet::claim`]) and [`Known::Absent`] (a key a restoring pod has not written yet)
+//! the store is not read. Every change is idempotent, so a record
 //! applied again (retried after a store error, or read again after a restart because the
 //! reader saves its offset every few seconds) applies once: the claims change after the
 //! store, an outcome is stored whole, and a foreign audit entry is stored under its ledger
@@ -45,7 +46,8 @@ pub enum Applied {
     Mark {
         id: String,
     },
-    /// An outcome from another pod, made at `at_ms`; its audit entry is to be stored here.
+    /// An outcome made at `at_ms` whose audit entry this store lacks (another pod's, or this
+    /// pod's own when it lost its volume): the entry is to be stored here.
     Foreign {
         audit: Json<AuditEntry>,
         at_ms: u64,
@@ -67,6 +69,9 @@ pub enum Known {
     /// This pod's own claim, made on a key its store held `in_progress` for it, and no record
     /// applied since has changed that key: there is no outcome to find.
     Open,
+    /// The store holds nothing for the key (a pod restoring an empty store has not written
+    /// it yet, see [`super::unseen`]).
+    Absent,
 }
 
 pub fn apply(
@@ -94,7 +99,8 @@ pub fn apply(
                 at_ms,
                 lease_ms: *lease_ms,
             };
-            if known != Known::Open && store.state_of(key)?.is_some_and(IdemState::is_final) {
+            let read = !matches!(known, Known::Open | Known::Absent);
+            if read && store.state_of(key)?.is_some_and(IdemState::is_final) {
                 if let Some(rec) = store.get(key)? {
                     if *claimer == worker_id
                         && rec.worker_id == worker_id
@@ -152,7 +158,10 @@ pub fn apply(
                 }
                 // An `unknown` from the ledger does not overwrite a local `completed` either;
                 // a local `unknown` is replaced by whatever the fleet learned.
-                let state = store.state_of(key)?;
+                let state = match known {
+                    Known::Absent => None,
+                    _ => store.state_of(key)?,
+                };
                 // The same outcome told again (its pod stopped before the ledger had it):
                 // its audit entry is here already.
                 told_before = state.is_some()
@@ -167,7 +176,10 @@ pub fn apply(
                 }
             }
             claims.remove(key);
-            if head.worker_id != worker_id && !replay && !told_before {
+            // This pod's own outcome has its audit entry here, unless the pod lost its
+            // volume (a new store, restoring: `Absent`).
+            let audited = head.worker_id == worker_id && known != Known::Absent;
+            if !audited && !replay && !told_before {
                 Ok(Applied::Foreign {
                     audit: audit.clone(),
                     at_ms: head.updated_at_ms,
@@ -177,7 +189,8 @@ pub fn apply(
             }
         }
         Record::Forget { key } => {
-            if !replay && store.state_of(key)? == Some(IdemState::Unknown) {
+            if !replay && known != Known::Absent && store.state_of(key)? == Some(IdemState::Unknown)
+            {
                 store.remove(key)?;
             }
             claims.remove(key);
@@ -355,6 +368,46 @@ mod tests {
         assert!(c.get("k").is_none());
         apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
         assert_eq!(s.get("k").unwrap().unwrap().state, IdemState::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_new_store_restoring_decides_alike_without_reads_and_keeps_its_own_audit() {
+        let (_dir, s) = store();
+        let c = &mut Claims::default();
+        // Claim and outcome of a key the new store has not written: as with a read.
+        assert_eq!(
+            decision(apply(&s, c, &claim("a", "w1", 100), "me", Known::Absent).unwrap()),
+            Decision::Won
+        );
+        assert!(matches!(
+            decision(apply(&s, c, &claim("b", "w2", 200), "me", Known::Absent).unwrap()),
+            Decision::Busy(c) if c.claim_id == "a"
+        ));
+        let foreign = Record::outcome("k", &completed("w1"), &AuditEntry::default());
+        assert!(matches!(
+            apply(&s, c, &foreign, "me", Known::Absent).unwrap(),
+            Applied::Foreign { .. }
+        ));
+        assert_eq!(s.get("k").unwrap().unwrap().worker_id, "w1");
+        assert!(c.get("k").is_none());
+        // This pod's own outcome, from before it lost its volume: its audit entry is gone
+        // with the volume, so it is restored too (read, a live pod's own outcome is not).
+        let own = Record::outcome("j", &completed("me"), &AuditEntry::default());
+        assert!(matches!(
+            apply(&s, c, &own, "me", Known::Absent).unwrap(),
+            Applied::Foreign { .. }
+        ));
+        let own = Record::outcome("i", &completed("me"), &AuditEntry::default());
+        assert_eq!(
+            apply(&s, c, &own, "me", Known::Nothing).unwrap(),
+            Applied::Other
+        );
+        // A forget of a key never stored.
+        let forget = Record::Forget { key: "h".into() };
+        assert_eq!(
+            apply(&s, c, &forget, "me", Known::Absent).unwrap(),
+            Applied::Other
+        );
     }
 
     #[tokio::test]

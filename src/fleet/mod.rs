@@ -20,6 +20,7 @@ pub mod budget;
 pub mod claims;
 pub mod reader;
 pub mod record;
+pub mod unseen;
 
 use crate::amqp::{self, AmqpError};
 use crate::config::Settings;

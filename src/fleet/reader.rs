@@ -9,6 +9,7 @@ use super::apply::{apply, Applied, Known};
 use super::claims::{Claims, SNAPSHOT_EVERY};
 use super::record::Json;
 use super::record::{OutcomeRecord, Record, RECORD_TYPE};
+use super::unseen::Unseen;
 use super::Fleet;
 use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
@@ -45,6 +46,9 @@ struct Reader {
     stopped: AtomicBool,
     shutdown: Shutdown,
     audits: AuditWriter,
+    /// While a pod that started on an empty store catches up: the keys the reader has stored,
+    /// so it need not read the store for the others. Dropped once caught up.
+    unseen: Mutex<Option<Unseen>>,
 }
 
 /// Another pod's audit entry, to be stored under its ledger position.
@@ -151,6 +155,13 @@ pub async fn run(
     );
     *fleet.claims_lock() = claims;
     let audits = AuditWriter::start(fleet.store.clone());
+    // Until caught up, the reader is the only writer of idempotency records and outcomes'
+    // audit entries (the worker takes no delivery before), so on a new store it knows which
+    // keys are there.
+    let unseen = match fleet.store.is_new() {
+        Ok(true) => Some(Unseen::new()),
+        _ => None,
+    };
     let reader = Arc::new(Reader {
         audits,
         fleet,
@@ -159,6 +170,7 @@ pub async fn run(
         mark: Mutex::new(None),
         stopped: AtomicBool::new(false),
         shutdown: shutdown.clone(),
+        unseen: Mutex::new(unseen),
     });
     let result = shell::run(&s.amqp, &opts, reader.clone(), &health, shutdown).await;
     reader.save_claims().await;
@@ -254,6 +266,11 @@ impl Reader {
             }
         };
         metrics().ledger_applied.inc();
+        if let Record::Outcome(OutcomeRecord { key, .. }) = record {
+            if let Some(unseen) = self.unseen().as_mut() {
+                unseen.insert(key);
+            }
+        }
         if let Record::Outcome(OutcomeRecord { key, .. }) | Record::Forget { key } = record {
             // After the store write: a claim of this pod's made on the key from its `intend`
             // on either saw that write or is no longer open (`Known::Open`).
@@ -272,6 +289,8 @@ impl Reader {
                     .map(|m| m.as_deref() == Some(id.as_str()))
                     .unwrap_or(false);
                 if mine {
+                    // The worker writes the store from now on.
+                    self.unseen().take();
                     tracing::info!(offset, "fleet ledger caught up");
                     fleet.set_caught_up(true);
                 }
@@ -299,11 +318,12 @@ impl Reader {
     }
 
     /// What this pod knows of its store for a record it has not applied before, without
-    /// reading the store: its own open claims and its own stored outcomes need no read.
-    /// Asked once per record (it takes the outcome's note).
+    /// reading the store: its own open claims, its own stored outcomes and, while a pod
+    /// restores an empty store, the keys it has not stored yet need no read. Asked once per
+    /// record (it takes the outcome's note).
     fn known(&self, record: &Record) -> Known {
         let fleet = &self.fleet;
-        match record {
+        let known = match record {
             Record::Claim {
                 key,
                 claim_id,
@@ -317,7 +337,20 @@ impl Reader {
                 Known::Applied
             }
             _ => Known::Nothing,
+        };
+        match (known, record) {
+            (
+                Known::Nothing,
+                Record::Claim { key, .. }
+                | Record::Outcome(OutcomeRecord { key, .. })
+                | Record::Forget { key },
+            ) if self.unseen().as_ref().is_some_and(|u| u.unseen(key)) => Known::Absent,
+            _ => known,
         }
+    }
+
+    fn unseen(&self) -> MutexGuard<'_, Option<Unseen>> {
+        self.unseen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The message at `offset` is applied: note it in the claims, and now and then save the

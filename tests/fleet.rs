@@ -138,18 +138,7 @@ async fn a_pod_on_an_empty_store_knows_the_fleets_history() {
 
     // `audit show KEY` on the pod that did not process KEY reports its outcome.
     let key = &events[0].idempotency_key;
-    let out = Command::new(env!("CARGO_BIN_EXE_session-worker"))
-        .arg("--config")
-        .arg(fresh.config_path())
-        .args(["audit", "show", "--json", key])
-        .output()
-        .expect("audit show runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "audit show: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = audit_show(&fresh, key);
     assert!(
         text.contains("\"outcome\":\"started\"") && text.contains("-first"),
         "the outcome and the pod that produced it: {text}"
@@ -164,18 +153,28 @@ async fn a_pod_on_an_empty_store_knows_the_fleets_history() {
         "the first pod catches up again"
     );
     assert_eq!(first.stop(), Some(0));
+    let text = audit_show(&first, key);
+    assert!(
+        text.contains("\"outcome\":\"started\""),
+        "audit show on the wiped pod: {text}"
+    );
+}
+
+/// `audit show --json KEY` on a stopped pod's store: what it printed (it must succeed).
+fn audit_show(pod: &Pod, key: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_session-worker"))
         .arg("--config")
-        .arg(first.config_path())
+        .arg(pod.config_path())
         .args(["audit", "show", "--json", key])
         .output()
         .expect("audit show runs");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        out.status.success() && text.contains("\"outcome\":\"started\""),
-        "audit show on the wiped pod: {text} {}",
+        out.status.success(),
+        "audit show: {text} {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

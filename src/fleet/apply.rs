@@ -69,7 +69,7 @@ pub enum Known {
     /// This pod's own claim, made on a key its store held `in_progress` for it, and no record
     /// applied since has changed that key: there is no outcome to find.
     Open,
-    /// The store holds nothing for the key (a pod restoring an empty store has not written
+    /// The store holds nothing for the key (a pod restoring a new store has not written
     /// it yet, see [`super::unseen`]).
     Absent,
 }

@@ -46,7 +46,7 @@ struct Reader {
     stopped: AtomicBool,
     shutdown: Shutdown,
     audits: AuditWriter,
-    /// While a pod that started on an empty store catches up: the keys the reader has stored,
+    /// While a pod that started on a new store catches up: the keys the reader has stored,
     /// so it need not read the store for the others. Dropped once caught up.
     unseen: Mutex<Option<Unseen>>,
 }
@@ -319,7 +319,7 @@ impl Reader {
 
     /// What this pod knows of its store for a record it has not applied before, without
     /// reading the store: its own open claims, its own stored outcomes and, while a pod
-    /// restores an empty store, the keys it has not stored yet need no read. Asked once per
+    /// restores a new store, the keys it has not stored yet need no read. Asked once per
     /// record (it takes the outcome's note).
     fn known(&self, record: &Record) -> Known {
         let fleet = &self.fleet;

@@ -1,14 +1,15 @@
 //! Which keys a restoring pod's store cannot hold yet, so its ledger reader need not read the
 //! store to find out.
 //!
-//! A pod that starts on an empty store reads the whole ledger before it takes a delivery, and
-//! while it does, the reader is the only one writing idempotency records. So a key the reader
-//! has not written is not in the store, and the reads it would make for that key's claim and
-//! outcome (a walk to the key's leaf in sled, each; a third of a restore's work) would find
-//! nothing. [`Unseen`] remembers the keys written so far in a fixed-size blocked Bloom filter:
-//! "not seen" is certain, "maybe seen" (a key written, or a false positive) means the store is
-//! read as always. Its memory is fixed ([`FILTER_BYTES`]) whatever the ledger's length: a
-//! longer ledger only makes false positives, and so reads, more frequent.
+//! A pod that starts on a new store (`Store::is_new`: a new replica, a lost volume) reads the
+//! whole ledger before it takes a delivery, and while it does, the reader is the only one
+//! writing idempotency records. So a key the reader has not written is not in the store, and
+//! the reads it would make for that key's claim and outcome (a walk to the key's leaf in sled,
+//! each) would find nothing. [`Unseen`] remembers the keys written so far in a fixed-size
+//! blocked Bloom filter: "not seen" is certain, "maybe seen" (a key written, or a false
+//! positive) means the store is read as always. Its memory is fixed ([`FILTER_BYTES`])
+//! whatever the ledger's length: a longer ledger only makes false positives, and so reads,
+//! more frequent.
 //!
 //! The reader drops it once it has caught up, before the worker takes its first delivery
 //! (from then on the worker writes the store too).

@@ -164,4 +164,23 @@ mod tests {
         assert_eq!(s.claims_snapshot().unwrap(), Some(snap));
         assert!(s.legacy_fleet_claims().unwrap().is_empty());
     }
+
+    #[tokio::test]
+    async fn a_store_is_new_until_it_holds_a_record_an_audit_entry_or_an_offset() {
+        let fresh = || {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            (dir, s)
+        };
+        let (_a, s) = fresh();
+        assert!(s.is_new().unwrap());
+        s.put_json("k", "{}").unwrap();
+        assert!(!s.is_new().unwrap());
+        let (_b, s) = fresh();
+        s.append_audit(&Default::default()).unwrap();
+        assert!(!s.is_new().unwrap());
+        let (_c, s) = fresh();
+        s.set_ledger_offset(0).unwrap();
+        assert!(!s.is_new().unwrap());
+    }
 }

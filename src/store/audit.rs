@@ -60,13 +60,13 @@ fn audit_json(entry: &AuditEntry) -> Result<Vec<u8>, StoreError> {
 impl Store {
     /// Append an audit entry; its key orders entries by time.
     pub fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        self.insert_audit(audit_json(entry)?, now_micros(), None)
+        self.insert_audit(&audit_json(entry)?, now_micros(), None)
     }
 
     /// [`Store::append_audit`] of an entry already made into JSON (an outcome's, made once
     /// for the store and the fleet ledger).
     pub fn append_audit_json(&self, json: &str) -> Result<(), StoreError> {
-        self.insert_audit(json.as_bytes().to_vec(), now_micros(), None)
+        self.insert_audit(json.as_bytes(), now_micros(), None)
     }
 
     /// Store the audit entry of another pod's outcome, read from the fleet ledger at `offset`
@@ -93,21 +93,13 @@ impl Store {
         } else {
             at_ms
         };
-        self.insert_audit(
-            json.as_bytes().to_vec(),
-            at_ms.saturating_mul(1000),
-            Some(seq),
-        )
+        self.insert_audit(json.as_bytes(), at_ms.saturating_mul(1000), Some(seq))
     }
 
     /// The one place an audit entry is written: key = time (µs, big-endian) + a sequence
-    /// number (`seq`, or the next id of the store).
-    fn insert_audit(
-        &self,
-        bytes: Vec<u8>,
-        micros: u64,
-        seq: Option<u64>,
-    ) -> Result<(), StoreError> {
+    /// number (`seq`, or the next id of the store). Given as a slice: sled copies a value
+    /// into its own buffer either way.
+    fn insert_audit(&self, bytes: &[u8], micros: u64, seq: Option<u64>) -> Result<(), StoreError> {
         self.write(|t| {
             let seq = match seq {
                 Some(s) => s,

@@ -140,8 +140,10 @@ impl Store {
             updated_at_ms: now,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| StoreError::Io(e.to_string()))?;
-        let swapped =
-            self.write(|t| Ok(t.idem.compare_and_swap(key.as_bytes(), read, Some(bytes))?))?;
+        let swapped = self.write(|t| {
+            Ok(t.idem
+                .compare_and_swap(key.as_bytes(), read, Some(bytes.as_slice()))?)
+        })?;
         Ok(swapped.ok().map(|()| Claim::Proceed { attempts }))
     }
 
@@ -170,13 +172,13 @@ impl Store {
 
     /// Store a record given as its JSON (a fleet ledger record, parsed and checked first).
     pub fn put_json(&self, key: &str, json: &str) -> Result<(), StoreError> {
-        let bytes = json.as_bytes().to_vec();
-        self.write(|t| Ok(t.idem.insert(key.as_bytes(), bytes).map(drop)?))
+        // A slice, not a `Vec`: sled copies the value into its own buffer either way.
+        self.write(|t| Ok(t.idem.insert(key.as_bytes(), json.as_bytes()).map(drop)?))
     }
 
     pub fn put(&self, key: &str, record: &IdemRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.write(|t| Ok(t.idem.insert(key.as_bytes(), bytes).map(drop)?))
+        self.write(|t| Ok(t.idem.insert(key.as_bytes(), bytes.as_slice()).map(drop)?))
     }
 }
 

@@ -24,10 +24,25 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Key `i` of the restore fill: in order by default (comparable with earlier runs), or, with
+/// `BENCH_RESTORE_RANDOM_KEYS=1`, scattered as real idempotency keys are (sled then inserts
+/// all over its tree instead of at its right edge).
+fn key_of(i: usize) -> String {
+    if env_or("BENCH_RESTORE_RANDOM_KEYS", 0u8) == 1 {
+        // splitmix64 of `i`: distinct for distinct `i`, in no order.
+        let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        format!("restore-{:016x}", z ^ (z >> 31))
+    } else {
+        format!("restore-{i:09}")
+    }
+}
+
 /// What another pod appended for key `i`: its claim, then its outcome.
 fn claim_of(i: usize, now: u64) -> Record {
     Record::Claim {
-        key: format!("restore-{i:09}"),
+        key: key_of(i),
         claim_id: format!("claim-{i}"),
         worker_id: "another-pod".into(),
         fingerprint: format!("fp-{i}"),
@@ -37,7 +52,7 @@ fn claim_of(i: usize, now: u64) -> Record {
 }
 
 fn outcome_of(i: usize, now: u64) -> Record {
-    let key = format!("restore-{i:09}");
+    let key = key_of(i);
     // As a real outcome: with the result event a duplicate re-publishes.
     let mut event = ResultEvent::new(
         EventKind::SessionStarted,

@@ -28,7 +28,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// `BENCH_RESTORE_RANDOM_KEYS=1`, scattered as real idempotency keys are (sled then inserts
 /// all over its tree instead of at its right edge).
 fn key_of(i: usize) -> String {
-    if env_or("BENCH_RESTORE_RANDOM_KEYS", 0u8) == 1 {
+    static SCATTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *SCATTER.get_or_init(|| env_or("BENCH_RESTORE_RANDOM_KEYS", 0u8) == 1) {
         // splitmix64 of `i`: distinct for distinct `i`, in no order.
         let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

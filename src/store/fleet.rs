@@ -100,7 +100,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The offset of the last ledger record applied to this store.
     /// Whether the store is new (a new pod, or a lost volume): no idempotency record, no audit
     /// entry, no ledger offset.
     pub fn is_new(&self) -> Result<bool, StoreError> {
@@ -108,6 +107,7 @@ impl Store {
         Ok(t.idem.is_empty() && t.audit.is_empty() && t.meta.get(LEDGER_OFFSET)?.is_none())
     }
 
+    /// The offset of the last ledger record applied to this store.
     pub fn ledger_offset(&self) -> Result<Option<u64>, StoreError> {
         Ok(self.trees()?.meta.get(LEDGER_OFFSET)?.and_then(|v| {
             let bytes: [u8; 8] = v.as_ref().try_into().ok()?;

@@ -32,7 +32,8 @@
 //! - [`config`]: layered settings (defaults, `--config`, environment), validated on load.
 //!
 //! **Helpers** (import nothing of the crate, or only each other)
-//! - [`shutdown`], [`text`], [`http_headers`], [`backoff`], [`secret`], [`telemetry`].
+//! - [`shutdown`], [`text`], [`http_headers`], [`backoff`], [`secret`], [`telemetry`],
+//!   [`alloc`].
 
 pub mod cli;
 
@@ -59,6 +60,7 @@ pub mod metrics;
 pub mod request;
 pub mod store;
 
+pub mod alloc;
 pub mod backoff;
 pub mod http_headers;
 pub mod secret;

@@ -14,15 +14,15 @@ use super::Fleet;
 use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
 use crate::amqp::{self, header_i64, topology, AmqpError};
-use crate::internal_events;
 use crate::metrics::metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{AuditEntry, Store};
+use crate::{alloc, internal_events};
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
@@ -33,6 +33,10 @@ const APPLY_TRIES: u32 = 5;
 
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
 const PREFETCH: u16 = 200;
+
+/// Records applied before the first catch-up after which the reader takes the allocator's
+/// fast phase ([`alloc::Fast`]): a restore, not a pod that was down a moment.
+const FAST_AFTER: u64 = 10_000;
 
 struct Reader {
     fleet: Arc<Fleet>,
@@ -49,6 +53,39 @@ struct Reader {
     /// While a pod that started on a new store catches up: the keys the reader has stored,
     /// so it need not read the store for the others. Dropped once caught up.
     unseen: Mutex<Option<Unseen>>,
+    /// Until the first catch-up: the records applied, and past [`FAST_AFTER`] the allocator's
+    /// fast phase, ended at the catch-up or when the reader stops.
+    first_catch_up: FirstCatchUp,
+}
+
+#[derive(Default)]
+struct FirstCatchUp {
+    over: AtomicBool,
+    applied: AtomicU64,
+    fast: Mutex<Option<alloc::Fast>>,
+}
+
+impl FirstCatchUp {
+    fn applied(&self) {
+        if !self.over.load(Ordering::Relaxed)
+            && self.applied.fetch_add(1, Ordering::Relaxed) + 1 == FAST_AFTER
+        {
+            tracing::info!(
+                records = FAST_AFTER,
+                "a long ledger to catch up on: restoring with the fast allocator"
+            );
+            *self.fast() = Some(alloc::Fast::begin());
+        }
+    }
+
+    fn end(&self) {
+        self.over.store(true, Ordering::Relaxed);
+        self.fast().take();
+    }
+
+    fn fast(&self) -> MutexGuard<'_, Option<alloc::Fast>> {
+        self.fast.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Another pod's audit entry, to be stored under its ledger position.
@@ -171,8 +208,10 @@ pub async fn run(
         stopped: AtomicBool::new(false),
         shutdown: shutdown.clone(),
         unseen: Mutex::new(unseen),
+        first_catch_up: FirstCatchUp::default(),
     });
     let result = shell::run(&s.amqp, &opts, reader.clone(), &health, shutdown).await;
+    reader.first_catch_up.end();
     reader.save_claims().await;
     result
 }
@@ -266,6 +305,7 @@ impl Reader {
             }
         };
         metrics().ledger_applied.inc();
+        self.first_catch_up.applied();
         if let Record::Outcome(OutcomeRecord { key, .. }) = record {
             if let Some(unseen) = self.unseen().as_mut() {
                 unseen.insert(key);
@@ -291,6 +331,7 @@ impl Reader {
                 if mine {
                     // The worker writes the store from now on.
                     self.unseen().take();
+                    self.first_catch_up.end();
                     tracing::info!(offset, "fleet ledger caught up");
                     fleet.set_caught_up(true);
                 }

@@ -168,6 +168,13 @@ pub fn ledger_apply_failed(error: &dyn std::fmt::Display) {
     metrics().delivery_error("ledger");
 }
 
+/// The ledger reader did not save its offset: an audit entry of a record before it was given
+/// up (shutdown while the store failed), and the next start reads that record again.
+pub fn ledger_offset_held() {
+    tracing::warn!("shutdown while the store fails: an audit entry from the fleet ledger is not stored, so the ledger offset is not saved and the next start reads it again");
+    metrics().delivery_error("ledger");
+}
+
 /// A copy of a key held by another pod was parked until that pod's outcome.
 pub fn session_parked(holder: &str, queue: &str) {
     tracing::info!(

@@ -162,15 +162,17 @@ pub fn apply(
                     Known::Absent => None,
                     _ => store.state_of(key)?,
                 };
-                // The same outcome told again (its pod stopped before the ledger had it):
-                // its audit entry is here already.
+                // The same outcome told again (its pod stopped before the ledger had it), or
+                // read again after a restart: its audit entry is here already, unless its
+                // insert failed (a failing store), and then it is stored now.
                 told_before = state.is_some()
                     && head.worker_id != worker_id
                     && store.get(key)?.is_some_and(|r| {
                         r.state == head.state
                             && r.worker_id == head.worker_id
                             && r.updated_at_ms == head.updated_at_ms
-                    });
+                    })
+                    && store.has_foreign_audit(key, head.updated_at_ms)?;
                 if state != Some(IdemState::Completed) {
                     store.put_json(key, record.text())?;
                 }
@@ -436,11 +438,37 @@ mod tests {
     async fn an_outcome_told_again_adds_no_second_audit_entry() {
         let (_dir, s) = store();
         let c = &mut Claims::default();
-        let outcome = Record::outcome("k", &completed("w2"), &AuditEntry::default());
+        let audit = AuditEntry {
+            idempotency_key: Some("k".into()),
+            ..Default::default()
+        };
+        let outcome = Record::outcome("k", &completed("w2"), &audit);
         let first = apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
-        assert!(matches!(first, Applied::Foreign { .. }));
+        let Applied::Foreign { audit, at_ms } = first else {
+            panic!("{first:?}")
+        };
+        // The reader stores the entry under the outcome's ledger position.
+        s.put_foreign_audit(audit.text(), at_ms, 10, 0).unwrap();
+        // Told again at another position: the entry is here.
         let again = apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
         assert_eq!(again, Applied::Other);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_read_again_after_its_audit_insert_failed_brings_the_entry() {
+        let (_dir, s) = store();
+        let c = &mut Claims::default();
+        let audit = AuditEntry {
+            idempotency_key: Some("k".into()),
+            ..Default::default()
+        };
+        let outcome = Record::outcome("k", &completed("w2"), &audit);
+        let first = apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
+        assert!(matches!(first, Applied::Foreign { .. }));
+        // The entry's insert failed (a failing store); the record is read again after a
+        // restart: the entry is handed over again, to be stored under the same position.
+        let again = apply(&s, c, &outcome, "me", Known::Nothing).unwrap();
+        assert!(matches!(again, Applied::Foreign { .. }), "{again:?}");
     }
 
     #[tokio::test]

@@ -109,21 +109,27 @@ enum AuditJob {
 /// ([`AuditWriter::done`]), so a restart never skips one.
 struct AuditWriter {
     jobs: mpsc::Sender<AuditJob>,
+    /// Set when an entry was given up (shutdown came while the store failed): from then on
+    /// the offset is not saved, so the next start reads that entry's record again.
+    lost: Arc<AtomicBool>,
+    shutdown: Shutdown,
 }
 
 /// Audit batches (one per ledger message) that may wait for the writer.
 const AUDIT_BACKLOG: usize = 64;
 
 impl AuditWriter {
-    fn start(store: Store) -> Self {
+    fn start(store: Store, shutdown: Shutdown) -> Self {
         let (jobs, mut rx) = mpsc::channel(AUDIT_BACKLOG);
+        let lost = Arc::new(AtomicBool::new(false));
+        let (thread_lost, thread_shutdown) = (lost.clone(), shutdown.clone());
         let spawned = std::thread::Builder::new()
             .name("ledger-audit".into())
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
                     match job {
                         AuditJob::Store(entries) => {
-                            entries.iter().for_each(|e| store_one(&store, e))
+                            store_all(&store, &entries, &thread_shutdown, &thread_lost)
                         }
                         AuditJob::Barrier(done) => {
                             let _ = done.send(());
@@ -135,7 +141,11 @@ impl AuditWriter {
             // No thread: the jobs channel is closed, and `send` stores in place instead.
             tracing::warn!(error = %e, "cannot start the ledger audit thread; the reader stores audit entries itself");
         }
-        Self { jobs }
+        Self {
+            jobs,
+            lost,
+            shutdown,
+        }
     }
 
     /// Hand a message's entries to the writer (in place if it is gone).
@@ -143,26 +153,56 @@ impl AuditWriter {
         if let Err(mpsc::error::SendError(AuditJob::Store(entries))) =
             self.jobs.send(AuditJob::Store(entries)).await
         {
-            entries.iter().for_each(|e| store_one(store, e));
+            store_all(store, &entries, &self.shutdown, &self.lost);
         }
     }
 
-    /// Resolves once every entry handed over before is stored.
-    async fn done(&self) {
+    /// Resolves once every entry handed over before is stored or given up: true if none was
+    /// ever given up.
+    async fn done(&self) -> bool {
         let (tx, rx) = oneshot::channel();
         if self.jobs.send(AuditJob::Barrier(tx)).await.is_ok() {
             let _ = rx.await;
         }
+        !self.lost.load(Ordering::SeqCst)
     }
 }
 
-fn store_one(store: &Store, e: &ForeignAudit) {
-    if e.audit.parse().is_none() {
-        internal_events::ledger_record_skipped(i64::try_from(e.offset).ok(), e.audit.text().len());
-        return;
+fn store_all(store: &Store, entries: &[ForeignAudit], shutdown: &Shutdown, lost: &AtomicBool) {
+    for e in entries {
+        if !store_one(store, e, shutdown) {
+            lost.store(true, Ordering::SeqCst);
+        }
     }
-    if let Err(err) = store.put_foreign_audit(e.audit.text(), e.at_ms, e.offset, e.index) {
+}
+
+/// Store one entry, waiting out a failing store as the reader does for its records (an
+/// entry dropped here would never come back: the offset would be saved past it). False if
+/// shutdown came first and the entry is not stored.
+fn store_one(store: &Store, e: &ForeignAudit, shutdown: &Shutdown) -> bool {
+    let offset = i64::try_from(e.offset).ok();
+    if e.audit.parse().is_none() {
+        internal_events::ledger_record_skipped(offset, e.audit.text().len());
+        return true;
+    }
+    let mut other_errors = 0u32;
+    loop {
+        let Err(err) = store.put_foreign_audit(e.audit.text(), e.at_ms, e.offset, e.index) else {
+            return true;
+        };
         internal_events::ledger_apply_failed(&err);
+        if store.failure().is_none() {
+            // Not the store failing but this entry against it: waiting would stall the
+            // writer for good.
+            other_errors += 1;
+            if other_errors >= APPLY_TRIES {
+                internal_events::ledger_record_skipped(offset, e.audit.text().len());
+                return true;
+            }
+        } else if shutdown.is_requested() {
+            return false;
+        }
+        std::thread::sleep(REQUEUE_PAUSE);
     }
 }
 
@@ -191,7 +231,7 @@ pub async fn run(
         "fleet claims loaded"
     );
     *fleet.claims_lock() = claims;
-    let audits = AuditWriter::start(fleet.store.clone());
+    let audits = AuditWriter::start(fleet.store.clone(), shutdown.clone());
     // Until caught up, the reader is the only writer of idempotency records and outcomes'
     // audit entries (the worker takes no delivery before), so on a new store it knows which
     // keys are there.
@@ -416,7 +456,12 @@ impl Reader {
     /// store's (unless the store was further on already). First every audit entry of the
     /// records up to that offset is stored.
     async fn save_claims(&self) {
-        self.audits.done().await;
+        if !self.audits.done().await {
+            // Shutdown came while the store failed and an entry of a record before this
+            // offset was not stored: the next start must read that record again.
+            internal_events::ledger_offset_held();
+            return;
+        }
         let ttl = self.fleet.settings.store.idempotency_ttl;
         let mut claims = self.claims();
         claims.prune(crate::store::now_ms(), ttl);
@@ -497,29 +542,65 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn entries(offset: u64, n: usize) -> Vec<ForeignAudit> {
+        (0..n)
+            .map(|index| ForeignAudit {
+                audit: Json::new(&AuditEntry {
+                    idempotency_key: Some(format!("k{offset}-{index}")),
+                    outcome: "started".into(),
+                    ..Default::default()
+                }),
+                at_ms: crate::store::now_ms(),
+                offset,
+                index,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_met_by_a_failing_store_is_stored_once_the_store_heals() {
+        let dir = tempfile::tempdir().unwrap();
+        // Opened in the runtime: the healer reopens it after a failure.
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let writer = AuditWriter::start(store.clone(), Shutdown::never());
+        store.fail_for_test();
+        writer.send(&store, entries(1, 5)).await;
+        assert!(writer.done().await, "nothing was given up");
+        assert!(
+            store.failure().is_none(),
+            "done waited for the store to heal"
+        );
+        assert_eq!(store.audit_all().count(), 5);
+    }
+
+    #[test]
+    fn shutdown_while_the_store_fails_gives_the_entry_up_and_done_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        // Opened outside a runtime: no healer, so the store fails until the test ends.
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let (trigger, shutdown) = Shutdown::new();
+            let writer = AuditWriter::start(store.clone(), shutdown);
+            store.fail_for_test();
+            trigger.fire();
+            writer.send(&store, entries(1, 1)).await;
+            assert!(
+                !writer.done().await,
+                "an entry was given up: the offset is held"
+            );
+        });
+    }
+
     #[tokio::test]
     async fn other_pods_audit_entries_are_all_stored_once_the_writer_says_done() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        let writer = AuditWriter::start(store.clone());
-        let entry = |key: &str| AuditEntry {
-            idempotency_key: Some(key.into()),
-            outcome: "started".into(),
-            ..Default::default()
-        };
-        let at_ms = crate::store::now_ms();
+        let writer = AuditWriter::start(store.clone(), Shutdown::never());
         for offset in 0..20u64 {
-            let batch = (0..10)
-                .map(|index| ForeignAudit {
-                    audit: Json::new(&entry(&format!("k{offset}-{index}"))),
-                    at_ms,
-                    offset,
-                    index,
-                })
-                .collect();
-            writer.send(&store, batch).await;
+            writer.send(&store, entries(offset, 10)).await;
         }
-        writer.done().await;
+        assert!(writer.done().await);
         assert_eq!(store.audit_all().count(), 200);
     }
 }

@@ -53,6 +53,19 @@ fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where another pod's entry made at `at_ms` is filed: that millisecond, or now for a time
+/// more than a day ahead (not a clock's skew but a broken record, which would never be
+/// pruned).
+fn foreign_micros(at_ms: u64) -> u64 {
+    let now = super::now_ms();
+    let at_ms = if at_ms > now.saturating_add(86_400_000) {
+        now
+    } else {
+        at_ms
+    };
+    at_ms.saturating_mul(1000)
+}
+
 fn audit_json(entry: &AuditEntry) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(entry).map_err(|e| StoreError::Io(e.to_string()))
 }
@@ -85,15 +98,35 @@ impl Store {
         index: usize,
     ) -> Result<(), StoreError> {
         let seq = FOREIGN | (offset << 16) | (index as u64 & 0xffff);
-        // A time more than a day ahead is not a clock's skew but a broken record: it would
-        // never be pruned, so it is filed under now.
-        let now = super::now_ms();
-        let at_ms = if at_ms > now.saturating_add(86_400_000) {
-            now
-        } else {
-            at_ms
-        };
-        self.insert_audit(json.as_bytes(), at_ms.saturating_mul(1000), Some(seq))
+        self.insert_audit(json.as_bytes(), foreign_micros(at_ms), Some(seq))
+    }
+
+    /// Whether the audit entry of another pod's outcome for `key` made at `at_ms` is stored,
+    /// from whichever ledger position: the reader asks before it takes an outcome read again
+    /// for one told before (then the entry is here) or for one whose entry's insert failed
+    /// (then it is not, and is stored now). Reads only the entries filed under that
+    /// millisecond.
+    pub fn has_foreign_audit(&self, key: &str, at_ms: u64) -> Result<bool, StoreError> {
+        #[derive(Deserialize)]
+        struct Key<'a> {
+            #[serde(borrow)]
+            idempotency_key: Option<std::borrow::Cow<'a, str>>,
+        }
+        let t = self.trees()?;
+        for item in t.audit.scan_prefix(foreign_micros(at_ms).to_be_bytes()) {
+            let (k, v) = item?;
+            let foreign = k
+                .get(8..16)
+                .and_then(|seq| <[u8; 8]>::try_from(seq).ok())
+                .is_some_and(|seq| u64::from_be_bytes(seq) & FOREIGN != 0);
+            if foreign
+                && serde_json::from_slice::<Key>(&v)
+                    .is_ok_and(|e| e.idempotency_key.as_deref() == Some(key))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The one place an audit entry is written: key = time (µs, big-endian) + a sequence
@@ -207,5 +240,31 @@ mod tests {
             4,
             "nothing filed in the future, where retention would never reach it"
         );
+    }
+
+    #[test]
+    fn a_foreign_entry_is_found_by_key_and_time_from_any_ledger_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let json = |k: &str| {
+            serde_json::to_string(&AuditEntry {
+                idempotency_key: Some(k.into()),
+                outcome: "started".into(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let then = super::super::now_ms() - 60_000;
+        assert!(!s.has_foreign_audit("a", then).unwrap());
+        s.put_foreign_audit(&json("a"), then, 7, 3).unwrap();
+        s.put_foreign_audit(&json("b"), then, 7, 4).unwrap();
+        assert!(s.has_foreign_audit("a", then).unwrap());
+        assert!(s.has_foreign_audit("b", then).unwrap());
+        assert!(!s.has_foreign_audit("c", then).unwrap(), "another key");
+        assert!(!s.has_foreign_audit("a", then + 1).unwrap(), "another time");
+        // This pod's own entry for a key is not another pod's.
+        s.insert_audit(json("own").as_bytes(), then * 1000, None)
+            .unwrap();
+        assert!(!s.has_foreign_audit("own", then).unwrap());
     }
 }

@@ -178,6 +178,18 @@ impl Store {
             .ok_or_else(|| StoreError::Io("the store is being reopened after a failure".into()))
     }
 
+    /// Fail as a store on a full disk does: every write errors until the healer (if the store
+    /// was opened inside a runtime) reopens it.
+    #[cfg(test)]
+    pub(crate) fn fail_for_test(&self) {
+        self.shared
+            .trees
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.failed(&StoreError::Io("failing for a test".into()));
+    }
+
     /// Run a write; an I/O failure marks the store failing.
     fn write<T>(&self, f: impl FnOnce(&Trees) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let result = self.trees().and_then(|t| f(&t));

@@ -160,6 +160,41 @@ async fn a_pod_on_an_empty_store_knows_the_fleets_history() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_restoring_a_long_ledger_knows_every_key_and_stops_cleanly() {
+    // Long enough that the reader takes mimalloc for the catch-up (past 10,000 records,
+    // `fleet::reader::FAST_AFTER`), and glibc again after it: the blocks made during the
+    // restore are freed by the allocator that made them while the pod works and stops.
+    const N: usize = 8_000;
+    const _: () = assert!(2 * N as u64 > session_worker::fleet::reader::FAST_AFTER);
+    let n = N;
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    common::ledger::fill_ledger(&env, n, 40).await;
+    let mut pod = Pod::new(&env, "restorer");
+    pod.start();
+    assert!(
+        pod.ready_within(Duration::from_secs(120)).await.is_some(),
+        "the pod catches up"
+    );
+    let applied = pod.metric("ledger_records_applied_total").await;
+    assert!(
+        applied.is_some_and(|v| v >= 2.0 * n as f64),
+        "every record applied before ready: {applied:?}"
+    );
+    // The pod works on after the restore: a new key gets its session.
+    publish_all(&env, &bodies("after-restore-", 20)).await;
+    assert_eq!(env.events(20, Duration::from_secs(60)).await.len(), 20);
+    assert_eq!(pod.stop(), Some(0), "SIGTERM exits 0");
+    for i in [0, n / 2, n - 1] {
+        let key = common::ledger::key_of(i);
+        let text = audit_show(&pod, &key);
+        assert!(
+            text.contains(&key) && text.contains("\"outcome\":\"started\""),
+            "audit show {key}: {text}"
+        );
+    }
+}
+
 /// `audit show --json KEY` on a stopped pod's store: what it printed (it must succeed).
 fn audit_show(pod: &Pod, key: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_session-worker"))

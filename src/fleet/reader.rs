@@ -36,7 +36,7 @@ const PREFETCH: u16 = 200;
 
 /// Records applied before the first catch-up after which the reader takes the allocator's
 /// fast phase ([`alloc::Fast`]): a restore, not a pod that was down a moment.
-const FAST_AFTER: u64 = 10_000;
+pub const FAST_AFTER: u64 = 10_000;
 
 struct Reader {
     fleet: Arc<Fleet>,

@@ -170,6 +170,45 @@ async fn a_pod_restoring_a_long_ledger_knows_every_key_and_stops_cleanly() {
     let n = N;
     let env = TestEnv::new(Faults::default(), |_| {}).await;
     common::ledger::fill_ledger(&env, n, 40).await;
+    // Keys that come back within one message, so the reader reads what it has just handed
+    // to its writer: a key failed by one pod and then completed by another, and a late
+    // claim on a completed key.
+    let now = session_worker::store::now_ms();
+    let life = |state, worker: &str, at| {
+        let mut outcome = common::ledger::outcome_of(0, at);
+        if let session_worker::fleet::record::Record::Outcome(o) = &mut outcome {
+            let mut record = o.record.parse().expect("the fill's record parses");
+            let mut audit = o.audit.parse().expect("the fill's entry parses");
+            record.state = state;
+            record.worker_id = worker.into();
+            audit.idempotency_key = Some("second-life".into());
+            audit.worker_id = worker.into();
+            audit.outcome = format!("{state:?}").to_lowercase();
+            outcome =
+                session_worker::fleet::record::Record::outcome("second-life", &record, &audit);
+        }
+        outcome
+    };
+    let claim = |key: &str, worker: &str, at| session_worker::fleet::record::Record::Claim {
+        key: key.into(),
+        claim_id: format!("{worker}-{at}"),
+        worker_id: worker.into(),
+        fingerprint: "fp-0".into(),
+        at_ms: at,
+        lease_ms: 60_000,
+    };
+    use session_worker::store::IdemState::{Completed, Failed};
+    common::ledger::append(
+        &env,
+        &[
+            claim("second-life", "pod-a", now),
+            life(Failed, "pod-a", now + 1),
+            claim("second-life", "pod-b", now + 2),
+            life(Completed, "pod-b", now + 3),
+            claim(&common::ledger::key_of(0), "late-pod", now + 4),
+        ],
+    )
+    .await;
     let mut pod = Pod::new(&env, "restorer");
     pod.start();
     assert!(
@@ -193,6 +232,27 @@ async fn a_pod_restoring_a_long_ledger_knows_every_key_and_stops_cleanly() {
             "audit show {key}: {text}"
         );
     }
+    let text = audit_show(&pod, "second-life");
+    assert!(
+        text.contains("\"outcome\":\"failed\"") && text.contains("\"outcome\":\"completed\""),
+        "both outcomes of the key are in the trail: {text}"
+    );
+    let store = session_worker::store::Store::open(&pod.store, Duration::from_secs(3600))
+        .expect("the stopped pod's store opens");
+    let second = store.get("second-life").expect("read").expect("stored");
+    assert_eq!(
+        (second.state, second.worker_id.as_str()),
+        (Completed, "pod-b")
+    );
+    let first = store
+        .get(&common::ledger::key_of(0))
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        (first.state, first.worker_id.as_str()),
+        (Completed, "another-pod"),
+        "a late claim changes no outcome"
+    );
 }
 
 /// `audit show --json KEY` on a stopped pod's store: what it printed (it must succeed).

@@ -15,7 +15,8 @@
 //! restart to rebuild the claims, or this pod's own outcome, stored before the ledger had it),
 //! only the claims change; with [`Known::Open`] (this pod's own fresh claim, see
 //! [`super::Fleet::claim`]) and [`Known::Absent`] (a key a restoring pod has not written yet)
-//! the store is not read. Every change is idempotent, so a record
+//! the store is not read, and an `Absent` outcome is handed back to be stored
+//! ([`Applied::Restored`]). Every change is idempotent, so a record
 //! applied again (retried after a store error, or read again after a restart because the
 //! reader saves its offset every few seconds) applies once: the claims change after the
 //! store, an outcome is stored whole, and a foreign audit entry is stored under its ledger
@@ -49,6 +50,14 @@ pub enum Applied {
     /// An outcome made at `at_ms` whose audit entry this store lacks (another pod's, or this
     /// pod's own when it lost its volume): the entry is to be stored here.
     Foreign {
+        audit: Json<AuditEntry>,
+        at_ms: u64,
+    },
+    /// An outcome for a key a new store does not hold yet ([`Known::Absent`]): the record and
+    /// its audit entry (made at `at_ms`) are for the caller to store. The reader hands them
+    /// to its writer thread, so a restoring pod's sled inserts run beside its decoding.
+    Restored {
+        record: Json<IdemRecord>,
         audit: Json<AuditEntry>,
         at_ms: u64,
     },
@@ -156,12 +165,20 @@ pub fn apply(
                 if record.parse().is_none() {
                     return Ok(Applied::Stranger);
                 }
+                if known == Known::Absent {
+                    // A new store restoring: nothing to read, and the caller stores the
+                    // record and its audit entry (even this pod's own: its entry went with
+                    // the lost volume).
+                    claims.remove(key);
+                    return Ok(Applied::Restored {
+                        record: record.clone(),
+                        audit: audit.clone(),
+                        at_ms: head.updated_at_ms,
+                    });
+                }
                 // An `unknown` from the ledger does not overwrite a local `completed` either;
                 // a local `unknown` is replaced by whatever the fleet learned.
-                let state = match known {
-                    Known::Absent => None,
-                    _ => store.state_of(key)?,
-                };
+                let state = store.state_of(key)?;
                 // The same outcome told again (its pod stopped before the ledger had it), or
                 // read again after a restart: its audit entry is here already, unless its
                 // insert failed (a failing store), and then it is stored now.
@@ -178,9 +195,8 @@ pub fn apply(
                 }
             }
             claims.remove(key);
-            // This pod's own outcome has its audit entry here, unless the pod lost its
-            // volume (a new store, restoring: `Absent`).
-            let audited = head.worker_id == worker_id && known != Known::Absent;
+            // This pod's own outcome has its audit entry here.
+            let audited = head.worker_id == worker_id;
             if !audited && !replay && !told_before {
                 Ok(Applied::Foreign {
                     audit: audit.clone(),
@@ -386,18 +402,21 @@ mod tests {
             Decision::Busy(c) if c.claim_id == "a"
         ));
         let foreign = Record::outcome("k", &completed("w1"), &AuditEntry::default());
-        assert!(matches!(
-            apply(&s, c, &foreign, "me", Known::Absent).unwrap(),
-            Applied::Foreign { .. }
-        ));
-        assert_eq!(s.get("k").unwrap().unwrap().worker_id, "w1");
-        assert!(c.get("k").is_none());
+        let Applied::Restored { record, at_ms, .. } =
+            apply(&s, c, &foreign, "me", Known::Absent).unwrap()
+        else {
+            panic!("an absent key's outcome is handed back to be stored")
+        };
+        assert_eq!(record.parse().unwrap().worker_id, "w1");
+        assert_eq!(at_ms, completed("w1").updated_at_ms);
+        assert_eq!(s.get("k").unwrap(), None, "the caller stores it");
+        assert!(c.get("k").is_none(), "the outcome ended the claim");
         // This pod's own outcome, from before it lost its volume: its audit entry is gone
         // with the volume, so it is restored too (read, a live pod's own outcome is not).
         let own = Record::outcome("j", &completed("me"), &AuditEntry::default());
         assert!(matches!(
             apply(&s, c, &own, "me", Known::Absent).unwrap(),
-            Applied::Foreign { .. }
+            Applied::Restored { .. }
         ));
         let own = Record::outcome("i", &completed("me"), &AuditEntry::default());
         assert_eq!(

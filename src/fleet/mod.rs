@@ -21,6 +21,7 @@ pub mod claims;
 pub mod reader;
 pub mod record;
 pub mod unseen;
+pub mod writer;
 
 use crate::amqp::{self, AmqpError};
 use crate::config::Settings;

@@ -4,19 +4,22 @@
 //! them. On each (re)connect it appends a mark and reports caught up once it reads that mark
 //! back. It saves the claims every few seconds and when it stops; a restart loads them and
 //! reads on from their offset, applying to the claims alone what the store already holds.
+//! What it has to store besides (other pods' audit entries; a new store's records while it
+//! restores) goes to its [`Writer`], a thread of its own.
 
 use super::apply::{apply, Applied, Known};
 use super::claims::{Claims, SNAPSHOT_EVERY};
 use super::record::Json;
 use super::record::{OutcomeRecord, Record, RECORD_TYPE};
 use super::unseen::Unseen;
+use super::writer::{Batch, ForeignAudit, Writer};
 use super::Fleet;
 use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
 use crate::amqp::{self, header_i64, topology, AmqpError};
 use crate::metrics::metrics;
 use crate::shutdown::Shutdown;
-use crate::store::{AuditEntry, Store};
+use crate::store::AuditEntry;
 use crate::{alloc, internal_events};
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
@@ -25,11 +28,10 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot};
 
 /// How often a record that fails against a healthy store (not an I/O failure) is tried before
 /// it is skipped.
-const APPLY_TRIES: u32 = 5;
+pub(super) const APPLY_TRIES: u32 = 5;
 
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
 const PREFETCH: u16 = 200;
@@ -49,7 +51,11 @@ struct Reader {
     /// applied or remembered, so the next start resumes at that record.
     stopped: AtomicBool,
     shutdown: Shutdown,
-    audits: AuditWriter,
+    /// Stores other pods' audit entries and a restoring store's records beside the reader.
+    writer: Writer,
+    /// Records handed to the writer that the store may not show yet: the next store read
+    /// waits for the writer first.
+    unflushed: AtomicBool,
     /// While a pod that started on a new store catches up: the keys the reader has stored,
     /// so it need not read the store for the others. Dropped once caught up.
     unseen: Mutex<Option<Unseen>>,
@@ -88,124 +94,6 @@ impl FirstCatchUp {
     }
 }
 
-/// Another pod's audit entry, to be stored under its ledger position.
-struct ForeignAudit {
-    audit: Json<AuditEntry>,
-    at_ms: u64,
-    offset: u64,
-    index: usize,
-}
-
-enum AuditJob {
-    Store(Vec<ForeignAudit>),
-    /// Answered once every job sent before it is done.
-    Barrier(oneshot::Sender<()>),
-}
-
-/// Stores other pods' audit entries on a thread of its own, beside the reader: each is keyed
-/// by its ledger position, so the order they are written in does not matter, and the reader
-/// (one thread, applying records in ledger order) need not wait for their inserts, a quarter
-/// of its work when a new pod restores. The reader's saved offset waits for them
-/// ([`AuditWriter::done`]), so a restart never skips one.
-struct AuditWriter {
-    jobs: mpsc::Sender<AuditJob>,
-    /// Set when an entry was given up (shutdown came while the store failed): from then on
-    /// the offset is not saved, so the next start reads that entry's record again.
-    lost: Arc<AtomicBool>,
-    shutdown: Shutdown,
-}
-
-/// Audit batches (one per ledger message) that may wait for the writer.
-const AUDIT_BACKLOG: usize = 64;
-
-impl AuditWriter {
-    fn start(store: Store, shutdown: Shutdown) -> Self {
-        let (jobs, mut rx) = mpsc::channel(AUDIT_BACKLOG);
-        let lost = Arc::new(AtomicBool::new(false));
-        let (thread_lost, thread_shutdown) = (lost.clone(), shutdown.clone());
-        let spawned = std::thread::Builder::new()
-            .name("ledger-audit".into())
-            .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    match job {
-                        AuditJob::Store(entries) => {
-                            store_all(&store, &entries, &thread_shutdown, &thread_lost)
-                        }
-                        AuditJob::Barrier(done) => {
-                            let _ = done.send(());
-                        }
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            // No thread: the jobs channel is closed, and `send` stores in place instead.
-            tracing::warn!(error = %e, "cannot start the ledger audit thread; the reader stores audit entries itself");
-        }
-        Self {
-            jobs,
-            lost,
-            shutdown,
-        }
-    }
-
-    /// Hand a message's entries to the writer (in place if it is gone).
-    async fn send(&self, store: &Store, entries: Vec<ForeignAudit>) {
-        if let Err(mpsc::error::SendError(AuditJob::Store(entries))) =
-            self.jobs.send(AuditJob::Store(entries)).await
-        {
-            store_all(store, &entries, &self.shutdown, &self.lost);
-        }
-    }
-
-    /// Resolves once every entry handed over before is stored or given up: true if none was
-    /// ever given up.
-    async fn done(&self) -> bool {
-        let (tx, rx) = oneshot::channel();
-        if self.jobs.send(AuditJob::Barrier(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
-        !self.lost.load(Ordering::SeqCst)
-    }
-}
-
-fn store_all(store: &Store, entries: &[ForeignAudit], shutdown: &Shutdown, lost: &AtomicBool) {
-    for e in entries {
-        if !store_one(store, e, shutdown) {
-            lost.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Store one entry, waiting out a failing store as the reader does for its records (an
-/// entry dropped here would never come back: the offset would be saved past it). False if
-/// shutdown came first and the entry is not stored.
-fn store_one(store: &Store, e: &ForeignAudit, shutdown: &Shutdown) -> bool {
-    let offset = i64::try_from(e.offset).ok();
-    if e.audit.parse().is_none() {
-        internal_events::ledger_record_skipped(offset, e.audit.text().len());
-        return true;
-    }
-    let mut other_errors = 0u32;
-    loop {
-        let Err(err) = store.put_foreign_audit(e.audit.text(), e.at_ms, e.offset, e.index) else {
-            return true;
-        };
-        internal_events::ledger_apply_failed(&err);
-        if store.failure().is_none() {
-            // Not the store failing but this entry against it: waiting would stall the
-            // writer for good.
-            other_errors += 1;
-            if other_errors >= APPLY_TRIES {
-                internal_events::ledger_record_skipped(offset, e.audit.text().len());
-                return true;
-            }
-        } else if shutdown.is_requested() {
-            return false;
-        }
-        std::thread::sleep(REQUEUE_PAUSE);
-    }
-}
-
 pub async fn run(
     fleet: Arc<Fleet>,
     shutdown: Shutdown,
@@ -231,7 +119,7 @@ pub async fn run(
         "fleet claims loaded"
     );
     *fleet.claims_lock() = claims;
-    let audits = AuditWriter::start(fleet.store.clone(), shutdown.clone());
+    let writer = Writer::start(fleet.store.clone(), shutdown.clone());
     // Until caught up, the reader is the only writer of idempotency records and outcomes'
     // audit entries (the worker takes no delivery before), so on a new store it knows which
     // keys are there.
@@ -240,7 +128,8 @@ pub async fn run(
         _ => None,
     };
     let reader = Arc::new(Reader {
-        audits,
+        writer,
+        unflushed: AtomicBool::new(false),
         fleet,
         stored,
         saved_at: Mutex::new(Instant::now()),
@@ -267,20 +156,18 @@ impl Reader {
             self.remember(offset).await;
             return;
         };
-        let mut audits = Vec::new();
+        let mut batch = Batch::default();
         for (index, record) in records.into_iter().enumerate() {
             match record {
                 Some(record) => {
-                    if !self.apply_one(&record, offset, index, &mut audits).await {
+                    if !self.apply_one(&record, offset, index, &mut batch).await {
                         return;
                     }
                 }
                 None => internal_events::ledger_record_skipped(offset, delivery.data.len()),
             }
         }
-        if !audits.is_empty() {
-            self.audits.send(&self.fleet.store, audits).await;
-        }
+        self.hand_over(batch).await;
         self.remember(offset).await;
     }
 
@@ -292,7 +179,7 @@ impl Reader {
         record: &Record,
         offset: Option<i64>,
         index: usize,
-        audits: &mut Vec<ForeignAudit>,
+        batch: &mut Batch,
     ) -> bool {
         let fleet = &self.fleet;
         let position = offset.and_then(|o| u64::try_from(o).ok());
@@ -305,6 +192,10 @@ impl Reader {
         } else {
             self.known(record)
         };
+        if known != Known::Absent && !self.flushed(batch).await {
+            self.stopped.store(true, Ordering::SeqCst);
+            return false;
+        }
         let mut other_errors = 0u32;
         let applied = loop {
             let result = apply(
@@ -353,7 +244,9 @@ impl Reader {
         }
         if let Record::Outcome(OutcomeRecord { key, .. }) | Record::Forget { key } = record {
             // After the store write: a claim of this pod's made on the key from its `intend`
-            // on either saw that write or is no longer open (`Known::Open`).
+            // on either saw that write or is no longer open (`Known::Open`). (A restored
+            // record is written by the writer later, but only before the first catch-up,
+            // when this pod makes no claims, and any read of the store waits for it.)
             fleet.touched(key);
         }
         match applied {
@@ -376,21 +269,43 @@ impl Reader {
                     fleet.set_caught_up(true);
                 }
             }
+            Applied::Restored {
+                record: stored,
+                audit,
+                at_ms,
+            } => {
+                let key = match record {
+                    Record::Outcome(OutcomeRecord { key, .. }) => key.clone(),
+                    _ => String::new(),
+                };
+                match position {
+                    Some(offset) => {
+                        batch.records.push((key, stored));
+                        batch.audits.push(ForeignAudit {
+                            audit,
+                            at_ms,
+                            offset,
+                            index,
+                        });
+                    }
+                    // No position to file the entry under (a stream always gives one): stored
+                    // here, as a record read the usual way.
+                    None => {
+                        if let Err(e) = fleet.store.put_json(&key, stored.text()) {
+                            internal_events::ledger_apply_failed(&e);
+                        }
+                        self.store_unpositioned(&audit, offset);
+                    }
+                }
+            }
             Applied::Foreign { audit, at_ms } => match position {
-                Some(offset) => audits.push(ForeignAudit {
+                Some(offset) => batch.audits.push(ForeignAudit {
                     audit,
                     at_ms,
                     offset,
                     index,
                 }),
-                None => match audit.parse() {
-                    Some(entry) => {
-                        if let Err(e) = fleet.store.append_audit(&entry) {
-                            internal_events::ledger_apply_failed(&e);
-                        }
-                    }
-                    None => internal_events::ledger_record_skipped(offset, audit.text().len()),
-                },
+                None => self.store_unpositioned(&audit, offset),
             },
             Applied::Stranger => internal_events::ledger_record_skipped(offset, 0),
             Applied::Other => {}
@@ -430,6 +345,40 @@ impl Reader {
         }
     }
 
+    /// Hand a message's batch to the writer.
+    async fn hand_over(&self, batch: Batch) {
+        if !batch.records.is_empty() {
+            self.unflushed.store(true, Ordering::SeqCst);
+        }
+        self.writer.send(&self.fleet.store, batch).await;
+    }
+
+    /// Before a record that may read the store: hand over what this message has left to
+    /// store so far and, if records went to the writer, wait until the store shows them.
+    /// False if shutdown came while the store failed and something was given up.
+    async fn flushed(&self, batch: &mut Batch) -> bool {
+        if batch.records.is_empty() && !self.unflushed.load(Ordering::SeqCst) {
+            return true;
+        }
+        self.hand_over(std::mem::take(batch)).await;
+        let done = self.writer.done().await;
+        self.unflushed.store(false, Ordering::SeqCst);
+        done
+    }
+
+    /// An entry without a ledger position (a stream always gives one) is appended as this
+    /// pod's own.
+    fn store_unpositioned(&self, audit: &Json<AuditEntry>, offset: Option<i64>) {
+        match audit.parse() {
+            Some(entry) => {
+                if let Err(e) = self.fleet.store.append_audit(&entry) {
+                    internal_events::ledger_apply_failed(&e);
+                }
+            }
+            None => internal_events::ledger_record_skipped(offset, audit.text().len()),
+        }
+    }
+
     fn unseen(&self) -> MutexGuard<'_, Option<Unseen>> {
         self.unseen.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -456,7 +405,7 @@ impl Reader {
     /// store's (unless the store was further on already). First every audit entry of the
     /// records up to that offset is stored.
     async fn save_claims(&self) {
-        if !self.audits.done().await {
+        if !self.writer.done().await {
             // Shutdown came while the store failed and an entry of a record before this
             // offset was not stored: the next start must read that record again.
             internal_events::ledger_offset_held();
@@ -534,73 +483,5 @@ impl Pipeline for Reader {
 
     fn disconnected(&self) {
         self.fleet.set_caught_up(false);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    fn entries(offset: u64, n: usize) -> Vec<ForeignAudit> {
-        (0..n)
-            .map(|index| ForeignAudit {
-                audit: Json::new(&AuditEntry {
-                    idempotency_key: Some(format!("k{offset}-{index}")),
-                    outcome: "started".into(),
-                    ..Default::default()
-                }),
-                at_ms: crate::store::now_ms(),
-                offset,
-                index,
-            })
-            .collect()
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_entry_met_by_a_failing_store_is_stored_once_the_store_heals() {
-        let dir = tempfile::tempdir().unwrap();
-        // Opened in the runtime: the healer reopens it after a failure.
-        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        let writer = AuditWriter::start(store.clone(), Shutdown::never());
-        store.fail_for_test();
-        writer.send(&store, entries(1, 5)).await;
-        assert!(writer.done().await, "nothing was given up");
-        assert!(
-            store.failure().is_none(),
-            "done waited for the store to heal"
-        );
-        assert_eq!(store.audit_all().count(), 5);
-    }
-
-    #[test]
-    fn shutdown_while_the_store_fails_gives_the_entry_up_and_done_says_so() {
-        let dir = tempfile::tempdir().unwrap();
-        // Opened outside a runtime: no healer, so the store fails until the test ends.
-        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async {
-            let (trigger, shutdown) = Shutdown::new();
-            let writer = AuditWriter::start(store.clone(), shutdown);
-            store.fail_for_test();
-            trigger.fire();
-            writer.send(&store, entries(1, 1)).await;
-            assert!(
-                !writer.done().await,
-                "an entry was given up: the offset is held"
-            );
-        });
-    }
-
-    #[tokio::test]
-    async fn other_pods_audit_entries_are_all_stored_once_the_writer_says_done() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        let writer = AuditWriter::start(store.clone(), Shutdown::never());
-        for offset in 0..20u64 {
-            writer.send(&store, entries(offset, 10)).await;
-        }
-        assert!(writer.done().await);
-        assert_eq!(store.audit_all().count(), 200);
     }
 }

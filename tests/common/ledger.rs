@@ -141,3 +141,28 @@ pub async fn fill_ledger(env: &TestEnv, n: usize, per_message: usize) {
     }
     let _ = conn.close(200, "".into()).await;
 }
+
+/// Append `records` to the test's ledger stream as one message (after [`fill_ledger`]).
+pub async fn append(env: &TestEnv, records: &[Record]) {
+    let conn = super::broker().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_type(RECORD_TYPE.into());
+    ch.basic_publish(
+        "".into(),
+        env.settings.amqp.ledger_stream.as_str().into(),
+        Default::default(),
+        &Record::encode_batch(records),
+        props,
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    let _ = conn.close(200, "".into()).await;
+}

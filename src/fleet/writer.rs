@@ -1,0 +1,300 @@
+//! The ledger reader's writer: stores what the reader hands over on a thread of its own, so
+//! the reader (one task, applying records in ledger order) need not wait for sled's inserts.
+//!
+//! It stores two things, a ledger message at a time ([`Batch`]):
+//! - other pods' audit entries, in one value a message ([`Store::put_foreign_audits`]), keyed
+//!   by their ledger position, so the order they are written in does not matter;
+//! - while a pod restores a new store, the idempotency records of keys that store does not
+//!   hold yet ([`super::apply::Applied::Restored`]): nothing reads them before the reader
+//!   asks for a store read, and the reader then waits for the writer first
+//!   ([`Writer::done`]).
+//!
+//! A failing store is waited out, as the reader does for its records: an entry dropped here
+//! would never come back, since the offset would be saved past it. The reader's saved offset
+//! waits for the writer ([`Writer::done`]), so a restart never skips one.
+
+use super::reader::APPLY_TRIES;
+use super::record::Json;
+use crate::amqp::consumer::REQUEUE_PAUSE;
+use crate::internal_events;
+use crate::shutdown::Shutdown;
+use crate::store::{AuditEntry, ForeignEntry, IdemRecord, Store, StoreError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Another pod's audit entry, to be stored under its ledger position (with the others of its
+/// ledger message).
+pub struct ForeignAudit {
+    pub audit: Json<AuditEntry>,
+    pub at_ms: u64,
+    pub offset: u64,
+    pub index: usize,
+}
+
+/// What one ledger message leaves to be stored.
+#[derive(Default)]
+pub struct Batch {
+    /// Idempotency records of keys a new store does not hold yet, in ledger order.
+    pub records: Vec<(String, Json<IdemRecord>)>,
+    pub audits: Vec<ForeignAudit>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.audits.is_empty()
+    }
+}
+
+enum Job {
+    Store(Batch),
+    /// Answered once every job sent before it is done.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Batches (one per ledger message) that may wait for the writer.
+const BACKLOG: usize = 64;
+
+pub struct Writer {
+    jobs: mpsc::Sender<Job>,
+    /// Set when something was given up (shutdown came while the store failed): from then on
+    /// the offset is not saved, so the next start reads that record again.
+    lost: Arc<AtomicBool>,
+    shutdown: Shutdown,
+}
+
+impl Writer {
+    pub fn start(store: Store, shutdown: Shutdown) -> Self {
+        let (jobs, mut rx) = mpsc::channel(BACKLOG);
+        let lost = Arc::new(AtomicBool::new(false));
+        let (thread_lost, thread_shutdown) = (lost.clone(), shutdown.clone());
+        let spawned = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    match job {
+                        Job::Store(batch) => {
+                            store_all(&store, &batch, &thread_shutdown, &thread_lost)
+                        }
+                        Job::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // No thread: the jobs channel is closed, and `send` stores in place instead.
+            tracing::warn!(error = %e, "cannot start the ledger writer thread; the reader stores what it applies itself");
+        }
+        Self {
+            jobs,
+            lost,
+            shutdown,
+        }
+    }
+
+    /// Hand a message's batch to the writer (stored in place if it is gone).
+    pub async fn send(&self, store: &Store, batch: Batch) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(mpsc::error::SendError(Job::Store(batch))) =
+            self.jobs.send(Job::Store(batch)).await
+        {
+            store_all(store, &batch, &self.shutdown, &self.lost);
+        }
+    }
+
+    /// Resolves once every batch handed over before is stored or given up: true if nothing
+    /// was ever given up.
+    pub async fn done(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Job::Barrier(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        !self.lost.load(Ordering::SeqCst)
+    }
+}
+
+fn store_all(store: &Store, batch: &Batch, shutdown: &Shutdown, lost: &AtomicBool) {
+    let stored = batch.records.iter().all(|(key, record)| {
+        persist(store, shutdown, record.text().len(), None, || {
+            store.put_json(key, record.text())
+        })
+    }) && store_audits(store, &batch.audits, shutdown);
+    if !stored {
+        lost.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Store one ledger message's audit entries (one sled insert for most messages). An entry
+/// that does not parse is skipped and counted. False if shutdown came first and the entries
+/// are not stored.
+fn store_audits(store: &Store, entries: &[ForeignAudit], shutdown: &Shutdown) -> bool {
+    let Some(offset) = entries.first().map(|e| e.offset) else {
+        return true;
+    };
+    let valid: Vec<ForeignEntry<'_>> = entries
+        .iter()
+        .filter(|e| {
+            let parses = e.audit.parse().is_some();
+            if !parses {
+                internal_events::ledger_record_skipped(
+                    i64::try_from(e.offset).ok(),
+                    e.audit.text().len(),
+                );
+            }
+            parses
+        })
+        .map(|e| ForeignEntry {
+            at_ms: e.at_ms,
+            index: e.index,
+            json: e.audit.text(),
+        })
+        .collect();
+    if valid.is_empty() {
+        return true;
+    }
+    let len = valid.iter().map(|e| e.json.len()).sum();
+    persist(store, shutdown, len, Some(offset), || {
+        store.put_foreign_audits(offset, &valid)
+    })
+}
+
+/// Run one write until it succeeds, waiting out a failing store. A write that fails against
+/// a healthy store (not an I/O failure but this value against it) is tried
+/// [`APPLY_TRIES`] times and then skipped and counted: waiting would stall the writer for
+/// good. False if shutdown came while the store failed (nothing written).
+fn persist(
+    store: &Store,
+    shutdown: &Shutdown,
+    len: usize,
+    offset: Option<u64>,
+    mut write: impl FnMut() -> Result<(), StoreError>,
+) -> bool {
+    let mut other_errors = 0u32;
+    loop {
+        let Err(err) = write() else {
+            return true;
+        };
+        internal_events::ledger_apply_failed(&err);
+        if store.failure().is_none() {
+            other_errors += 1;
+            if other_errors >= APPLY_TRIES {
+                internal_events::ledger_record_skipped(
+                    offset.and_then(|o| i64::try_from(o).ok()),
+                    len,
+                );
+                return true;
+            }
+        } else if shutdown.is_requested() {
+            return false;
+        }
+        std::thread::sleep(REQUEUE_PAUSE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn audits(offset: u64, n: usize) -> Batch {
+        Batch {
+            records: Vec::new(),
+            audits: entries(offset, n),
+        }
+    }
+
+    fn entries(offset: u64, n: usize) -> Vec<ForeignAudit> {
+        (0..n)
+            .map(|index| ForeignAudit {
+                audit: Json::new(&AuditEntry {
+                    idempotency_key: Some(format!("k{offset}-{index}")),
+                    outcome: "started".into(),
+                    ..Default::default()
+                }),
+                at_ms: crate::store::now_ms(),
+                offset,
+                index,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_met_by_a_failing_store_is_stored_once_the_store_heals() {
+        let dir = tempfile::tempdir().unwrap();
+        // Opened in the runtime: the healer reopens it after a failure.
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let writer = Writer::start(store.clone(), Shutdown::never());
+        store.fail_for_test();
+        writer.send(&store, audits(1, 5)).await;
+        assert!(writer.done().await, "nothing was given up");
+        assert!(
+            store.failure().is_none(),
+            "done waited for the store to heal"
+        );
+        assert_eq!(store.audit_all().count(), 5);
+    }
+
+    #[test]
+    fn shutdown_while_the_store_fails_gives_the_entry_up_and_done_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        // Opened outside a runtime: no healer, so the store fails until the test ends.
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let (trigger, shutdown) = Shutdown::new();
+            let writer = Writer::start(store.clone(), shutdown);
+            store.fail_for_test();
+            trigger.fire();
+            writer.send(&store, audits(1, 1)).await;
+            assert!(
+                !writer.done().await,
+                "an entry was given up: the offset is held"
+            );
+        });
+    }
+
+    #[tokio::test]
+    async fn other_pods_audit_entries_are_all_stored_once_the_writer_says_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let writer = Writer::start(store.clone(), Shutdown::never());
+        for offset in 0..20u64 {
+            writer.send(&store, audits(offset, 10)).await;
+        }
+        assert!(writer.done().await);
+        assert_eq!(store.audit_all().count(), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restored_records_met_by_a_failing_store_are_stored_once_it_heals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let writer = Writer::start(store.clone(), Shutdown::never());
+        let record = |k: &str| IdemRecord {
+            state: crate::store::IdemState::Completed,
+            fingerprint: format!("fp-{k}"),
+            attempts: 1,
+            conversation_id: Some(format!("conv-{k}")),
+            event: None,
+            worker_id: "w2".into(),
+            created_at_ms: 1,
+            updated_at_ms: 2,
+        };
+        store.fail_for_test();
+        let batch = Batch {
+            records: ["a", "b"]
+                .iter()
+                .map(|k| (k.to_string(), Json::new(&record(k))))
+                .collect(),
+            audits: entries(3, 2),
+        };
+        writer.send(&store, batch).await;
+        assert!(writer.done().await, "nothing was given up");
+        assert_eq!(store.get("a").unwrap(), Some(record("a")));
+        assert_eq!(store.get("b").unwrap(), Some(record("b")));
+        assert_eq!(store.audit_all().count(), 2);
+    }
+}

@@ -161,8 +161,9 @@ pub fn apply(
         }) => {
             let mut told_before = false;
             if !replay {
-                // Checked whole before it is stored as it came.
-                if record.parse().is_none() {
+                // Checked whole before it is stored as it came, and against the head every
+                // pod decides on.
+                if !record.parse().is_some_and(|r| head.of(&r)) {
                     return Ok(Applied::Stranger);
                 }
                 if known == Known::Absent {
@@ -535,5 +536,25 @@ mod tests {
         assert_eq!(back.get("b").map(|c| c.claim_id.as_str()), Some("b1"));
         assert_eq!(back.get("c").map(|c| c.claim_id.as_str()), Some("c2"));
         assert!(back.get("a").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_outcome_whose_head_disagrees_with_its_record_is_a_stranger() {
+        let (_dir, s) = store();
+        let c = &mut Claims::default();
+        let Record::Outcome(mut o) = Record::outcome("k", &completed("w1"), &AuditEntry::default())
+        else {
+            unreachable!()
+        };
+        o.head.state = IdemState::Failed;
+        let forged = Record::Outcome(o);
+        for known in [Known::Nothing, Known::Absent] {
+            assert_eq!(
+                apply(&s, c, &forged, "me", known).unwrap(),
+                Applied::Stranger,
+                "{known:?}"
+            );
+        }
+        assert_eq!(s.get("k").unwrap(), None, "nothing stored");
     }
 }

@@ -46,19 +46,32 @@ pub enum Record {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutcomeRecord {
     pub key: String,
-    /// What the reader decides on, read from `record` as it is decoded.
-    #[serde(skip)]
+    /// What the reader decides on. Written beside `record` too (`state`, `worker_id`,
+    /// `updated_at_ms` at the top of the outcome), so every pod reads it in the one pass
+    /// that decodes the message; an outcome without them (written before they were) has its
+    /// head read from `record`. Whoever stores `record` checks that the two agree
+    /// ([`OutcomeHead::of`]).
+    #[serde(flatten)]
     pub head: OutcomeHead,
     pub record: Json<IdemRecord>,
     pub audit: Json<AuditEntry>,
 }
 
 /// The fields of an outcome's idempotency record that the reader decides on.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutcomeHead {
     pub state: IdemState,
     pub worker_id: String,
     pub updated_at_ms: u64,
+}
+
+impl OutcomeHead {
+    /// Whether `record` is the record this head was read for.
+    pub fn of(&self, record: &IdemRecord) -> bool {
+        self.state == record.state
+            && self.worker_id == record.worker_id
+            && self.updated_at_ms == record.updated_at_ms
+    }
 }
 
 /// A value kept as its JSON text, parsed when asked ([`Json::parse`]).
@@ -164,7 +177,12 @@ impl Record {
     pub fn decode_message(bytes: &[u8]) -> Option<Vec<Option<Record>>> {
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
         if *first == b'[' {
-            // Each element is parsed once, from its own bytes (no intermediate tree).
+            // One pass over the whole message when every element is a record of this shape
+            // (what pods write); an element that is not makes the whole fail, and then each
+            // element is parsed from its own bytes, so only that one is skipped.
+            if let Ok(items) = serde_json::from_slice::<Vec<Wire>>(bytes) {
+                return Some(items.into_iter().map(Wire::into_record).collect());
+            }
             let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(bytes).ok()?;
             Some(
                 items
@@ -192,6 +210,9 @@ struct Wire {
     record: Option<Box<RawValue>>,
     audit: Option<Box<RawValue>>,
     id: Option<String>,
+    /// An outcome's head, beside its record.
+    state: Option<IdemState>,
+    updated_at_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -225,9 +246,17 @@ impl Wire {
                 if !audit.get().starts_with('{') {
                     return None;
                 }
+                let head = match (self.state, self.worker_id, self.updated_at_ms) {
+                    (Some(state), Some(worker_id), Some(updated_at_ms)) => OutcomeHead {
+                        state,
+                        worker_id,
+                        updated_at_ms,
+                    },
+                    _ => serde_json::from_str(record.get()).ok()?,
+                };
                 Record::Outcome(OutcomeRecord {
                     key: self.key?,
-                    head: serde_json::from_str(record.get()).ok()?,
+                    head,
                     record: Json::from_raw(record),
                     audit: Json::from_raw(audit),
                 })
@@ -331,5 +360,50 @@ mod tests {
             Some(vec![Some(a), None, None])
         );
         assert_eq!(Record::decode_message(b"garbage"), None);
+    }
+
+    #[test]
+    fn an_outcome_carries_its_head_beside_its_record_and_one_without_still_decodes() {
+        let record = IdemRecord {
+            state: crate::store::IdemState::Completed,
+            fingerprint: "fp".into(),
+            attempts: 1,
+            conversation_id: Some("conv".into()),
+            event: None,
+            worker_id: "w".into(),
+            created_at_ms: 3,
+            updated_at_ms: 4,
+        };
+        let outcome = Record::outcome("k", &record, &AuditEntry::default());
+        let wire: serde_json::Value = serde_json::from_slice(&outcome.encode()).unwrap();
+        assert_eq!(wire["kind"], "outcome");
+        assert_eq!(wire["state"], "completed");
+        assert_eq!(wire["worker_id"], "w");
+        assert_eq!(wire["updated_at_ms"], 4);
+        // As a version before the head was written beside the record wrote it.
+        let old = format!(
+            r#"{{"kind":"outcome","key":"k","record":{},"audit":{{}}}}"#,
+            serde_json::to_string(&record).unwrap()
+        );
+        let Some(Record::Outcome(o)) = Record::decode(old.as_bytes()) else {
+            panic!("an outcome without its head beside it decodes")
+        };
+        assert_eq!(
+            o.head,
+            OutcomeRecord::new("k", &record, &AuditEntry::default()).head
+        );
+        assert!(o.head.of(&record));
+        // In a batch too, by either path.
+        let batch = format!("[{old},{}]", String::from_utf8(outcome.encode()).unwrap());
+        let decoded = Record::decode_message(batch.as_bytes()).unwrap();
+        assert!(decoded
+            .iter()
+            .all(|r| matches!(r, Some(Record::Outcome(o)) if o.head.of(&record))));
+        let with_stranger = format!("[{old},{{\"kind\":7}}]");
+        let decoded = Record::decode_message(with_stranger.as_bytes()).unwrap();
+        assert!(matches!(
+            decoded.as_slice(),
+            [Some(Record::Outcome(_)), None]
+        ));
     }
 }

@@ -274,6 +274,19 @@ impl Wire {
 mod tests {
     use super::*;
 
+    fn completed() -> IdemRecord {
+        IdemRecord {
+            state: crate::store::IdemState::Completed,
+            fingerprint: "fp".into(),
+            attempts: 1,
+            conversation_id: Some("conv".into()),
+            event: None,
+            worker_id: "w".into(),
+            created_at_ms: 3,
+            updated_at_ms: 4,
+        }
+    }
+
     #[test]
     fn records_round_trip_and_strangers_are_none() {
         let r = Record::Release {
@@ -301,20 +314,7 @@ mod tests {
                 key: "k".into(),
                 claim_id: "c".into(),
             },
-            Record::outcome(
-                "k",
-                &IdemRecord {
-                    state: crate::store::IdemState::Completed,
-                    fingerprint: "fp".into(),
-                    attempts: 1,
-                    conversation_id: Some("conv".into()),
-                    event: None,
-                    worker_id: "w".into(),
-                    created_at_ms: 3,
-                    updated_at_ms: 4,
-                },
-                &AuditEntry::default(),
-            ),
+            Record::outcome("k", &completed(), &AuditEntry::default()),
             Record::Forget { key: "k".into() },
             Record::Mark {
                 id: "m".into(),
@@ -364,16 +364,7 @@ mod tests {
 
     #[test]
     fn an_outcome_carries_its_head_beside_its_record_and_one_without_still_decodes() {
-        let record = IdemRecord {
-            state: crate::store::IdemState::Completed,
-            fingerprint: "fp".into(),
-            attempts: 1,
-            conversation_id: Some("conv".into()),
-            event: None,
-            worker_id: "w".into(),
-            created_at_ms: 3,
-            updated_at_ms: 4,
-        };
+        let record = completed();
         let outcome = Record::outcome("k", &record, &AuditEntry::default());
         let wire: serde_json::Value = serde_json::from_slice(&outcome.encode()).unwrap();
         assert_eq!(wire["kind"], "outcome");

@@ -459,18 +459,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_foreign_entry_is_found_by_key_and_time_from_any_ledger_position() {
+    fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        let json = |k: &str| {
-            serde_json::to_string(&AuditEntry {
-                idempotency_key: Some(k.into()),
-                outcome: "started".into(),
-                ..Default::default()
-            })
-            .unwrap()
-        };
+        (dir, s)
+    }
+
+    /// An entry of `key`'s, as JSON.
+    fn json(key: &str) -> String {
+        serde_json::to_string(&AuditEntry {
+            idempotency_key: Some(key.into()),
+            outcome: "started".into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_foreign_entry_is_found_by_key_and_time_from_any_ledger_position() {
+        let (_dir, s) = store();
         let then = super::super::now_ms() - 60_000;
         assert!(!s.has_foreign_audit("a", then).unwrap());
         s.put_foreign_audit(&json("a"), then, 7, 3).unwrap();
@@ -487,16 +494,7 @@ mod tests {
 
     #[test]
     fn a_messages_entries_are_read_one_by_one_in_time_order_and_by_their_own_times() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        let json = |k: &str| {
-            serde_json::to_string(&AuditEntry {
-                idempotency_key: Some(k.into()),
-                outcome: "started".into(),
-                ..Default::default()
-            })
-            .unwrap()
-        };
+        let (_dir, s) = store();
         let t = super::super::now_ms() - 600_000;
         // One ledger message: a, b and c within the spread share one value; d lies further
         // on and gets its own. This pod's own entry x lies between a and c.

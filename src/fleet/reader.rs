@@ -12,7 +12,7 @@ use super::claims::{Claims, SNAPSHOT_EVERY};
 use super::record::Json;
 use super::record::{OutcomeRecord, Record, RECORD_TYPE};
 use super::unseen::Unseen;
-use super::writer::{Batch, ForeignAudit, Writer};
+use super::writer::{Batch, ForeignAudit, Writer, APPLY_TRIES};
 use super::Fleet;
 use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
@@ -28,10 +28,6 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
-
-/// How often a record that fails against a healthy store (not an I/O failure) is tried before
-/// it is skipped.
-pub(super) const APPLY_TRIES: u32 = 5;
 
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
 const PREFETCH: u16 = 200;

@@ -13,7 +13,6 @@
 //! would never come back, since the offset would be saved past it. The reader's saved offset
 //! waits for the writer ([`Writer::done`]), so a restart never skips one.
 
-use super::reader::APPLY_TRIES;
 use super::record::Json;
 use crate::amqp::consumer::REQUEUE_PAUSE;
 use crate::internal_events;
@@ -51,6 +50,10 @@ enum Job {
     /// Answered once every job sent before it is done.
     Barrier(oneshot::Sender<()>),
 }
+
+/// How often a record or entry that fails against a healthy store (not an I/O failure) is
+/// tried before it is skipped (by the writer here, and by the reader for its own writes).
+pub const APPLY_TRIES: u32 = 5;
 
 /// Batches (one per ledger message) that may wait for the writer.
 const BACKLOG: usize = 64;

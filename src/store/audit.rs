@@ -28,6 +28,12 @@ pub const BATCH_SPREAD_MS: u64 = 1_000;
 
 const BATCH_SPREAD_US: u64 = BATCH_SPREAD_MS * 1_000;
 
+/// Entries a reader of the trail holds back to hand them out in time order: a second's worth
+/// of a busy fleet's outcomes. Past it (a trail whose entries all carry one time, which only a
+/// test or a broken ledger writes) the earliest are handed out at once, so a reader's memory
+/// stays bounded and the order is kept but for that second's spread.
+const MAX_PENDING: usize = 65_536;
+
 /// Another pod's audit entry as the ledger carried it, to be stored with the others of its
 /// ledger message ([`Store::put_foreign_audits`]).
 #[derive(Debug, Clone, Copy)]
@@ -284,6 +290,7 @@ impl Store {
             since_us,
             until_us,
             pending: BinaryHeap::new(),
+            max_pending: MAX_PENDING,
             horizon: 0,
             count: 0,
             done: false,
@@ -370,6 +377,7 @@ struct InTimeOrder<I> {
     since_us: u64,
     until_us: u64,
     pending: BinaryHeap<Reverse<Pending>>,
+    max_pending: usize,
     /// Every entry of a key still to be read lies at or after this time.
     horizon: u64,
     count: u64,
@@ -385,7 +393,8 @@ where
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if let Some(Reverse(first)) = self.pending.peek() {
-                if self.done || first.at_us < self.horizon {
+                if self.done || first.at_us < self.horizon || self.pending.len() > self.max_pending
+                {
                     return self.pending.pop().map(|Reverse(p)| Ok(p.entry));
                 }
             } else if self.done {
@@ -569,5 +578,42 @@ mod tests {
         assert_eq!(read.len(), 2);
         assert!(matches!(read[0], Err(StoreError::Corrupt { .. })));
         assert!(read[1].is_ok());
+    }
+
+    #[test]
+    fn a_reader_holds_back_at_most_its_bound_of_entries() {
+        let key = |micros: u64, seq: u64| {
+            let mut k = [0u8; 16];
+            k[..8].copy_from_slice(&micros.to_be_bytes());
+            k[8..].copy_from_slice(&seq.to_be_bytes());
+            sled::IVec::from(&k[..])
+        };
+        // Ten entries filed under one time: none could be handed out before the end.
+        let items: Vec<sled::Result<(sled::IVec, sled::IVec)>> = (0..10)
+            .map(|i| {
+                Ok((
+                    key(5_000_000, i),
+                    sled::IVec::from(json(&format!("k{i}")).as_bytes()),
+                ))
+            })
+            .collect();
+        let read = std::cell::Cell::new(0);
+        let mut entries = InTimeOrder {
+            items: items.into_iter().inspect(|_| read.set(read.get() + 1)),
+            since_us: 0,
+            until_us: u64::MAX,
+            pending: BinaryHeap::new(),
+            max_pending: 3,
+            horizon: 0,
+            count: 0,
+            done: false,
+        };
+        let first = entries.next().unwrap().unwrap();
+        assert_eq!(first.idempotency_key.as_deref(), Some("k0"));
+        assert_eq!(read.get(), 4, "handed out once more than the bound waited");
+        let rest: Vec<_> = entries
+            .map(|e| e.unwrap().idempotency_key.unwrap())
+            .collect();
+        assert_eq!(rest, (1..10).map(|i| format!("k{i}")).collect::<Vec<_>>());
     }
 }

@@ -546,6 +546,10 @@ mod tests {
         assert_eq!(keys(t + 400, t + 900), ["b", "x"]);
         assert_eq!(keys(t + 1, t + 5_000), ["b", "x", "c"]);
         assert_eq!(keys(t + 901, t + 5_001), ["d"]);
+        assert!(
+            keys(t + 5_000, t).is_empty(),
+            "a window that ends before it begins"
+        );
         // Found by key and time inside a batch, as a lone entry is.
         assert!(s.has_foreign_audit("a", t).unwrap());
         assert!(s.has_foreign_audit("b", t + 400).unwrap());

@@ -408,8 +408,12 @@ mod tests {
         else {
             panic!("an absent key's outcome is handed back to be stored")
         };
-        assert_eq!(record.parse().unwrap().worker_id, "w1");
-        assert_eq!(at_ms, completed("w1").updated_at_ms);
+        let record = record.parse().unwrap();
+        assert_eq!(record.worker_id, "w1");
+        assert_eq!(
+            at_ms, record.updated_at_ms,
+            "filed under the outcome's time"
+        );
         assert_eq!(s.get("k").unwrap(), None, "the caller stores it");
         assert!(c.get("k").is_none(), "the outcome ended the claim");
         // This pod's own outcome, from before it lost its volume: its audit entry is gone

@@ -160,7 +160,9 @@ impl Store {
 
     /// Store the audit entry of another pod's outcome, read from the fleet ledger at `offset`
     /// (the `index`th record of that message), under its outcome's time `at_ms`: a batch of
-    /// one ([`Store::put_foreign_audits`]).
+    /// one ([`Store::put_foreign_audits`]). For tests: the reader stores a message's entries
+    /// together.
+    #[cfg(test)]
     pub fn put_foreign_audit(
         &self,
         json: &str,

@@ -21,7 +21,7 @@ mod heal;
 pub use heal::HEAL_EVERY;
 pub mod idempotency;
 
-pub use audit::{AuditEntry, AuditQuery, ForeignEntry, BATCH_SPREAD_MS};
+pub use audit::{AuditEntry, AuditQuery, ForeignEntry};
 pub use fleet::{ClaimsSnapshot, FleetClaim};
 pub use idempotency::{Claim, IdemRecord, IdemState};
 

@@ -168,6 +168,12 @@ pub fn ledger_apply_failed(error: &dyn std::fmt::Display) {
     metrics().delivery_error("ledger");
 }
 
+/// A restoring pod could not spill its records to sort them (`fleet::run`), or read one back.
+pub fn ledger_spill_failed(error: &dyn std::fmt::Display, dir: &std::path::Path) {
+    tracing::error!(error = %error, dir = %dir.display(), "could not spill or read back fleet ledger records being restored");
+    metrics().delivery_error("ledger");
+}
+
 /// The ledger reader did not save its offset: an audit entry of a record before it was given
 /// up (shutdown while the store failed), and the next start reads that record again.
 pub fn ledger_offset_held() {

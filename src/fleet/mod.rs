@@ -20,6 +20,7 @@ pub mod budget;
 pub mod claims;
 pub mod reader;
 pub mod record;
+pub mod run;
 pub mod unseen;
 pub mod writer;
 

@@ -36,6 +36,10 @@ const PREFETCH: u16 = 200;
 /// fast phase ([`alloc::Fast`]): a restore, not a pod that was down a moment.
 pub const FAST_AFTER: u64 = 10_000;
 
+/// How often a pod restoring a new store saves its offset (and so stores its current run of
+/// records, `super::run`): a crash then reads at most this much of the ledger again.
+const RESTORE_SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 struct Reader {
     fleet: Arc<Fleet>,
     /// The store's ledger offset at start: records up to it are already in the store.
@@ -381,16 +385,24 @@ impl Reader {
 
     /// The message at `offset` is applied: note it in the claims, and now and then save the
     /// claims and the offset. Not a store write per message: what a restart reads again
-    /// (at most [`SNAPSHOT_EVERY`] of the ledger) applies to the store again idempotently.
+    /// (at most [`SNAPSHOT_EVERY`] of the ledger, [`RESTORE_SNAPSHOT_EVERY`] while a new
+    /// store restores) applies to the store again idempotently.
     async fn remember(&self, offset: Option<i64>) {
         let Some(o) = offset.and_then(|o| u64::try_from(o).ok()) else {
             return;
         };
         self.claims().set_offset(o);
+        // Restoring a new store, each save waits for the writer to store its run: saved
+        // seldom, so the runs are long (`super::run`).
+        let every = if self.unseen().is_some() {
+            RESTORE_SNAPSHOT_EVERY
+        } else {
+            SNAPSHOT_EVERY
+        };
         let due = self
             .saved_at
             .lock()
-            .map(|at| at.elapsed() >= SNAPSHOT_EVERY)
+            .map(|at| at.elapsed() >= every)
             .unwrap_or(true);
         if due {
             self.save_claims().await;

@@ -7,20 +7,23 @@
 //! - while a pod restores a new store, the idempotency records of keys that store does not
 //!   hold yet ([`super::apply::Applied::Restored`]): nothing reads them before the reader
 //!   asks for a store read, and the reader then waits for the writer first
-//!   ([`Writer::done`]).
+//!   ([`Writer::done`]). They are gathered into runs ([`super::run`]) and stored in key
+//!   order, a run at a time; while the writer stores one run, the reader fills the next.
 //!
 //! A failing store is waited out, as the reader does for its records: an entry dropped here
 //! would never come back, since the offset would be saved past it. The reader's saved offset
 //! waits for the writer ([`Writer::done`]), so a restart never skips one.
 
 use super::record::Json;
+use super::run::{Run, Sealed};
 use crate::amqp::consumer::REQUEUE_PAUSE;
 use crate::internal_events;
 use crate::shutdown::Shutdown;
 use crate::store::{AuditEntry, ForeignEntry, IdemRecord, Store, StoreError};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 /// Another pod's audit entry, to be stored under its ledger position (with the others of its
 /// ledger message).
@@ -47,6 +50,8 @@ impl Batch {
 
 enum Job {
     Store(Batch),
+    /// A run of restored records; the permit is given back once it is stored.
+    Load(Run, OwnedSemaphorePermit),
     /// Answered once every job sent before it is done.
     Barrier(oneshot::Sender<()>),
 }
@@ -60,6 +65,15 @@ const BACKLOG: usize = 64;
 
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
+    /// The run the reader is filling, and where runs spill.
+    run: Mutex<Option<Run>>,
+    spill_dir: PathBuf,
+    store: Store,
+    /// Cleared when a run cannot spill (the disk): records are then stored one by one.
+    spilling: AtomicBool,
+    /// One run at a time with the writer (queued or being stored), so at most two are in
+    /// memory.
+    loading: Arc<Semaphore>,
     /// Set when something was given up (shutdown came while the store failed): from then on
     /// the offset is not saved, so the next start reads that record again.
     lost: Arc<AtomicBool>,
@@ -67,17 +81,27 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Start the writer thread; runs spill into the store's directory.
     pub fn start(store: Store, shutdown: Shutdown) -> Self {
+        let dir = store.path().to_path_buf();
+        Self::spilling_into(store, shutdown, dir)
+    }
+
+    fn spilling_into(store: Store, shutdown: Shutdown, spill_dir: PathBuf) -> Self {
         let (jobs, mut rx) = mpsc::channel(BACKLOG);
         let lost = Arc::new(AtomicBool::new(false));
         let (thread_lost, thread_shutdown) = (lost.clone(), shutdown.clone());
+        let thread_store = store.clone();
         let spawned = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
                     match job {
                         Job::Store(batch) => {
-                            store_all(&store, &batch, &thread_shutdown, &thread_lost)
+                            store_all(&thread_store, &batch, &thread_shutdown, &thread_lost)
+                        }
+                        Job::Load(run, _permit) => {
+                            load(&thread_store, run, &thread_shutdown, &thread_lost)
                         }
                         Job::Barrier(done) => {
                             let _ = done.send(());
@@ -91,15 +115,31 @@ impl Writer {
         }
         Self {
             jobs,
+            run: Mutex::new(None),
+            spill_dir,
+            store,
+            spilling: AtomicBool::new(true),
+            loading: Arc::new(Semaphore::new(1)),
             lost,
             shutdown,
         }
     }
 
-    /// Hand a message's batch to the writer (stored in place if it is gone).
-    pub async fn send(&self, store: &Store, batch: Batch) {
+    /// Hand a message's batch to the writer (stored in place if it is gone). Its records go
+    /// to the current run, which is handed over when full.
+    pub async fn send(&self, store: &Store, mut batch: Batch) {
         if batch.is_empty() {
             return;
+        }
+        if !batch.records.is_empty() && self.spilling.load(Ordering::SeqCst) {
+            let full = self.gather(&mut batch.records);
+            if full || !self.spilling.load(Ordering::SeqCst) {
+                // A full run, or one whose spill failed: stored before the rest of the batch.
+                self.send_run().await;
+            }
+            if batch.is_empty() {
+                return;
+            }
         }
         if let Err(mpsc::error::SendError(Job::Store(batch))) =
             self.jobs.send(Job::Store(batch)).await
@@ -108,9 +148,63 @@ impl Writer {
         }
     }
 
-    /// Resolves once every batch handed over before is stored or given up: true if nothing
-    /// was ever given up.
+    /// Add records to the current run (starting one if needed): true when it is full. What
+    /// cannot spill stays in `records`, and runs stop for good.
+    fn gather(&self, records: &mut Vec<(String, Json<IdemRecord>)>) -> bool {
+        let Ok(mut current) = self.run.lock() else {
+            return false;
+        };
+        if current.is_none() {
+            match Run::create(&self.spill_dir) {
+                Ok(run) => *current = Some(run),
+                Err(e) => {
+                    self.stop_spilling(&e);
+                    return false;
+                }
+            }
+        }
+        let Some(run) = current.as_mut() else {
+            return false;
+        };
+        let mut spilled = 0;
+        for (key, record) in records.iter() {
+            if let Err(e) = run.push(key, record.text()) {
+                self.stop_spilling(&e);
+                break;
+            }
+            spilled += 1;
+        }
+        records.drain(..spilled);
+        run.is_full()
+    }
+
+    fn stop_spilling(&self, error: &std::io::Error) {
+        internal_events::ledger_spill_failed(error, &self.spill_dir);
+        self.spilling.store(false, Ordering::SeqCst);
+    }
+
+    /// Hand the current run to the writer (stored in place if it is gone), once the run before
+    /// is stored.
+    async fn send_run(&self) {
+        let store = &self.store;
+        let run = self.run.lock().ok().and_then(|mut r| r.take());
+        let Some(run) = run.filter(|r| !r.is_empty()) else {
+            return;
+        };
+        let Ok(permit) = self.loading.clone().acquire_owned().await else {
+            return load(store, run, &self.shutdown, &self.lost);
+        };
+        if let Err(mpsc::error::SendError(Job::Load(run, _))) =
+            self.jobs.send(Job::Load(run, permit)).await
+        {
+            load(store, run, &self.shutdown, &self.lost);
+        }
+    }
+
+    /// Resolves once every batch handed over before (and the current run) is stored or given
+    /// up: true if nothing was ever given up.
     pub async fn done(&self) -> bool {
+        self.send_run().await;
         let (tx, rx) = oneshot::channel();
         if self.jobs.send(Job::Barrier(tx)).await.is_ok() {
             let _ = rx.await;
@@ -127,6 +221,49 @@ fn store_all(store: &Store, batch: &Batch, shutdown: &Shutdown, lost: &AtomicBoo
     }) && store_audits(store, &batch.audits, shutdown);
     if !stored {
         lost.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Store a run in key order, waiting out a failing store as [`persist`] does. A spill that
+/// cannot be read back is tried [`APPLY_TRIES`] times; then the run is given up, and the
+/// reader, finding that at its next [`Writer::done`], stops applying and holds its offset:
+/// the pod stays not ready rather than serve with keys missing, and reads them again at its
+/// next start.
+fn load(store: &Store, run: Run, shutdown: &Shutdown, lost: &AtomicBool) {
+    let mut sealed: Sealed = match run.seal() {
+        Ok(sealed) => sealed,
+        Err(e) => {
+            internal_events::ledger_spill_failed(&e, store.path());
+            lost.store(true, Ordering::SeqCst);
+            return;
+        }
+    };
+    let (mut from, mut failures) = (0, 0u32);
+    loop {
+        let stored = sealed.store(from, |key, value| {
+            persist(store, shutdown, value.len(), None, || {
+                store.put_json(key, value)
+            })
+        });
+        match stored {
+            Ok(n) => {
+                if n < sealed.len() {
+                    // Shutdown came while the store failed.
+                    lost.store(true, Ordering::SeqCst);
+                }
+                return;
+            }
+            Err((at, e)) => {
+                internal_events::ledger_spill_failed(&e, store.path());
+                failures += 1;
+                if failures >= APPLY_TRIES || shutdown.is_requested() {
+                    lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+                from = at;
+                std::thread::sleep(REQUEUE_PAUSE);
+            }
+        }
     }
 }
 
@@ -259,6 +396,26 @@ mod tests {
         });
     }
 
+    #[test]
+    fn shutdown_while_the_store_fails_gives_a_run_up_and_done_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let (trigger, shutdown) = Shutdown::new();
+            let writer = Writer::start(store.clone(), shutdown);
+            writer
+                .send(&store, restored((0..5).map(|i| format!("k{i}"))))
+                .await;
+            store.fail_for_test();
+            trigger.fire();
+            assert!(
+                !writer.done().await,
+                "the run was given up: the offset is held"
+            );
+        });
+    }
+
     #[tokio::test]
     async fn other_pods_audit_entries_are_all_stored_once_the_writer_says_done() {
         let dir = tempfile::tempdir().unwrap();
@@ -271,12 +428,8 @@ mod tests {
         assert_eq!(store.audit_all().count(), 200);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn restored_records_met_by_a_failing_store_are_stored_once_it_heals() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        let writer = Writer::start(store.clone(), Shutdown::never());
-        let record = |k: &str| IdemRecord {
+    fn completed(k: &str) -> IdemRecord {
+        IdemRecord {
             state: crate::store::IdemState::Completed,
             fingerprint: format!("fp-{k}"),
             attempts: 1,
@@ -285,19 +438,82 @@ mod tests {
             worker_id: "w2".into(),
             created_at_ms: 1,
             updated_at_ms: 2,
-        };
+        }
+    }
+
+    fn restored(keys: impl Iterator<Item = String>) -> Batch {
+        Batch {
+            records: keys
+                .map(|k| {
+                    let record = Json::new(&completed(&k));
+                    (k, record)
+                })
+                .collect(),
+            audits: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn restored_records_go_to_a_run_and_are_all_stored_when_the_writer_says_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let writer = Writer::start(store.clone(), Shutdown::never());
+        let key = |i: u64| format!("k-{:016x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for message in 0..50u64 {
+            writer
+                .send(&store, restored((0..20).map(|i| key(message * 20 + i))))
+                .await;
+        }
+        // Gathered, not stored yet: the run is stored when the reader asks.
+        assert!(store.get(&key(0)).unwrap().is_none());
+        assert!(writer.done().await);
+        for i in 0..1000 {
+            assert_eq!(store.get(&key(i)).unwrap(), Some(completed(&key(i))));
+        }
+        let spills = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(".spill")
+            })
+            .count();
+        assert_eq!(spills, 0, "the spill file is gone");
+    }
+
+    #[tokio::test]
+    async fn records_that_cannot_spill_are_stored_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let nowhere = dir.path().join("no-such-directory");
+        let writer = Writer::spilling_into(store.clone(), Shutdown::never(), nowhere);
+        writer
+            .send(&store, restored((0..30).map(|i| format!("k{i}"))))
+            .await;
+        assert!(writer.done().await, "nothing was given up");
+        assert!(!writer.spilling.load(Ordering::SeqCst), "runs stopped");
+        for i in 0..30 {
+            let k = format!("k{i}");
+            assert_eq!(store.get(&k).unwrap(), Some(completed(&k)));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restored_records_met_by_a_failing_store_are_stored_once_it_heals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let writer = Writer::start(store.clone(), Shutdown::never());
         store.fail_for_test();
         let batch = Batch {
             records: ["a", "b"]
                 .iter()
-                .map(|k| (k.to_string(), Json::new(&record(k))))
+                .map(|k| (k.to_string(), Json::new(&completed(k))))
                 .collect(),
             audits: entries(3, 2),
         };
         writer.send(&store, batch).await;
         assert!(writer.done().await, "nothing was given up");
-        assert_eq!(store.get("a").unwrap(), Some(record("a")));
-        assert_eq!(store.get("b").unwrap(), Some(record("b")));
+        assert_eq!(store.get("a").unwrap(), Some(completed("a")));
+        assert_eq!(store.get("b").unwrap(), Some(completed("b")));
         assert_eq!(store.audit_all().count(), 2);
     }
 }

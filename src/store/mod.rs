@@ -137,6 +137,11 @@ fn open_trees(path: &Path) -> Result<Trees, StoreError> {
 }
 
 impl Store {
+    /// The store's directory.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
     /// Open (creating if needed). Inside a tokio runtime this starts the group-commit flusher
     /// and the healer.
     pub fn open(path: &Path, idempotency_ttl: Duration) -> Result<Self, StoreError> {

@@ -6,13 +6,31 @@ use super::TestEnv;
 use session_worker::event::{EventKind, ResultEvent};
 use session_worker::fleet::record::{Record, RECORD_TYPE};
 use session_worker::store::{AuditEntry, IdemRecord, IdemState};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Key `i` of the restore fill: in order by default (comparable with earlier runs), or, with
-/// `BENCH_RESTORE_RANDOM_KEYS=1`, scattered as real idempotency keys are (sled then inserts
-/// all over its tree instead of at its right edge).
+/// How the restore fill's keys are made: 0 not chosen yet (then `BENCH_RESTORE_RANDOM_KEYS`
+/// says), 1 in order, 2 scattered.
+static SCATTER: AtomicU8 = AtomicU8::new(0);
+
+/// Make the fill's keys scattered (as real idempotency keys are: sled then inserts them all
+/// over its tree) or in order (`restore-000000001`, …: at the tree's right edge).
+pub fn scatter_keys(scattered: bool) {
+    SCATTER.store(if scattered { 2 } else { 1 }, Ordering::SeqCst);
+}
+
+/// Key `i` of the restore fill: in order unless [`scatter_keys`] or
+/// `BENCH_RESTORE_RANDOM_KEYS=1` says scattered.
 pub fn key_of(i: usize) -> String {
-    static SCATTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *SCATTER.get_or_init(|| std::env::var("BENCH_RESTORE_RANDOM_KEYS").is_ok_and(|v| v == "1")) {
+    if SCATTER.load(Ordering::SeqCst) == 0 {
+        let from_env = std::env::var("BENCH_RESTORE_RANDOM_KEYS").is_ok_and(|v| v == "1");
+        let _ = SCATTER.compare_exchange(
+            0,
+            if from_env { 2 } else { 1 },
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+    if SCATTER.load(Ordering::SeqCst) == 2 {
         // splitmix64 of `i`: distinct for distinct `i`, in no order.
         let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

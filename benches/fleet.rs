@@ -64,8 +64,9 @@ async fn stream_baseline(env: &TestEnv, n: usize) -> f64 {
 }
 
 /// Keys per second a new pod applies from a ledger of `n` keys written `per_message` records
-/// to a message, its time to ready, and the keys per second a bare reader gets through.
-async fn restore(n: usize, per_message: usize) -> (f64, Duration, f64) {
+/// to a message, its time to ready, the keys per second a bare reader gets through, and the
+/// pod's peak RSS (MiB).
+async fn restore(n: usize, per_message: usize) -> (f64, Duration, f64, f64) {
     let env = TestEnv::new(Faults::default(), |_| {}).await;
     let filled = Instant::now();
     fill_ledger(&env, n, per_message).await;
@@ -104,8 +105,13 @@ async fn restore(n: usize, per_message: usize) -> (f64, Duration, f64) {
         .find(|(_, v)| *v > 0.0)
         .map_or(started, |(at, _)| *at);
     let rate = n as f64 / ready_at.duration_since(first).as_secs_f64().max(1e-3);
+    let peak_kib = pod
+        .child
+        .as_ref()
+        .and_then(|c| common::peak_rss_kib(c.id()))
+        .unwrap_or(0);
     pod.stop();
-    (rate, ready, baseline)
+    (rate, ready, baseline, peak_kib as f64 / 1024.0)
 }
 
 /// `pods` pods against the simulator's limit of `budget` a minute (the deployment's budget
@@ -171,16 +177,17 @@ fn main() {
             let keys = if scattered { "scattered keys" } else { "keys in order" };
             common::ledger::scatter_keys(scattered);
             eprintln!("{name}: {n} keys in the ledger ({keys}), {per} records a message");
-            let (rate, ready, baseline) = restore(n, per).await;
+            let (rate, ready, baseline, peak_mib) = restore(n, per).await;
             rows.push(format!("| {name}: a new pod applies {n} completed keys (claim + outcome each, {keys}) from a busy fleet's ledger ({per} records a message) | {rate:.0} keys/s | 50000 keys/s | {:.2} | ≥ 1.0 |", rate / 50_000.0));
             rows.push(format!("| the same vs a bare consumer reading that stream (nothing applied) | {rate:.0} keys/s | {baseline:.0} keys/s | {:.2} | — |", rate / baseline));
             rows.push(format!("| {name}: time from start to `/readyz` 200 with {n} keys in the ledger | {:.1} s | — | — | — |", ready.as_secs_f64()));
+            rows.push(format!("| {name}: peak RSS of the restoring pod | {peak_mib:.1} MiB | — | — | — |"));
         }
         if run("restore-quiet") {
             common::ledger::scatter_keys(false);
             let n: usize = env_or("BENCH_RESTORE_QUIET_KEYS", 200_000);
             eprintln!("restore: {n} keys in the ledger, one record a message");
-            let (rate, ready, baseline) = restore(n, 1).await;
+            let (rate, ready, baseline, _) = restore(n, 1).await;
             rows.push(format!("| restore from a quiet fleet's ledger (one record a message), {n} keys | {rate:.0} keys/s | {baseline:.0} keys/s (bare consumer) | {:.2} | — |", rate / baseline));
             rows.push(format!("| the same: time from start to `/readyz` 200 | {:.1} s | — | — | — |", ready.as_secs_f64()));
         }

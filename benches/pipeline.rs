@@ -372,18 +372,10 @@ async fn peak_rss(n: usize) -> (u64, Duration) {
     let file = env.config_file();
     let started = Instant::now();
     let mut child = common::spawn_worker_binary(file.path(), "warn");
-    let status_path = format!("/proc/{}/status", child.id());
     let mut peak_kib = 0u64;
     loop {
-        if let Ok(text) = std::fs::read_to_string(&status_path) {
-            if let Some(v) = text
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-            {
-                peak_kib = peak_kib.max(v);
-            }
+        if let Some(v) = common::peak_rss_kib(child.id()) {
+            peak_kib = peak_kib.max(v);
         }
         if env.queue_len(&a.webhook_queue).await as usize >= n
             || started.elapsed() > Duration::from_secs(600)

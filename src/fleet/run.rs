@@ -19,6 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 #[cfg(not(unix))]
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -122,7 +123,9 @@ impl Drop for Run {
     }
 }
 
-fn read_value(file: &mut File, e: &Entry, value: &mut Vec<u8>) -> io::Result<()> {
+/// Reads at an offset on unix, so threads may read one spill at once; elsewhere a read seeks
+/// first, and only one thread may read a spill.
+fn read_value(file: &File, e: &Entry, value: &mut Vec<u8>) -> io::Result<()> {
     value.resize(e.value_len as usize, 0);
     #[cfg(unix)]
     {
@@ -131,6 +134,7 @@ fn read_value(file: &mut File, e: &Entry, value: &mut Vec<u8>) -> io::Result<()>
     }
     #[cfg(not(unix))]
     {
+        let mut file = file;
         file.seek(SeekFrom::Start(u64::from(e.value_at)))?;
         file.read_exact(value)
     }
@@ -150,24 +154,56 @@ impl Sealed {
         self.run.is_empty()
     }
 
-    /// Hand every record to `put` in key order, from the `from`th on, reading values back
-    /// from the spill file. Returns how many were put before `put` said stop (false), or the
-    /// read error and how many were put before it (to resume from).
+    /// The run cut into at most `n` ranges of about equal length, each to be stored on a
+    /// thread of its own: sled takes inserts into different parts of its tree side by side.
+    /// The records of one key stay in one range, in their order.
+    pub fn parts(&self, n: usize) -> Vec<Range<usize>> {
+        let len = self.len();
+        let n = n.clamp(1, len.max(1));
+        let mut parts = Vec::with_capacity(n);
+        let mut start = 0;
+        for i in 1..=n {
+            let mut end = if i == n {
+                len
+            } else {
+                (len * i / n).max(start)
+            };
+            while end > start && end < len && self.key(end) == self.key(end - 1) {
+                end += 1;
+            }
+            if end > start {
+                parts.push(start..end);
+            }
+            start = end;
+        }
+        parts
+    }
+
+    fn key(&self, i: usize) -> &[u8] {
+        let e = &self.run.entries[i];
+        &self.run.keys[e.key_at as usize..(e.key_at + e.key_len) as usize]
+    }
+
+    /// Hand the records in `range` to `put` in key order, reading values back from the spill
+    /// file. Returns where it stopped: the range's end, or the first record `put` refused
+    /// (false); or the read error and where it came (to resume from).
     pub fn store(
-        &mut self,
-        from: usize,
+        &self,
+        range: Range<usize>,
         mut put: impl FnMut(&str, &str) -> bool,
     ) -> Result<usize, (usize, io::Error)> {
-        let run = &mut self.run;
-        let file = run.spill.get_mut();
+        let file = self.run.spill.get_ref();
         let mut value = Vec::new();
-        for (i, e) in run.entries.iter().enumerate().skip(from) {
+        let end = range.end.min(self.len());
+        for i in range.start..end {
+            let e = &self.run.entries[i];
             if let Err(err) = read_value(file, e, &mut value) {
                 return Err((i, err));
             }
-            let key = &run.keys[e.key_at as usize..(e.key_at + e.key_len) as usize];
-            let (Ok(key), Ok(value)) = (std::str::from_utf8(key), std::str::from_utf8(&value))
-            else {
+            let (Ok(key), Ok(value)) = (
+                std::str::from_utf8(self.key(i)),
+                std::str::from_utf8(&value),
+            ) else {
                 let err = io::Error::new(io::ErrorKind::InvalidData, "spilled record is not UTF-8");
                 return Err((i, err));
             };
@@ -175,7 +211,7 @@ impl Sealed {
                 return Ok(i);
             }
         }
-        Ok(run.entries.len())
+        Ok(end)
     }
 }
 
@@ -192,9 +228,9 @@ mod tests {
         }
         assert_eq!(run.len(), 4);
         assert!(!run.is_full());
-        let mut sealed = run.seal().unwrap();
+        let sealed = run.seal().unwrap();
         let mut seen = Vec::new();
-        let put = sealed.store(0, |k, v| {
+        let put = sealed.store(0..sealed.len(), |k, v| {
             seen.push(format!("{k}={v}"));
             true
         });
@@ -212,14 +248,14 @@ mod tests {
         for i in (0..10).rev() {
             run.push(&format!("k{i}"), &format!("v{i}")).unwrap();
         }
-        let mut sealed = run.seal().unwrap();
+        let sealed = run.seal().unwrap();
         let mut seen = Vec::new();
-        let stopped = sealed.store(0, |k, _| {
+        let stopped = sealed.store(0..10, |k, _| {
             seen.push(k.to_string());
             seen.len() < 4
         });
         assert_eq!(stopped.ok(), Some(3), "the fourth was not put");
-        let rest = sealed.store(3, |k, _| {
+        let rest = sealed.store(3..10, |k, _| {
             seen.push(k.to_string());
             true
         });
@@ -227,6 +263,39 @@ mod tests {
         let expected: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
         assert_eq!(seen[..3], expected[..3]);
         assert_eq!(seen[4..], expected[3..]);
+    }
+
+    #[test]
+    fn parts_cover_the_run_and_keep_a_key_in_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut run = Run::create(dir.path()).unwrap();
+        // Keys a, b, b, b, b, c, d, e (b four times).
+        for k in ["e", "b", "a", "b", "c", "b", "d", "b"] {
+            run.push(k, "v").unwrap();
+        }
+        let sealed = run.seal().unwrap();
+        let parts = sealed.parts(4);
+        let flat: Vec<usize> = parts.iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(
+            flat,
+            (0..8).collect::<Vec<_>>(),
+            "every record once, in order"
+        );
+        for r in &parts {
+            let keys: Vec<&[u8]> = r.clone().map(|i| sealed.key(i)).collect();
+            for other in parts.iter().filter(|o| *o != r) {
+                assert!(
+                    other.clone().all(|i| !keys.contains(&sealed.key(i))),
+                    "a key in two parts: {parts:?}"
+                );
+            }
+        }
+        assert_eq!(sealed.parts(1), vec![0..8]);
+        assert_eq!(
+            sealed.parts(100).len(),
+            5,
+            "one part a distinct key at most"
+        );
     }
 
     #[test]

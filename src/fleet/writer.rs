@@ -20,6 +20,7 @@ use crate::amqp::consumer::REQUEUE_PAUSE;
 use crate::internal_events;
 use crate::shutdown::Shutdown;
 use crate::store::{AuditEntry, ForeignEntry, IdemRecord, Store, StoreError};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,6 +60,10 @@ enum Job {
 /// How often a record or entry that fails against a healthy store (not an I/O failure) is
 /// tried before it is skipped (by the writer here, and by the reader for its own writes).
 pub const APPLY_TRIES: u32 = 5;
+
+/// Threads that store one run, each its own range of keys (the writer's and one more). One
+/// where a spill is read by seeking (not unix: `super::run`).
+const LOADERS: usize = if cfg!(unix) { 2 } else { 1 };
 
 /// Batches (one per ledger message) that may wait for the writer.
 const BACKLOG: usize = 64;
@@ -230,7 +235,7 @@ fn store_all(store: &Store, batch: &Batch, shutdown: &Shutdown, lost: &AtomicBoo
 /// the pod stays not ready rather than serve with keys missing, and reads them again at its
 /// next start.
 fn load(store: &Store, run: Run, shutdown: &Shutdown, lost: &AtomicBool) {
-    let mut sealed: Sealed = match run.seal() {
+    let sealed: Sealed = match run.seal() {
         Ok(sealed) => sealed,
         Err(e) => {
             internal_events::ledger_spill_failed(&e, store.path());
@@ -238,16 +243,45 @@ fn load(store: &Store, run: Run, shutdown: &Shutdown, lost: &AtomicBool) {
             return;
         }
     };
-    let (mut from, mut failures) = (0, 0u32);
+    let mut parts = sealed.parts(LOADERS).into_iter();
+    let Some(first) = parts.next() else {
+        return;
+    };
+    let sealed = &sealed;
+    std::thread::scope(|scope| {
+        for part in parts {
+            let spawned = std::thread::Builder::new()
+                .name("ledger-loader".into())
+                .spawn_scoped(scope, {
+                    let part = part.clone();
+                    move || load_part(store, sealed, part, shutdown, lost)
+                });
+            if spawned.is_err() {
+                load_part(store, sealed, part, shutdown, lost);
+            }
+        }
+        load_part(store, sealed, first, shutdown, lost);
+    });
+}
+
+/// Store one part of a run, as [`load`] says.
+fn load_part(
+    store: &Store,
+    sealed: &Sealed,
+    part: Range<usize>,
+    shutdown: &Shutdown,
+    lost: &AtomicBool,
+) {
+    let (mut from, mut failures) = (part.start, 0u32);
     loop {
-        let stored = sealed.store(from, |key, value| {
+        let stored = sealed.store(from..part.end, |key, value| {
             persist(store, shutdown, value.len(), None, || {
                 store.put_json(key, value)
             })
         });
         match stored {
-            Ok(n) => {
-                if n < sealed.len() {
+            Ok(at) => {
+                if at < part.end {
                     // Shutdown came while the store failed.
                     lost.store(true, Ordering::SeqCst);
                 }

@@ -168,6 +168,8 @@ async fn a_pod_restoring_a_long_ledger_knows_every_key_and_stops_cleanly() {
     const N: usize = 8_000;
     const _: () = assert!(2 * N as u64 > session_worker::fleet::reader::FAST_AFTER);
     let n = N;
+    // Scattered, as real keys are: the restore sorts them before sled takes them.
+    common::ledger::scatter_keys(true);
     let env = TestEnv::new(Faults::default(), |_| {}).await;
     common::ledger::fill_ledger(&env, n, 40).await;
     // Keys that come back within one message, so the reader reads what it has just handed
@@ -253,6 +255,58 @@ async fn a_pod_restoring_a_long_ledger_knows_every_key_and_stops_cleanly() {
         (Completed, "another-pod"),
         "a late claim changes no outcome"
     );
+    assert_completed(&store, n);
+}
+
+/// Every key of a restore fill of `n` is in `store`, completed.
+fn assert_completed(store: &session_worker::store::Store, n: usize) {
+    let missing: Vec<String> = (0..n)
+        .map(common::ledger::key_of)
+        .filter(|k| {
+            !store
+                .get(k)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.state == session_worker::store::IdemState::Completed)
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {n} keys not restored, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_killed_while_it_restores_knows_every_key_after_its_restart() {
+    const N: usize = 20_000;
+    common::ledger::scatter_keys(true);
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    common::ledger::fill_ledger(&env, N, 40).await;
+    let mut pod = Pod::new(&env, "killed-restorer");
+    pod.start();
+    // Killed once it has applied part of the ledger (its gathered records may not be stored
+    // yet), or at once if it was quicker than this poll.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline
+        && pod
+            .metric("ledger_records_applied_total")
+            .await
+            .is_none_or(|v| v < N as f64)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pod.kill();
+    pod.start();
+    assert!(
+        pod.ready_within(Duration::from_secs(180)).await.is_some(),
+        "the restarted pod catches up"
+    );
+    assert_eq!(pod.stop(), Some(0), "SIGTERM exits 0");
+    let store = session_worker::store::Store::open(&pod.store, Duration::from_secs(3600))
+        .expect("the stopped pod's store opens");
+    assert_completed(&store, N);
 }
 
 /// `audit show --json KEY` on a stopped pod's store: what it printed (it must succeed).

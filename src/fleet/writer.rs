@@ -8,7 +8,8 @@
 //!   hold yet ([`super::apply::Applied::Restored`]): nothing reads them before the reader
 //!   asks for a store read, and the reader then waits for the writer first
 //!   ([`Writer::done`]). They are gathered into runs ([`super::run`]) and stored in key
-//!   order, a run at a time; while the writer stores one run, the reader fills the next.
+//!   order, a run at a time, by a loader thread of their own (with one more thread for half
+//!   of each run); while it stores one run, the reader fills the next.
 //!
 //! A failing store is waited out, as the reader does for its records: an entry dropped here
 //! would never come back, since the offset would be saved past it. The reader's saved offset
@@ -69,14 +70,18 @@ const LOADERS: usize = if cfg!(unix) { 2 } else { 1 };
 const BACKLOG: usize = 64;
 
 pub struct Writer {
+    /// The writer thread: other pods' audit entries (and records that could not spill).
     jobs: mpsc::Sender<Job>,
+    /// The loader thread: runs, so that the audit entries of the messages read meanwhile
+    /// need not wait for a run to be stored.
+    loads: mpsc::Sender<Job>,
     /// The run the reader is filling, and where runs spill.
     run: Mutex<Option<Run>>,
     spill_dir: PathBuf,
     store: Store,
     /// Cleared when a run cannot spill (the disk): records are then stored one by one.
     spilling: AtomicBool,
-    /// One run at a time with the writer (queued or being stored), so at most two are in
+    /// One run at a time with the loader (queued or being stored), so at most two are in
     /// memory.
     loading: Arc<Semaphore>,
     /// Set when something was given up (shutdown came while the store failed): from then on
@@ -85,41 +90,55 @@ pub struct Writer {
     shutdown: Shutdown,
 }
 
+/// Start a thread that does the jobs sent to it, in order. Without a thread the channel is
+/// closed, and the sender does its jobs in place.
+fn spawn_thread(
+    name: &str,
+    store: &Store,
+    shutdown: &Shutdown,
+    lost: &Arc<AtomicBool>,
+) -> mpsc::Sender<Job> {
+    let (jobs, mut rx) = mpsc::channel(BACKLOG);
+    let (store, shutdown, lost) = (store.clone(), shutdown.clone(), lost.clone());
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while let Some(job) = rx.blocking_recv() {
+                match job {
+                    Job::Store(batch) => store_all(&store, &batch, &shutdown, &lost),
+                    Job::Load(run, _permit) => load(&store, run, &shutdown, &lost),
+                    Job::Barrier(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, thread = name, "cannot start a ledger writer thread; the reader stores what it applies itself");
+    }
+    jobs
+}
+
+/// Wait until every job sent to `jobs` before is done (at once if its thread is gone).
+async fn barrier(jobs: &mpsc::Sender<Job>) {
+    let (tx, rx) = oneshot::channel();
+    if jobs.send(Job::Barrier(tx)).await.is_ok() {
+        let _ = rx.await;
+    }
+}
+
 impl Writer {
-    /// Start the writer thread; runs spill into the store's directory.
+    /// Start the writer and loader threads; runs spill into the store's directory.
     pub fn start(store: Store, shutdown: Shutdown) -> Self {
         let dir = store.path().to_path_buf();
         Self::spilling_into(store, shutdown, dir)
     }
 
     fn spilling_into(store: Store, shutdown: Shutdown, spill_dir: PathBuf) -> Self {
-        let (jobs, mut rx) = mpsc::channel(BACKLOG);
         let lost = Arc::new(AtomicBool::new(false));
-        let (thread_lost, thread_shutdown) = (lost.clone(), shutdown.clone());
-        let thread_store = store.clone();
-        let spawned = std::thread::Builder::new()
-            .name("ledger-writer".into())
-            .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    match job {
-                        Job::Store(batch) => {
-                            store_all(&thread_store, &batch, &thread_shutdown, &thread_lost)
-                        }
-                        Job::Load(run, _permit) => {
-                            load(&thread_store, run, &thread_shutdown, &thread_lost)
-                        }
-                        Job::Barrier(done) => {
-                            let _ = done.send(());
-                        }
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            // No thread: the jobs channel is closed, and `send` stores in place instead.
-            tracing::warn!(error = %e, "cannot start the ledger writer thread; the reader stores what it applies itself");
-        }
         Self {
-            jobs,
+            jobs: spawn_thread("ledger-writer", &store, &shutdown, &lost),
+            loads: spawn_thread("ledger-loader", &store, &shutdown, &lost),
             run: Mutex::new(None),
             spill_dir,
             store,
@@ -138,9 +157,12 @@ impl Writer {
         }
         if !batch.records.is_empty() && self.spilling.load(Ordering::SeqCst) {
             let full = self.gather(&mut batch.records);
-            if full || !self.spilling.load(Ordering::SeqCst) {
-                // A full run, or one whose spill failed: stored before the rest of the batch.
+            if full {
                 self.send_run().await;
+            } else if !self.spilling.load(Ordering::SeqCst) {
+                // The spill failed: the run so far is stored before the rest of the batch.
+                self.send_run().await;
+                barrier(&self.loads).await;
             }
             if batch.is_empty() {
                 return;
@@ -188,7 +210,7 @@ impl Writer {
         self.spilling.store(false, Ordering::SeqCst);
     }
 
-    /// Hand the current run to the writer (stored in place if it is gone), once the run before
+    /// Hand the current run to the loader (stored in place if it is gone), once the run before
     /// is stored.
     async fn send_run(&self) {
         let store = &self.store;
@@ -200,7 +222,7 @@ impl Writer {
             return load(store, run, &self.shutdown, &self.lost);
         };
         if let Err(mpsc::error::SendError(Job::Load(run, _))) =
-            self.jobs.send(Job::Load(run, permit)).await
+            self.loads.send(Job::Load(run, permit)).await
         {
             load(store, run, &self.shutdown, &self.lost);
         }
@@ -210,10 +232,8 @@ impl Writer {
     /// up: true if nothing was ever given up.
     pub async fn done(&self) -> bool {
         self.send_run().await;
-        let (tx, rx) = oneshot::channel();
-        if self.jobs.send(Job::Barrier(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
+        barrier(&self.loads).await;
+        barrier(&self.jobs).await;
         !self.lost.load(Ordering::SeqCst)
     }
 }
@@ -411,8 +431,9 @@ mod tests {
         assert_eq!(store.audit_all().count(), 5);
     }
 
-    #[test]
-    fn shutdown_while_the_store_fails_gives_the_entry_up_and_done_says_so() {
+    /// Hand `batch` over, then fail the store and shut down: `done` must say something was
+    /// given up (the offset is held).
+    fn given_up_at_shutdown(batch: Batch) -> bool {
         let dir = tempfile::tempdir().unwrap();
         // Opened outside a runtime: no healer, so the store fails until the test ends.
         let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
@@ -420,34 +441,31 @@ mod tests {
         runtime.block_on(async {
             let (trigger, shutdown) = Shutdown::new();
             let writer = Writer::start(store.clone(), shutdown);
-            store.fail_for_test();
-            trigger.fire();
-            writer.send(&store, audits(1, 1)).await;
-            assert!(
-                !writer.done().await,
-                "an entry was given up: the offset is held"
-            );
-        });
+            // A run is gathered now and stored at `done`, after the store failed.
+            let gathered = !batch.records.is_empty();
+            if gathered {
+                writer.send(&store, batch).await;
+                store.fail_for_test();
+                trigger.fire();
+            } else {
+                store.fail_for_test();
+                trigger.fire();
+                writer.send(&store, batch).await;
+            }
+            !writer.done().await
+        })
+    }
+
+    #[test]
+    fn shutdown_while_the_store_fails_gives_the_entry_up_and_done_says_so() {
+        assert!(given_up_at_shutdown(audits(1, 1)));
     }
 
     #[test]
     fn shutdown_while_the_store_fails_gives_a_run_up_and_done_says_so() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async {
-            let (trigger, shutdown) = Shutdown::new();
-            let writer = Writer::start(store.clone(), shutdown);
-            writer
-                .send(&store, restored((0..5).map(|i| format!("k{i}"))))
-                .await;
-            store.fail_for_test();
-            trigger.fire();
-            assert!(
-                !writer.done().await,
-                "the run was given up: the offset is held"
-            );
-        });
+        assert!(given_up_at_shutdown(restored(
+            (0..5).map(|i| format!("k{i}"))
+        )));
     }
 
     #[tokio::test]

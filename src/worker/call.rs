@@ -3,6 +3,7 @@
 
 use super::intake::Job;
 use super::outcome::Outcome;
+use super::permit::CallPermit;
 use crate::genesys::{Disposition, GenesysClient, GenesysError};
 use crate::internal_events;
 use crate::limiter::Limiter;
@@ -32,17 +33,6 @@ pub struct Caller {
     pub grace: Duration,
 }
 
-/// One of the `worker.concurrency` call permits, counted in `calls_in_flight` while held.
-pub struct CallPermit<'a> {
-    _permit: tokio::sync::SemaphorePermit<'a>,
-}
-
-impl Drop for CallPermit<'_> {
-    fn drop(&mut self) {
-        metrics().calls_in_flight.dec();
-    }
-}
-
 /// Kept back from `shutdown_grace` for recording the outcome after the call gives up.
 fn record_margin(grace: Duration) -> Duration {
     (grace / 4).min(Duration::from_secs(2))
@@ -59,10 +49,7 @@ impl Caller {
             biased;
             _ = stop.requested() => None,
             // Never closed; if it were, nothing was sent either.
-            permit = self.calls.acquire() => permit.ok().map(|permit| {
-                metrics().calls_in_flight.inc();
-                CallPermit { _permit: permit }
-            }),
+            permit = self.calls.acquire() => permit.ok().map(CallPermit::new),
         }
     }
 

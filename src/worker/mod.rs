@@ -11,6 +11,7 @@
 //! - [`call`]: the rate limiter and the Genesys call, with in-process retries;
 //! - [`outcome`]: one [`outcome::Outcome`] per way a delivery ends, and the one `finish`.
 //!
+//! [`permit`] is the call permit `call` takes and `finish` lets go once the answer is durable.
 //! [`auth`] pauses consumption when Genesys refuses the credentials. The consume loop,
 //! reconnects and shutdown are the shared shell in [`crate::amqp::shell`].
 //!
@@ -24,6 +25,7 @@ pub mod claim;
 pub mod intake;
 pub mod keylocks;
 pub mod outcome;
+pub mod permit;
 
 use crate::amqp::consumer::Settle;
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
@@ -39,13 +41,14 @@ use crate::request::ValidRequest;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 use auth::AuthGate;
-use call::{CallPermit, Caller};
+use call::Caller;
 use claim::{ClaimError, Claimed};
 use intake::{Intake, Job};
 use keylocks::KeyLocks;
 use lapin::message::Delivery;
 use lapin::Channel;
 use outcome::{FinishError, Outcome, Recorder};
+use permit::CallPermit;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::Notify;

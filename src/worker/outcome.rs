@@ -11,8 +11,8 @@
 //!
 //! A crash between any two steps loses nothing: the delivery is unacked until step 6.
 
-use super::call::CallPermit;
 use super::intake::Job;
+use super::permit::CallPermit;
 use crate::amqp::consumer::Settle;
 use crate::amqp::{self, header, header_i64, int, text, topology, AmqpError, DeadLetters, Failure};
 use crate::config::Settings;

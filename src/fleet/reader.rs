@@ -350,7 +350,7 @@ impl Reader {
         if !batch.records.is_empty() {
             self.unflushed.store(true, Ordering::SeqCst);
         }
-        self.writer.send(&self.fleet.store, batch).await;
+        self.writer.send(batch).await;
     }
 
     /// Before a record that may read the store: hand over what this message has left to

@@ -13,7 +13,8 @@
 //! The spill file is scratch: unlinked as soon as it is open (where the platform allows;
 //! elsewhere when the run is dropped). A crash loses nothing the ledger does not hold: the
 //! reader saves its offset only once everything before it is stored
-//! (`super::writer::Writer::done`).
+//! (`super::writer::Writer::done`). A spill the disk refuses loses nothing either: what the
+//! file did not take stays in memory with the run (the spill's write buffer, 64 KiB).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -39,13 +40,35 @@ struct Entry {
 
 const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
+/// The records' keys, one after another, and each record's place.
+struct Index {
+    keys: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+impl Index {
+    fn key(&self, e: &Entry) -> &[u8] {
+        let at = e.key_at as usize;
+        &self.keys[at..at + e.key_len as usize]
+    }
+}
+
+/// The spill file's path while it could not be unlinked at once: removed when the run goes.
+struct Leftover(Option<PathBuf>);
+
+impl Drop for Leftover {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 pub struct Run {
     spill: BufWriter<File>,
     spilled: u32,
-    keys: Vec<u8>,
-    entries: Vec<Entry>,
-    /// The spill file's path while it could not be unlinked at once.
-    leftover: Option<PathBuf>,
+    index: Index,
+    _leftover: Leftover,
 }
 
 impl Run {
@@ -63,13 +86,19 @@ impl Run {
             .create_new(true)
             .open(&path)?;
         let leftover = std::fs::remove_file(&path).err().map(|_| path);
-        Ok(Self {
+        Ok(Self::on(file, Leftover(leftover)))
+    }
+
+    fn on(file: File, leftover: Leftover) -> Self {
+        Self {
             spill: BufWriter::with_capacity(64 << 10, file),
             spilled: 0,
-            keys: Vec::new(),
-            entries: Vec::new(),
-            leftover,
-        })
+            index: Index {
+                keys: Vec::new(),
+                entries: Vec::new(),
+            },
+            _leftover: leftover,
+        }
     }
 
     /// Add a record. Later records of the same key are stored after earlier ones.
@@ -77,11 +106,11 @@ impl Run {
         let too_long = || io::Error::new(io::ErrorKind::InvalidInput, "record too long to spill");
         let key_len = u32::try_from(key.len()).map_err(|_| too_long())?;
         let value_len = u32::try_from(value.len()).map_err(|_| too_long())?;
-        let key_at = u32::try_from(self.keys.len()).map_err(|_| too_long())?;
+        let key_at = u32::try_from(self.index.keys.len()).map_err(|_| too_long())?;
         let spilled = self.spilled.checked_add(value_len).ok_or_else(too_long)?;
         self.spill.write_all(value.as_bytes())?;
-        self.keys.extend_from_slice(key.as_bytes());
-        self.entries.push(Entry {
+        self.index.keys.extend_from_slice(key.as_bytes());
+        self.index.entries.push(Entry {
             key_at,
             key_len,
             value_at: self.spilled,
@@ -92,66 +121,104 @@ impl Run {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.index.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.index.entries.is_empty()
     }
 
     /// Whether the run has reached its bounds and is to be stored now.
     pub fn is_full(&self) -> bool {
-        self.keys.len() + self.entries.len() * ENTRY_BYTES >= RUN_INDEX_BYTES
+        self.index.keys.len() + self.index.entries.len() * ENTRY_BYTES >= RUN_INDEX_BYTES
             || self.spilled >= RUN_SPILL_BYTES
     }
 
-    /// Put the run's records in key order (records of one key keep their order).
-    pub fn seal(mut self) -> io::Result<Sealed> {
-        self.spill.flush()?;
-        let keys = &self.keys;
-        let key = |e: &Entry| &keys[e.key_at as usize..(e.key_at + e.key_len) as usize];
-        self.entries.sort_by(|a, b| key(a).cmp(key(b)));
-        Ok(Sealed { run: self })
+    /// Put the run's records in key order (records of one key keep their order). Whatever
+    /// the spill file did not take is kept in memory, so nothing is lost; the error that
+    /// stopped it is handed back to be told.
+    pub fn seal(self) -> (Sealed, Option<io::Error>) {
+        let Run {
+            mut spill,
+            spilled,
+            mut index,
+            _leftover,
+        } = self;
+        let refused = spill.flush().err();
+        let (file, unwritten) = spill.into_parts();
+        let tail = unwritten.unwrap_or_else(|panicked| panicked.into_inner());
+        let tail_at = spilled.saturating_sub(u32::try_from(tail.len()).unwrap_or(u32::MAX));
+        let Index { keys, entries } = &mut index;
+        let key = |e: &Entry| {
+            let at = e.key_at as usize;
+            &keys[at..at + e.key_len as usize]
+        };
+        entries.sort_by(|a, b| key(a).cmp(key(b)));
+        let sealed = Sealed {
+            file,
+            tail,
+            tail_at,
+            index,
+            _leftover,
+        };
+        (sealed, refused)
     }
 }
 
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Some(path) = self.leftover.take() {
-            let _ = std::fs::remove_file(path);
+/// Read a record's value: from the spill file up to `tail_at`, from `tail` (what the file
+/// did not take) after it. Reads at an offset on unix, so threads may read one spill at
+/// once; elsewhere a read seeks first, and only one thread may read a spill.
+fn read_value(
+    file: &File,
+    tail: &[u8],
+    tail_at: u32,
+    e: &Entry,
+    value: &mut Vec<u8>,
+) -> io::Result<()> {
+    let (start, len) = (e.value_at as usize, e.value_len as usize);
+    let (end, file_end) = (start + len, tail_at as usize);
+    value.resize(len, 0);
+    if start < file_end {
+        let from_file = &mut value[..end.min(file_end) - start];
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            file.read_exact_at(from_file, u64::from(e.value_at))?;
+        }
+        #[cfg(not(unix))]
+        {
+            let mut file = file;
+            file.seek(SeekFrom::Start(u64::from(e.value_at)))?;
+            file.read_exact(from_file)?;
         }
     }
-}
-
-/// Reads at an offset on unix, so threads may read one spill at once; elsewhere a read seeks
-/// first, and only one thread may read a spill.
-fn read_value(file: &File, e: &Entry, value: &mut Vec<u8>) -> io::Result<()> {
-    value.resize(e.value_len as usize, 0);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileExt;
-        file.read_exact_at(value, u64::from(e.value_at))
+    if end > file_end {
+        let from = start.max(file_end);
+        let kept = tail.get(from - file_end..end - file_end).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "spilled record past its run")
+        })?;
+        value[from - start..].copy_from_slice(kept);
     }
-    #[cfg(not(unix))]
-    {
-        let mut file = file;
-        file.seek(SeekFrom::Start(u64::from(e.value_at)))?;
-        file.read_exact(value)
-    }
+    Ok(())
 }
 
 /// A run in key order, ready to store.
 pub struct Sealed {
-    run: Run,
+    file: File,
+    /// What the spill file did not take (the disk refused it), from `tail_at` on.
+    tail: Vec<u8>,
+    tail_at: u32,
+    index: Index,
+    _leftover: Leftover,
 }
 
 impl Sealed {
     pub fn len(&self) -> usize {
-        self.run.len()
+        self.index.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.run.is_empty()
+        self.index.entries.is_empty()
     }
 
     /// The run cut into at most `n` ranges of about equal length, each to be stored on a
@@ -180,8 +247,7 @@ impl Sealed {
     }
 
     fn key(&self, i: usize) -> &[u8] {
-        let e = &self.run.entries[i];
-        &self.run.keys[e.key_at as usize..(e.key_at + e.key_len) as usize]
+        self.index.key(&self.index.entries[i])
     }
 
     /// Hand the records in `range` to `put` in key order, reading values back from the spill
@@ -192,12 +258,11 @@ impl Sealed {
         range: Range<usize>,
         mut put: impl FnMut(&str, &str) -> bool,
     ) -> Result<usize, (usize, io::Error)> {
-        let file = self.run.spill.get_ref();
         let mut value = Vec::new();
         let end = range.end.min(self.len());
         for i in range.start..end {
-            let e = &self.run.entries[i];
-            if let Err(err) = read_value(file, e, &mut value) {
+            let e = &self.index.entries[i];
+            if let Err(err) = read_value(&self.file, &self.tail, self.tail_at, e, &mut value) {
                 return Err((i, err));
             }
             let (Ok(key), Ok(value)) = (
@@ -228,7 +293,7 @@ mod tests {
         }
         assert_eq!(run.len(), 4);
         assert!(!run.is_full());
-        let sealed = run.seal().unwrap();
+        let sealed = run.seal().0;
         let mut seen = Vec::new();
         let put = sealed.store(0..sealed.len(), |k, v| {
             seen.push(format!("{k}={v}"));
@@ -248,7 +313,7 @@ mod tests {
         for i in (0..10).rev() {
             run.push(&format!("k{i}"), &format!("v{i}")).unwrap();
         }
-        let sealed = run.seal().unwrap();
+        let sealed = run.seal().0;
         let mut seen = Vec::new();
         let stopped = sealed.store(0..10, |k, _| {
             seen.push(k.to_string());
@@ -273,7 +338,7 @@ mod tests {
         for k in ["e", "b", "a", "b", "c", "b", "d", "b"] {
             run.push(k, "v").unwrap();
         }
-        let sealed = run.seal().unwrap();
+        let sealed = run.seal().0;
         let parts = sealed.parts(4);
         let flat: Vec<usize> = parts.iter().flat_map(|r| r.clone()).collect();
         assert_eq!(
@@ -295,6 +360,55 @@ mod tests {
             sealed.parts(100).len(),
             5,
             "one part a distinct key at most"
+        );
+    }
+
+    #[test]
+    fn what_the_disk_refuses_stays_with_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("read-only.spill");
+        std::fs::write(&path, b"").unwrap();
+        // Opened for reading only: every write to the file fails, as on a full disk.
+        let file = File::open(&path).unwrap();
+        let mut run = Run::on(file, Leftover(None));
+        for i in (0..50).rev() {
+            run.push(&format!("k{i:02}"), &format!("value-{i}"))
+                .unwrap();
+        }
+        let (sealed, refused) = run.seal();
+        assert!(refused.is_some(), "the flush was refused");
+        let mut seen = Vec::new();
+        let put = sealed.store(0..sealed.len(), |k, v| {
+            seen.push(format!("{k}={v}"));
+            true
+        });
+        assert_eq!(put.ok(), Some(50));
+        let expected: Vec<String> = (0..50).map(|i| format!("k{i:02}=value-{i}")).collect();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn a_value_is_read_across_the_file_and_what_it_did_not_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("part.spill");
+        std::fs::write(&path, b"hello").unwrap();
+        let file = File::open(&path).unwrap();
+        let entry = |value_at, value_len| Entry {
+            key_at: 0,
+            key_len: 0,
+            value_at,
+            value_len,
+        };
+        let mut value = Vec::new();
+        read_value(&file, b"world", 5, &entry(3, 5), &mut value).unwrap();
+        assert_eq!(value, b"lowor");
+        read_value(&file, b"world", 5, &entry(6, 4), &mut value).unwrap();
+        assert_eq!(value, b"orld");
+        read_value(&file, b"world", 5, &entry(0, 4), &mut value).unwrap();
+        assert_eq!(value, b"hell");
+        assert!(
+            read_value(&file, b"world", 5, &entry(8, 4), &mut value).is_err(),
+            "past the run: an error, not a panic"
         );
     }
 

@@ -151,7 +151,7 @@ impl Writer {
 
     /// Hand a message's batch to the writer (stored in place if it is gone). Its records go
     /// to the current run, which is handed over when full.
-    pub async fn send(&self, store: &Store, mut batch: Batch) {
+    pub async fn send(&self, mut batch: Batch) {
         if batch.is_empty() {
             return;
         }
@@ -171,7 +171,7 @@ impl Writer {
         if let Err(mpsc::error::SendError(Job::Store(batch))) =
             self.jobs.send(Job::Store(batch)).await
         {
-            store_all(store, &batch, &self.shutdown, &self.lost);
+            store_all(&self.store, &batch, &self.shutdown, &self.lost);
         }
     }
 
@@ -255,14 +255,11 @@ fn store_all(store: &Store, batch: &Batch, shutdown: &Shutdown, lost: &AtomicBoo
 /// the pod stays not ready rather than serve with keys missing, and reads them again at its
 /// next start.
 fn load(store: &Store, run: Run, shutdown: &Shutdown, lost: &AtomicBool) {
-    let sealed: Sealed = match run.seal() {
-        Ok(sealed) => sealed,
-        Err(e) => {
-            internal_events::ledger_spill_failed(&e, store.path());
-            lost.store(true, Ordering::SeqCst);
-            return;
-        }
-    };
+    let (sealed, refused): (Sealed, _) = run.seal();
+    if let Some(e) = refused {
+        // What the file did not take is kept in memory with the run: nothing is lost.
+        internal_events::ledger_spill_failed(&e, store.path());
+    }
     let mut parts = sealed.parts(LOADERS).into_iter();
     let Some(first) = parts.next() else {
         return;
@@ -422,7 +419,7 @@ mod tests {
         let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let writer = Writer::start(store.clone(), Shutdown::never());
         store.fail_for_test();
-        writer.send(&store, audits(1, 5)).await;
+        writer.send(audits(1, 5)).await;
         assert!(writer.done().await, "nothing was given up");
         assert!(
             store.failure().is_none(),
@@ -444,13 +441,13 @@ mod tests {
             // A run is gathered now and stored at `done`, after the store failed.
             let gathered = !batch.records.is_empty();
             if gathered {
-                writer.send(&store, batch).await;
+                writer.send(batch).await;
                 store.fail_for_test();
                 trigger.fire();
             } else {
                 store.fail_for_test();
                 trigger.fire();
-                writer.send(&store, batch).await;
+                writer.send(batch).await;
             }
             !writer.done().await
         })
@@ -474,7 +471,7 @@ mod tests {
         let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let writer = Writer::start(store.clone(), Shutdown::never());
         for offset in 0..20u64 {
-            writer.send(&store, audits(offset, 10)).await;
+            writer.send(audits(offset, 10)).await;
         }
         assert!(writer.done().await);
         assert_eq!(store.audit_all().count(), 200);
@@ -513,7 +510,7 @@ mod tests {
         let key = |i: u64| format!("k-{:016x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         for message in 0..50u64 {
             writer
-                .send(&store, restored((0..20).map(|i| key(message * 20 + i))))
+                .send(restored((0..20).map(|i| key(message * 20 + i))))
                 .await;
         }
         // Gathered, not stored yet: the run is stored when the reader asks.
@@ -539,7 +536,7 @@ mod tests {
         let nowhere = dir.path().join("no-such-directory");
         let writer = Writer::spilling_into(store.clone(), Shutdown::never(), nowhere);
         writer
-            .send(&store, restored((0..30).map(|i| format!("k{i}"))))
+            .send(restored((0..30).map(|i| format!("k{i}"))))
             .await;
         assert!(writer.done().await, "nothing was given up");
         assert!(!writer.spilling.load(Ordering::SeqCst), "runs stopped");
@@ -562,7 +559,7 @@ mod tests {
                 .collect(),
             audits: entries(3, 2),
         };
-        writer.send(&store, batch).await;
+        writer.send(batch).await;
         assert!(writer.done().await, "nothing was given up");
         assert_eq!(store.get("a").unwrap(), Some(completed("a")));
         assert_eq!(store.get("b").unwrap(), Some(completed("b")));

@@ -84,14 +84,14 @@ pub fn auth_refused(error: &str) {
 pub fn auth_paused(probe_in: Duration, hint: &str) {
     tracing::error!(
         probe_in_s = probe_in.as_secs(),
-        "paused: Genesys Cloud refused the credentials; no new messages are taken and none are dead-lettered. Fix: {hint}"
+        "paused: Genesys Cloud refused the credentials or the configuration; no new messages are taken and none are dead-lettered. Fix: {hint}"
     );
     metrics().auth_paused.set(1);
 }
 
 /// The auth pause is over.
 pub fn auth_resumed() {
-    tracing::info!("credentials accepted by the token endpoint; resuming");
+    tracing::info!("Genesys Cloud accepts the credentials and the configuration again; resuming");
     metrics().auth_paused.set(0);
 }
 
@@ -263,4 +263,33 @@ pub fn budget_heard() {
         tracing::info!("the other pods hear this pod: its calls go on");
     }
     metrics().rate_limit_held.set(0);
+}
+
+/// The Guest API sent a frame class this worker does not use (logged once per class).
+pub fn web_messaging_unknown_class(class: &str) {
+    tracing::info!(
+        class,
+        "Web Messaging Guest API sent a frame class this worker does not use; ignored (logged once)"
+    );
+}
+
+/// A guest session was resumed (`newSession: false`): whether its start was already there.
+pub fn web_messaging_resumed(start_found: bool) {
+    tracing::info!(
+        start_found,
+        "resumed an existing guest session: {}",
+        if start_found {
+            "its start is in the history, not sent again"
+        } else {
+            "no start in its history, sending it"
+        }
+    );
+}
+
+/// Genesys Cloud said the guest session expired or is gone (4006/4007): a new one is opened.
+pub fn web_messaging_session_renewed(code: i64) {
+    tracing::warn!(
+        code,
+        "guest session expired or not found; opening a new one with startNew"
+    );
 }

@@ -220,7 +220,10 @@ pub async fn publish(
             progress.advance(bytes, false);
             continue;
         }
-        let valid = match request::validate_message(&line, None) {
+        let limit = settings.genesys.custom_data_limit();
+        let valid = match request::validate_message(&line, None)
+            .and_then(|v| request::within_custom_limit(v, limit))
+        {
             Ok(v) => v,
             Err(e) => {
                 bar.suspend(|| eprintln!("line {number}: invalid: {e}"));

@@ -190,6 +190,58 @@ impl SessionRequest {
         Value::Object(m)
     }
 
+    /// The custom attributes a Web Messaging session carries (SPEC §4), every value a string:
+    /// `visitor_id`, `visitor_name`, `queue_id`, `bot_score`, `source`, `external_id`, then the
+    /// `attributes` entries (an entry cannot replace one of the six: routing reads `queue_id`).
+    pub fn custom_attributes(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        let mut put = |k: &str, v: String| {
+            m.insert(k.to_string(), Value::String(v));
+        };
+        put("visitor_id", self.visitor_id.clone());
+        put("visitor_name", self.visitor_name().to_string());
+        put("queue_id", self.queue_id.clone());
+        if let Some(score) = self.bot_score {
+            put("bot_score", score.to_string());
+        }
+        if let Some(source) = &self.source {
+            put("source", source.clone());
+        }
+        if let Some(ext) = &self.external_id {
+            put("external_id", ext.clone());
+        }
+        for (k, v) in self.attributes.iter().flatten() {
+            if !m.contains_key(k) {
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                m.insert(k.clone(), Value::String(text));
+            }
+        }
+        m
+    }
+
+    /// Serialized size of [`Self::custom_attributes`], what Genesys Cloud counts against a
+    /// session's `maxCustomDataBytes`.
+    pub fn custom_attributes_size(&self) -> usize {
+        serde_json::to_vec(&self.custom_attributes())
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Refuse custom attributes over `limit` bytes (the Web Messaging backend's check at intake).
+    pub fn check_custom_attributes(&self, limit: usize) -> Result<(), ValidationError> {
+        let size = self.custom_attributes_size();
+        if size > limit {
+            return Err(invalid(
+                "attributes",
+                format!("the custom attributes sent to Genesys Cloud (visitor and routing fields plus attributes) are {size} bytes serialized; the Web Messaging limit is {limit} (genesys.max_custom_data_bytes)"),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn visitor_name(&self) -> &str {
         self.visitor_name
             .as_deref()
@@ -233,6 +285,18 @@ pub fn validate_message(
     message_id: Option<&str>,
 ) -> Result<ValidRequest, ValidationError> {
     SessionRequest::parse(bytes).map(|r| r.into_valid(message_id))
+}
+
+/// `valid`, unless its custom attributes exceed `limit` (the Web Messaging backend's limit,
+/// `None` for the other backends).
+pub fn within_custom_limit(
+    valid: ValidRequest,
+    limit: Option<usize>,
+) -> Result<ValidRequest, ValidationError> {
+    match limit {
+        Some(limit) => valid.request.check_custom_attributes(limit).map(|()| valid),
+        None => Ok(valid),
+    }
 }
 
 fn required_id(field: &str, value: &str) -> Result<(), ValidationError> {
@@ -405,6 +469,28 @@ pub fn write_canonical(value: &Value, out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn custom_attributes_are_strings_and_routing_fields_win() {
+        let r = SessionRequest::parse(
+            br#"{"visitor_id":"v","queue_id":"q","bot_score":0.5,"attributes":{"queue_id":"evil","n":3,"s":"x"}}"#,
+        )
+        .unwrap();
+        let a = r.custom_attributes();
+        assert_eq!(a["queue_id"], "q");
+        assert_eq!(a["bot_score"], "0.5");
+        assert_eq!(a["visitor_name"], DEFAULT_VISITOR_NAME);
+        assert_eq!(a["n"], "3");
+        assert_eq!(a["s"], "x");
+        assert!(r
+            .check_custom_attributes(r.custom_attributes_size())
+            .is_ok());
+        let err = r
+            .check_custom_attributes(r.custom_attributes_size() - 1)
+            .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("attributes"));
+        assert!(err.message.contains("bytes"), "{err}");
+    }
+
     use super::*;
 
     const GOOD: &str = r#"{"visitor_id": "guest-88421-uuid", "queue_id": "routing-queue-id",

@@ -11,12 +11,26 @@ fn bin() -> Command {
         "GENESYS_CLIENT_ID",
         "GENESYS_CLIENT_SECRET",
         "GENESYS_REGION",
+        "GENESYS_SESSION_TOKEN_SECRET",
         "ANALYTICS_WEBHOOK_URL",
         "ANALYTICS_WEBHOOK_SECRET",
     ] {
         c.env_remove(var);
     }
     c
+}
+
+/// What the default backend (`web_messaging`) needs before `check-config` passes.
+fn with_web_messaging_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    cmd.env("SESSION_WORKER__GENESYS__DEPLOYMENT_ID", "dep-1")
+        .env(
+            "SESSION_WORKER__GENESYS__WEB_MESSAGING_ORIGIN",
+            "https://www.example.com",
+        )
+        .env(
+            "GENESYS_SESSION_TOKEN_SECRET",
+            "session-token-secret-value-42",
+        )
 }
 
 fn config_file(contents: &str) -> tempfile::NamedTempFile {
@@ -27,7 +41,9 @@ fn config_file(contents: &str) -> tempfile::NamedTempFile {
 
 #[test]
 fn check_config_prints_the_effective_config() {
-    let out = bin().args(["check-config"]).output().unwrap();
+    let out = with_web_messaging_env(bin().args(["check-config"]))
+        .output()
+        .unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -83,9 +99,22 @@ fn invalid_values_exit_2_with_every_problem() {
 }
 
 #[test]
+fn the_default_backend_needs_its_deployment_and_secret() {
+    let out = bin().arg("check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "genesys.deployment_id",
+        "genesys.session_token_secret",
+        "genesys.web_messaging_origin",
+    ] {
+        assert!(err.contains(key), "{err}");
+    }
+}
+
+#[test]
 fn secrets_never_appear_in_check_config_output() {
-    let out = bin()
-        .arg("check-config")
+    let out = with_web_messaging_env(bin().arg("check-config"))
         .env("GENESYS_CLIENT_SECRET", "very-secret-value-123")
         .env("ANALYTICS_WEBHOOK_SECRET", "whsec_dmVyeS1zZWNyZXQ=")
         .env(
@@ -101,6 +130,7 @@ fn secrets_never_appear_in_check_config_output() {
         String::from_utf8_lossy(&out.stderr)
     );
     for secret in [
+        "session-token-secret-value-42",
         "very-secret-value-123",
         "dmVyeS1zZWNyZXQ=",
         "brokerpassword",
@@ -112,8 +142,7 @@ fn secrets_never_appear_in_check_config_output() {
 
 #[test]
 fn environment_overrides_apply() {
-    let out = bin()
-        .arg("check-config")
+    let out = with_web_messaging_env(bin().arg("check-config"))
         .env("SESSION_WORKER__WORKER__CONCURRENCY", "7")
         .output()
         .unwrap();
@@ -256,11 +285,13 @@ fn an_unknown_dlq_reason_lists_the_valid_ones() {
 #[test]
 fn commands_work_outside_the_repository_without_config() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
-        .arg("check-config")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let out = with_web_messaging_env(
+        std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+            .arg("check-config")
+            .current_dir(dir.path()),
+    )
+    .output()
+    .unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -240,10 +240,31 @@ fn keda_scales_on_the_inbound_queue_and_compose_wires_the_stack() {
         .as_str()
         .unwrap()
         .ends_with(&format!(":{sim_port}")));
+    assert!(env["SESSION_WORKER__GENESYS__WEB_MESSAGING_URL"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!(":{sim_port}/v1")));
     assert!(env["SESSION_WORKER__AMQP__URL"]
         .as_str()
         .unwrap()
         .contains("@rabbitmq:5672"));
+}
+
+#[test]
+fn the_configmap_and_the_secret_template_complete_the_web_messaging_backend() {
+    let mut settings = production_settings();
+    let secret = yaml_docs(&root().join("deploy/k8s/base/secret.template.yaml")).remove(0);
+    let value = secret["stringData"]["GENESYS_SESSION_TOKEN_SECRET"]
+        .as_str()
+        .expect("the Secret template carries GENESYS_SESSION_TOKEN_SECRET");
+    settings.genesys.session_token_secret = session_worker::secret::Secret::new(value);
+    assert_eq!(
+        settings.genesys.api,
+        session_worker::config::GenesysApi::WebMessaging
+    );
+    settings
+        .validate_backend()
+        .expect("the manifests give web_messaging all it needs");
 }
 
 #[test]

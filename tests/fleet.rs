@@ -3,50 +3,11 @@
 
 mod common;
 
-use common::{request, Pod, TestEnv};
+use common::{bodies, drained, publish_all, request, Pod, TestEnv};
 use session_worker::sim::Faults;
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn bodies(prefix: &str, n: usize) -> Vec<Vec<u8>> {
-    (0..n).map(|i| request(&format!("{prefix}{i}"))).collect()
-}
-
-async fn publish_all(env: &TestEnv, bodies: &[Vec<u8>]) {
-    let a = env.settings.amqp.clone();
-    env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, bodies)
-        .await;
-}
-
-/// Wait until the inbound queue and the parking (retry) queues stay empty for a second.
-async fn drained(env: &TestEnv, timeout: Duration) -> bool {
-    let a = &env.settings.amqp;
-    let mut queues = vec![a.inbound_queue.clone()];
-    queues.extend(
-        a.retry_delays
-            .iter()
-            .map(|d| session_worker::amqp::topology::retry_queue_name(a, *d)),
-    );
-    let deadline = Instant::now() + timeout;
-    let mut quiet_since: Option<Instant> = None;
-    while Instant::now() < deadline {
-        let mut total = 0;
-        for q in &queues {
-            total += env.queue_len(q).await;
-        }
-        if total == 0 {
-            let since = *quiet_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= Duration::from_secs(1) {
-                return true;
-            }
-        } else {
-            quiet_since = None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_pods_with_republishes_and_a_kill_make_one_session_per_key() {

@@ -23,6 +23,7 @@ fn client_for(sim: &SimHandle, tweak: impl FnOnce(&mut Settings)) -> GenesysClie
     s.genesys.client_id = "local-client".into();
     s.genesys.client_secret = session_worker::secret::Secret::new("local-secret");
     s.genesys.integration_id = "sim-integration".into();
+    s.genesys.api = GenesysApi::Conversations;
     tweak(&mut s);
     GenesysClient::new(&s.genesys, 64).unwrap()
 }

@@ -183,7 +183,7 @@ proptest! {
         headers in headers(false),
         id in proptest::option::of("[a-z0-9]{1,64}"),
     ) {
-        match intake::accept(delivery(body.clone(), headers, id), 5) {
+        match intake::accept(delivery(body.clone(), headers, id), 5, Some(2048)) {
             Intake::Valid(job, _) => prop_assert!(!job.key.is_empty()),
             Intake::Invalid(job, err) => {
                 prop_assert_eq!(&job.delivery.data, &body);

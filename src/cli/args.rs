@@ -228,6 +228,15 @@ pub struct SimArgs {
     /// Queue ids answered 404 (repeatable).
     #[arg(long = "reject-queue")]
     pub reject_queues: Vec<String>,
+    /// Fraction of Guest API starts answered with a TooManyRequestsErrorMessage frame (429).
+    #[arg(long, default_value = "0", value_parser = sim::parse_rate)]
+    pub ws_throttle_rate: f64,
+    /// Close a guest session's socket right after its first start is written, before the echo.
+    #[arg(long)]
+    pub ws_drop_after_start: bool,
+    /// The only `Origin` the Guest API handshake accepts (others get 403); empty: any.
+    #[arg(long, default_value = "")]
+    pub allowed_origin: String,
 }
 
 /// `--reason`: one of the failure reasons the worker and the forwarder write; a typo would

@@ -70,7 +70,7 @@ async fn dispatch(cli: Cli) -> i32 {
     let load = || Settings::load(config_path.as_deref());
     match cli.command {
         Command::Sim(args) => report(run_sim(args).await),
-        Command::CheckConfig => match load() {
+        Command::CheckConfig => match load().and_then(|s| s.validate_backend().map(|()| s)) {
             Ok(settings) => match settings.to_redacted_toml() {
                 Ok(text) => {
                     println!("# effective configuration (secrets redacted)\n{text}");
@@ -88,6 +88,11 @@ async fn dispatch(cli: Cli) -> i32 {
         },
         Command::Run { role } => match load() {
             Ok(settings) => {
+                if role != Role::Forwarder {
+                    if let Err(e) = settings.validate_backend() {
+                        return config_error(&e);
+                    }
+                }
                 if role == Role::Forwarder && settings.webhook.url.trim().is_empty() {
                     eprintln!("error: webhook.url is empty, so `run --role forwarder` has nothing to do; set ANALYTICS_WEBHOOK_URL or webhook.url");
                     return EXIT_USAGE;
@@ -142,6 +147,9 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
             rate_limit_per_minute: args.rate_limit,
             reject_queues: args.reject_queues,
             auth: AuthMode::Normal,
+            ws_throttle_rate: args.ws_throttle_rate,
+            ws_drop_after_start: args.ws_drop_after_start,
+            allowed_origin: args.allowed_origin,
         },
     };
     let mut shutdown = Shutdown::on_signals();

@@ -140,6 +140,9 @@ fn audit_table(entries: &[AuditEntry]) -> Table {
         if let Some(c) = &e.conversation_id {
             notes.push(format!("conversation {c}"));
         }
+        if let Some(m) = &e.message_id {
+            notes.push(format!("message {m}"));
+        }
         if let Some(c) = &e.correlation_id {
             notes.push(format!("correlation id {c}"));
         }

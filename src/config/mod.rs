@@ -8,7 +8,10 @@
 //!
 //! Settings are plain data: this folder may use the helpers (`secret`), nothing else.
 
+pub mod genesys;
 pub mod region;
+
+pub use genesys::{GenesysApi, GenesysSettings, WebMessagingStart};
 
 use crate::secret::{redact_url, Secret};
 use serde::{Deserialize, Serialize, Serializer};
@@ -29,6 +32,10 @@ pub const SECRET_ENV: &[(&str, &str)] = &[
     ("GENESYS_CLIENT_SECRET", "genesys.client_secret"),
     ("GENESYS_REGION", "genesys.region"),
     ("GENESYS_ORGANIZATION_ID", "genesys.organization_id"),
+    (
+        "GENESYS_SESSION_TOKEN_SECRET",
+        "genesys.session_token_secret",
+    ),
     ("ANALYTICS_WEBHOOK_URL", "webhook.url"),
     ("ANALYTICS_WEBHOOK_SECRET", "webhook.secret"),
 ];
@@ -100,54 +107,6 @@ pub struct WorkerSettings {
     #[serde(with = "duration")]
     pub claim_lease: Duration,
     pub max_redeliveries: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GenesysApi {
-    Conversations,
-    OpenMessaging,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenesysSettings {
-    pub region: String,
-    pub api_base_url: String,
-    pub login_base_url: String,
-    pub client_id: String,
-    pub client_secret: Secret,
-    pub organization_id: String,
-    pub api: GenesysApi,
-    pub session_path: String,
-    pub integration_id: String,
-    pub open_messaging_text: String,
-    #[serde(with = "duration")]
-    pub request_timeout: Duration,
-    #[serde(with = "duration")]
-    pub token_refresh_margin: Duration,
-    #[serde(default)]
-    pub retry_unknown_outcome: bool,
-}
-
-impl GenesysSettings {
-    /// `api_base_url`, else `https://api.{region}`.
-    pub fn api_base(&self) -> String {
-        resolve_base(&self.api_base_url, &self.region, region::api_base_url)
-    }
-
-    /// `login_base_url`, else `https://login.{region}`.
-    pub fn login_base(&self) -> String {
-        resolve_base(&self.login_base_url, &self.region, region::login_base_url)
-    }
-}
-
-fn resolve_base(explicit: &str, region_name: &str, derive: fn(&str) -> String) -> String {
-    if !explicit.trim().is_empty() {
-        return explicit.trim().trim_end_matches('/').to_string();
-    }
-    // Validation guarantees a known region; an unknown one falls back to the name as a domain.
-    derive(region::domain_for(region_name).unwrap_or(region_name))
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -319,49 +278,9 @@ impl Settings {
             w.backoff_base <= w.backoff_max,
             "worker.backoff_base: must not exceed worker.backoff_max".into(),
         );
-        let g = &self.genesys;
-        if g.api_base_url.trim().is_empty() || g.login_base_url.trim().is_empty() {
-            need(
-                region::domain_for(&g.region).is_some(),
-                format!(
-                    "genesys.region: unknown region {:?}; use one of {}",
-                    g.region,
-                    region::known_regions()
-                ),
-            );
+        for problem in self.genesys.problems() {
+            need(false, problem);
         }
-        for (key, value) in [
-            ("genesys.api_base_url", &g.api_base_url),
-            ("genesys.login_base_url", &g.login_base_url),
-        ] {
-            if !value.trim().is_empty() {
-                need(
-                    is_http_url(value),
-                    format!("{key}: not an http(s) URL: {value:?}"),
-                );
-            }
-        }
-        need(
-            g.session_path.starts_with('/'),
-            format!(
-                "genesys.session_path: must start with '/', got {:?}",
-                g.session_path
-            ),
-        );
-        if g.api == GenesysApi::OpenMessaging {
-            need(
-                !g.integration_id.trim().is_empty(),
-                "genesys.integration_id: required when genesys.api = \"open_messaging\"; set it to the id of your Open Messaging integration (Admin > Message > Platforms)".into(),
-            );
-            need(
-                !g.open_messaging_text.trim().is_empty(),
-                "genesys.open_messaging_text: must not be empty with genesys.api = \"open_messaging\"".into(),
-            );
-        }
-        need(
-            !g.request_timeout.is_zero(),
-            "genesys.request_timeout: must be above zero".into(),
-        );
         let r = &self.rate_limit;
         need(
             r.requests_per_minute > 0,
@@ -421,6 +340,17 @@ impl Settings {
         }
     }
 
+    /// What the chosen Genesys backend needs before it can open a session: checked by
+    /// `check-config` and `run`, not by operator tools that never call Genesys.
+    pub fn validate_backend(&self) -> Result<(), ConfigError> {
+        let problems = self.genesys.backend_problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
     /// `worker.id`, else the host name, else "session-worker".
     pub fn worker_id(&self) -> String {
         if !self.worker.id.trim().is_empty() {
@@ -435,7 +365,7 @@ impl Settings {
     }
 }
 
-fn is_http_url(value: &str) -> bool {
+pub(crate) fn is_http_url(value: &str) -> bool {
     url::Url::parse(value)
         .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
         .unwrap_or(false)
@@ -579,7 +509,7 @@ mod tests {
         assert_eq!(s.store.idempotency_ttl, Duration::from_secs(24 * 3600));
         assert_eq!(s.genesys.api_base(), "https://api.mypurecloud.com");
         assert_eq!(s.genesys.login_base(), "https://login.mypurecloud.com");
-        assert_eq!(s.genesys.api, GenesysApi::Conversations);
+        assert_eq!(s.genesys.api, GenesysApi::WebMessaging);
     }
 
     #[test]
@@ -678,17 +608,34 @@ mod tests {
     #[test]
     fn open_messaging_needs_integration_id() {
         let f = file("[genesys]\napi = \"open_messaging\"\n");
-        let err = Settings::load_from(Some(f.path()), &env(&[]))
-            .unwrap_err()
-            .to_string();
+        let s = Settings::load_from(Some(f.path()), &env(&[])).unwrap();
+        let err = s.validate_backend().unwrap_err().to_string();
         assert!(err.contains("genesys.integration_id"), "{err}");
         let f = file("[genesys]\napi = \"open_messaging\"\nintegration_id = \"abc\"\n");
-        assert!(Settings::load_from(Some(f.path()), &env(&[])).is_ok());
+        let s = Settings::load_from(Some(f.path()), &env(&[])).unwrap();
+        assert!(s.validate_backend().is_ok());
+    }
+
+    #[test]
+    fn the_default_backend_is_web_messaging_and_says_what_it_needs() {
+        let s = Settings::load_from(None, &env(&[])).unwrap();
+        assert_eq!(s.genesys.api, GenesysApi::WebMessaging);
+        let err = s.validate_backend().unwrap_err().to_string();
+        assert!(err.contains("genesys.deployment_id"), "{err}");
+        let s = Settings::load_from(
+            None,
+            &env(&[("GENESYS_SESSION_TOKEN_SECRET", "a-long-enough-secret")]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.genesys.session_token_secret.expose(),
+            "a-long-enough-secret"
+        );
     }
 
     #[test]
     fn base_url_override_skips_region_check() {
-        let f = file("[genesys]\nregion = \"\"\napi_base_url = \"http://127.0.0.1:1/\"\nlogin_base_url = \"http://127.0.0.1:2\"\n");
+        let f = file("[genesys]\nregion = \"\"\napi_base_url = \"http://127.0.0.1:1/\"\nlogin_base_url = \"http://127.0.0.1:2\"\nweb_messaging_url = \"ws://127.0.0.1:3/v1\"\n");
         let s = Settings::load_from(Some(f.path()), &env(&[])).unwrap();
         assert_eq!(s.genesys.api_base(), "http://127.0.0.1:1");
         assert_eq!(s.genesys.login_base(), "http://127.0.0.1:2");
@@ -699,5 +646,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/local.toml");
         let s = Settings::load_from(Some(&path), &env(&[])).unwrap();
         assert_eq!(s.genesys.api_base(), "http://127.0.0.1:8089");
+        assert_eq!(s.genesys.api, GenesysApi::WebMessaging);
+        s.validate_backend().unwrap();
     }
 }

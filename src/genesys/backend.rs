@@ -1,6 +1,7 @@
-//! The seam between the pipeline and the two Genesys Cloud APIs that can open a session:
-//! the conversations endpoint the product was specified with, and Open Messaging inbound.
-//! Each backend builds its request and reads its answer; nothing else knows which one runs.
+//! The seam between the pipeline and the three Genesys Cloud APIs that can open a session: the
+//! Web Messaging Guest API (its conversation is [`super::web_messaging`]'s), the conversations
+//! endpoint the product was specified with, and Open Messaging inbound. Each backend builds its
+//! request and reads its answer; nothing else knows which one runs.
 
 use crate::config::{GenesysApi, GenesysSettings};
 use crate::request::SessionRequest;
@@ -9,6 +10,8 @@ use std::time::SystemTime;
 
 #[derive(Debug, Clone)]
 pub enum Backend {
+    /// The Guest API WebSocket at `url` (`{web_messaging_url}`); see [`super::web_messaging`].
+    WebMessaging { url: String },
     /// `POST {api_base}{session_path}` with the SPEC §4 body.
     Conversations { url: String },
     /// `POST {api_base}/api/v2/conversations/messages/{integration_id}/inbound/open/message`.
@@ -19,6 +22,9 @@ impl Backend {
     pub fn from_settings(g: &GenesysSettings) -> Self {
         let base = g.api_base();
         match g.api {
+            GenesysApi::WebMessaging => Backend::WebMessaging {
+                url: g.web_messaging_base(),
+            },
             GenesysApi::Conversations => Backend::Conversations {
                 url: format!("{base}{}", g.session_path),
             },
@@ -31,12 +37,15 @@ impl Backend {
 
     pub fn url(&self) -> &str {
         match self {
-            Backend::Conversations { url } | Backend::OpenMessaging { url, .. } => url,
+            Backend::WebMessaging { url }
+            | Backend::Conversations { url }
+            | Backend::OpenMessaging { url, .. } => url,
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
+            Backend::WebMessaging { .. } => "web_messaging",
             Backend::Conversations { .. } => "conversations",
             Backend::OpenMessaging { .. } => "open_messaging",
         }
@@ -45,6 +54,8 @@ impl Backend {
     /// The JSON body for one request.
     pub fn body(&self, req: &SessionRequest, idempotency_key: &str, now: SystemTime) -> Value {
         match self {
+            // The start frame is built by web_messaging; its custom attributes are the payload.
+            Backend::WebMessaging { .. } => Value::Object(req.custom_attributes()),
             Backend::Conversations { .. } => conversations_body(req),
             Backend::OpenMessaging { text, .. } => {
                 open_messaging_body(req, idempotency_key, text, now)
@@ -62,13 +73,16 @@ impl Backend {
         };
         match self {
             Backend::Conversations { .. } => pick("conversationId").or_else(|| pick("id")),
-            Backend::OpenMessaging { .. } => pick("conversationId"),
+            Backend::OpenMessaging { .. } | Backend::WebMessaging { .. } => pick("conversationId"),
         }
     }
 
     /// What to tell the operator when the API answers 401/403.
     pub fn auth_hint(&self) -> &'static str {
         match self {
+            Backend::WebMessaging { .. } => {
+                "check GENESYS_CLIENT_ID/GENESYS_CLIENT_SECRET and the region; the OAuth client (client credentials grant) needs a role with conversation:message:view (the message details call); the Guest API handshake needs genesys.web_messaging_origin among the Messenger deployment's allowed domains"
+            }
             Backend::Conversations { .. } => {
                 "check GENESYS_CLIENT_ID/GENESYS_CLIENT_SECRET and the region; the OAuth client (client credentials grant) needs a role with conversation:messaging:write"
             }

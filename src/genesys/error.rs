@@ -58,6 +58,9 @@ pub enum GenesysError {
         detail: String,
         correlation_id: Option<String>,
     },
+    /// The request is too large for the guest session (`maxCustomDataBytes`): `invalid_request`.
+    #[error("{message}")]
+    TooLarge { message: String },
     #[error("unexpected answer from Genesys Cloud ({status}): {message}")]
     InvalidResponse {
         status: u16,
@@ -75,9 +78,9 @@ impl GenesysError {
             GenesysError::Server { .. }
             | GenesysError::Timeout(_)
             | GenesysError::Connection(_) => Disposition::Retry { after: None },
-            GenesysError::Permanent { .. } | GenesysError::InvalidResponse { .. } => {
-                Disposition::Permanent
-            }
+            GenesysError::Permanent { .. }
+            | GenesysError::InvalidResponse { .. }
+            | GenesysError::TooLarge { .. } => Disposition::Permanent,
             GenesysError::Auth { .. } => Disposition::Auth,
             GenesysError::Unknown { .. } => Disposition::Unknown,
         }
@@ -92,7 +95,9 @@ impl GenesysError {
             | GenesysError::Auth { status, .. }
             | GenesysError::InvalidResponse { status, .. } => Some(*status),
             GenesysError::Unknown { status, .. } => *status,
-            GenesysError::Timeout(_) | GenesysError::Connection(_) => None,
+            GenesysError::Timeout(_)
+            | GenesysError::Connection(_)
+            | GenesysError::TooLarge { .. } => None,
         }
     }
 

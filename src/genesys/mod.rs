@@ -6,7 +6,8 @@
 //! a second 401 (or a 403) is an [`GenesysError::Auth`]. The API itself is chosen by
 //! [`Backend`]; the simulator and the real cloud differ only in base URLs.
 //!
-//! - [`backend`]: the two session APIs (conversations, Open Messaging);
+//! - [`backend`]: the three session APIs (Web Messaging, conversations, Open Messaging);
+//! - [`web_messaging`]: the Guest API over WebSocket, a guest session per idempotency key;
 //! - [`error`]: every answer classified once into retry, permanent or auth.
 //!
 //! The client knows nothing of the broker, the store or the pipelines; it uses `config`,
@@ -14,6 +15,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod web_messaging;
 
 pub use backend::Backend;
 pub use error::{Disposition, GenesysError};
@@ -36,6 +38,8 @@ pub struct SessionCreated {
     pub latency: Duration,
     pub correlation_id: Option<String>,
     pub rate_limit: RateLimitHeaders,
+    /// The start's message id (Web Messaging), recorded in the audit trail.
+    pub message_id: Option<String>,
 }
 
 /// Genesys Cloud's `inin-ratelimit-*` headers, logged and exported.
@@ -95,6 +99,8 @@ struct Inner {
     client_id: String,
     client_secret: Secret,
     backend: Backend,
+    /// The Guest API client when `genesys.api = "web_messaging"`.
+    web: Option<web_messaging::WebMessaging>,
     refresh_margin: Duration,
     /// Shared, so a request takes the token with a reference-count bump, not a copy.
     token: RwLock<Option<Arc<CachedToken>>>,
@@ -117,8 +123,15 @@ impl GenesysClient {
         let session_url = reqwest::Url::parse(backend.url()).map_err(|e| {
             GenesysError::Connection(format!("invalid session URL {:?}: {e}", backend.url()))
         })?;
+        let web = match settings.api {
+            crate::config::GenesysApi::WebMessaging => {
+                Some(web_messaging::WebMessaging::new(settings)?)
+            }
+            _ => None,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
+                web,
                 http,
                 token_url: format!("{}/oauth/token", settings.login_base()),
                 session_url,
@@ -173,7 +186,17 @@ impl GenesysClient {
         }
     }
 
-    /// Fetch a new token now, replacing the cached one: the auth probe.
+    /// The auth gate's probe: a new token and, for Web Messaging, the Guest API handshake with
+    /// a session of the probe's own and an echo.
+    pub async fn probe(&self) -> Result<(), GenesysError> {
+        self.refresh_token().await?;
+        match &self.inner.web {
+            Some(web) => web.probe().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Fetch a new token now, replacing the cached one.
     pub async fn refresh_token(&self) -> Result<(), GenesysError> {
         let _refreshing = self.inner.refreshing.lock().await;
         let fresh = self.fetch_token().await?;
@@ -258,6 +281,9 @@ impl GenesysClient {
         req: &SessionRequest,
         idempotency_key: &str,
     ) -> Result<SessionCreated, GenesysError> {
+        if let Some(web) = &self.inner.web {
+            return web.open(self, req, idempotency_key).await;
+        }
         let body = serde_json::to_vec(&self.inner.backend.body(
             req,
             idempotency_key,
@@ -346,6 +372,7 @@ impl GenesysClient {
             latency,
             correlation_id,
             rate_limit,
+            message_id: None,
         })
     }
 }

@@ -59,6 +59,9 @@ pub struct AuditEntry {
     pub http_status: Option<u16>,
     pub conversation_id: Option<String>,
     pub correlation_id: Option<String>,
+    /// The Web Messaging start's message id (what the details call resolved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
     pub latency_ms: Option<f64>,
     pub attempts: Option<u32>,
     pub worker_id: String,

@@ -1,6 +1,7 @@
 //! The auth gate: a task whose call Genesys refused for credentials trips it; the consume loop
-//! stops taking deliveries, the pod reports not-ready, and the token endpoint is probed with
-//! back-off until the credentials work again (SPEC §5).
+//! stops taking deliveries, the pod reports not-ready, and Genesys Cloud is probed with back-off
+//! (the token endpoint; for Web Messaging also the Guest API handshake) until it works again
+//! (SPEC §5).
 
 use crate::genesys::GenesysClient;
 use crate::health::Health;
@@ -64,7 +65,7 @@ impl AuthGate {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.requested() => return false,
             }
-            match client.refresh_token().await {
+            match client.probe().await {
                 Ok(()) => {
                     self.tripped.store(false, Ordering::SeqCst);
                     health.set_auth_paused(false);

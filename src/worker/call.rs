@@ -107,6 +107,13 @@ impl Caller {
                 }
                 d => d,
             };
+            if let GenesysError::TooLarge { message } = err {
+                // The guest session allows less than the intake checked: the request's fault.
+                return Outcome::Invalid(crate::request::ValidationError {
+                    field: Some("attributes".into()),
+                    message,
+                });
+            }
             match disposition {
                 Disposition::Unknown => return Outcome::Unknown(err),
                 Disposition::Permanent => return Outcome::Rejected(err),

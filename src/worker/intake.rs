@@ -43,7 +43,13 @@ pub enum Intake {
 
 /// Validate the body and derive the key. A delivery the broker has handed out
 /// `max_redeliveries` times already (`x-delivery-count`, set by quorum queues) is poison.
-pub fn accept(delivery: Delivery, max_redeliveries: u32) -> Intake {
+/// `custom_data_limit` is the Web Messaging backend's limit on custom attributes, checked here
+/// so an oversize request never reaches Genesys Cloud.
+pub fn accept(
+    delivery: Delivery,
+    max_redeliveries: u32,
+    custom_data_limit: Option<usize>,
+) -> Intake {
     let deliveries = header_i64(&delivery.properties, "x-delivery-count")
         .unwrap_or(0)
         .clamp(0, i64::from(u32::MAX)) as u32;
@@ -56,7 +62,8 @@ pub fn accept(delivery: Delivery, max_redeliveries: u32) -> Intake {
     let header_attempts = header_i64(&delivery.properties, header::ATTEMPTS)
         .unwrap_or(0)
         .clamp(0, i64::from(u32::MAX)) as u32;
-    let checked = request::validate_message(&delivery.data, message_id.as_deref());
+    let checked = request::validate_message(&delivery.data, message_id.as_deref())
+        .and_then(|valid| request::within_custom_limit(valid, custom_data_limit));
     let delivery_bytes = if checked.is_err() {
         delivery.data.clone()
     } else {

@@ -259,7 +259,8 @@ impl Worker {
     /// The stages, in order: intake, claim, call, finish.
     async fn process(&self, delivery: Delivery, ch: &Channel) -> Result<Settle, WorkerError> {
         let max_redeliveries = self.settings.worker.max_redeliveries;
-        let (mut job, valid) = match intake::accept(delivery, max_redeliveries) {
+        let limit = self.settings.genesys.custom_data_limit();
+        let (mut job, valid) = match intake::accept(delivery, max_redeliveries, limit) {
             Intake::Valid(job, valid) => (job, valid),
             Intake::Poison(job, deliveries) => {
                 tracing::Span::current().record("idempotency_key", job.key.as_str());

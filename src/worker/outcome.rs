@@ -445,6 +445,7 @@ impl Recorder {
                 entry.http_status = Some(created.status);
                 entry.conversation_id = Some(created.conversation_id.clone());
                 entry.correlation_id = created.correlation_id.clone();
+                entry.message_id = created.message_id.clone();
                 entry.latency_ms = Some(super::intake::round_ms(
                     created.latency.as_secs_f64() * 1000.0,
                 ));

@@ -38,6 +38,14 @@ pub async fn broker() -> Connection {
     }
 }
 
+/// The session token secret the tests' workers use (binaries get it from the environment).
+pub const SESSION_TOKEN_SECRET: &str = "test-session-token-secret";
+
+/// Switch settings made by [`test_settings`] to the Web Messaging guest backend.
+pub fn web_messaging_on(s: &mut Settings) {
+    s.genesys.api = session_worker::config::GenesysApi::WebMessaging;
+}
+
 /// Settings with every broker name prefixed, pointed at `sim`, with a temporary store.
 pub fn test_settings(prefix: &str, sim: &SimHandle, store_dir: &std::path::Path) -> Settings {
     let mut s = Settings::load_from(None, &Default::default()).expect("defaults load");
@@ -70,6 +78,12 @@ pub fn test_settings(prefix: &str, sim: &SimHandle, store_dir: &std::path::Path)
     s.genesys.client_id = "local-client".into();
     s.genesys.client_secret = session_worker::secret::Secret::new("local-secret");
     s.genesys.integration_id = "sim-integration".into();
+    // The tests written for the conversations backend keep it; `web_messaging_on` switches.
+    s.genesys.api = session_worker::config::GenesysApi::Conversations;
+    s.genesys.deployment_id = "sim-deployment".into();
+    s.genesys.web_messaging_url = format!("ws://{}/v1", sim.addr);
+    s.genesys.web_messaging_origin = "http://localhost".into();
+    s.genesys.session_token_secret = session_worker::secret::Secret::new(SESSION_TOKEN_SECRET);
     s.genesys.request_timeout = Duration::from_secs(5);
     s.rate_limit.requests_per_minute = 600_000;
     s.rate_limit.burst = 1000;
@@ -470,6 +484,7 @@ pub fn spawn_binary(bin: &str, config: &std::path::Path, rust_log: &str) -> std:
         .args(["run", "--role", "worker"])
         .env("SESSION_WORKER__AMQP__URL", AMQP_URL)
         .env("GENESYS_CLIENT_SECRET", "local-secret")
+        .env("GENESYS_SESSION_TOKEN_SECRET", SESSION_TOKEN_SECRET)
         .env("RUST_LOG", rust_log)
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -645,4 +660,43 @@ impl Drop for Pod {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+pub fn bodies(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| request(&format!("{prefix}{i}"))).collect()
+}
+
+pub async fn publish_all(env: &TestEnv, bodies: &[Vec<u8>]) {
+    let a = env.settings.amqp.clone();
+    env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, bodies)
+        .await;
+}
+
+/// Wait until the inbound queue and the parking (retry) queues stay empty for a second.
+pub async fn drained(env: &TestEnv, timeout: Duration) -> bool {
+    let a = &env.settings.amqp;
+    let mut queues = vec![a.inbound_queue.clone()];
+    queues.extend(
+        a.retry_delays
+            .iter()
+            .map(|d| session_worker::amqp::topology::retry_queue_name(a, *d)),
+    );
+    let deadline = std::time::Instant::now() + timeout;
+    let mut quiet_since: Option<std::time::Instant> = None;
+    while std::time::Instant::now() < deadline {
+        let mut total = 0;
+        for q in &queues {
+            total += env.queue_len(q).await;
+        }
+        if total == 0 {
+            let since = *quiet_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= Duration::from_secs(1) {
+                return true;
+            }
+        } else {
+            quiet_since = None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }

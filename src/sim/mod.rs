@@ -1,11 +1,14 @@
 //! A local Genesys Cloud API simulator (`session-worker sim`) for development, demos and tests.
 //!
-//! It serves the OAuth token endpoint, the conversations session endpoint and the Open Messaging
-//! inbound endpoint, with Genesys-style error bodies, `inin-correlation-id` and
+//! It serves the OAuth token endpoint, the conversations session endpoint, the Open Messaging
+//! inbound endpoint and the Web Messaging Guest API ([`web_messaging`]: the `/v1` WebSocket,
+//! history and message details), with Genesys-style error bodies, `inin-correlation-id` and
 //! `inin-ratelimit-*` headers, a per-minute rate limit answering 429 with `Retry-After`, and
 //! fault injection (latency, 5xx rate, 429 rate, unknown queues, auth failures) set by flags or
 //! changed at run time through `POST /sim/faults`. `GET /sim/stats` counts what it saw, so tests
 //! can check for duplicate sessions. `POST /sim/webhook` is a sink that logs webhook deliveries.
+
+pub mod web_messaging;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -92,6 +95,12 @@ pub struct Faults {
     /// Create the session, then wait this long before answering (0 = answer at once): a
     /// client whose timeout is shorter sees no answer although the session exists.
     pub answer_late_ms: u64,
+    /// Guest API: fraction of starts answered with a TooManyRequestsErrorMessage frame.
+    pub ws_throttle_rate: f64,
+    /// Guest API: close the socket right after a session's first start is written.
+    pub ws_drop_after_start: bool,
+    /// Guest API: the only `Origin` the handshake accepts (403 otherwise); empty: any.
+    pub allowed_origin: String,
 }
 
 /// Counts of what the simulator saw, served at `GET /sim/stats`.
@@ -113,6 +122,9 @@ pub struct SimStats {
     /// The most session requests answered at once (each counted until its answer is ready).
     #[serde(default)]
     pub most_at_once: u64,
+    /// The Web Messaging Guest API: sessions, conversations and starts per token.
+    #[serde(default)]
+    pub web_messaging: web_messaging::GuestStats,
 }
 
 #[derive(Default)]
@@ -147,6 +159,9 @@ pub struct Sim {
     visitors: Mutex<HashMap<String, u32>>,
     integrations: HashSet<String>,
     webhooks: Mutex<Vec<Value>>,
+    /// Guest sessions by token, their messages and JWTs.
+    guests: Mutex<web_messaging::Guests>,
+    guest_counters: web_messaging::GuestCounters,
 }
 
 fn bump(c: &AtomicU64) {
@@ -172,6 +187,8 @@ impl Sim {
             counters: Counters::default(),
             visitors: Mutex::new(HashMap::new()),
             webhooks: Mutex::new(Vec::new()),
+            guests: Mutex::new(web_messaging::Guests::default()),
+            guest_counters: web_messaging::GuestCounters::default(),
         })
     }
 
@@ -181,7 +198,10 @@ impl Sim {
         let visitors = lock(&self.visitors);
         let distinct = visitors.len() as u64;
         let created = load(&c.sessions_created);
+        let mut guests = lock(&self.guests).stats();
+        self.guest_counters.fill(&mut guests);
         SimStats {
+            web_messaging: guests,
             token_grants: load(&c.token_grants),
             token_rejections: load(&c.token_rejections),
             session_requests: load(&c.session_requests),
@@ -214,6 +234,35 @@ impl Sim {
         lock(&self.visitors).get(visitor_id).copied().unwrap_or(0)
     }
 
+    /// Guest API starts and conversations of one session token.
+    pub fn guest_session(&self, token: &str) -> (u64, u64) {
+        lock(&self.guests).of(token)
+    }
+
+    /// Expire every guest session (Genesys Cloud's session duration running out).
+    pub fn expire_guest_sessions(&self) {
+        lock(&self.guests).expire_all();
+    }
+
+    /// Count one more request in the per-minute window: false if it is over the limit.
+    fn within_rate_window(&self) -> bool {
+        let limit = self.faults().rate_limit_per_minute;
+        let (count, _) = self.count_in_window();
+        limit == 0 || count <= limit
+    }
+
+    /// Count a request in the fixed one-minute window: its count and the seconds to the reset.
+    fn count_in_window(&self) -> (u32, u64) {
+        let mut w = lock(&self.window);
+        if w.started.elapsed() >= Duration::from_secs(60) {
+            w.started = Instant::now();
+            w.count = 0;
+        }
+        w.count = w.count.saturating_add(1);
+        let reset = 60u64.saturating_sub(w.started.elapsed().as_secs()).max(1);
+        (w.count, reset)
+    }
+
     /// Forget every issued token: the next session request with an old token gets 401.
     pub fn revoke_tokens(&self) {
         lock(&self.tokens).clear();
@@ -234,9 +283,16 @@ impl Sim {
             .route("/oauth/token", post(token))
             .route(&session_path, post(create_conversation))
             .route(
-                "/api/v2/conversations/messages/{integration_id}/inbound/open/message",
+                "/api/v2/conversations/messages/{id}/inbound/open/message",
                 post(open_message),
             )
+            .route("/v1", get(web_messaging::upgrade))
+            .route("/api/v2/webmessaging/messages", get(web_messaging::history))
+            .route(
+                "/api/v2/conversations/messages/{id}/details",
+                get(web_messaging::details),
+            )
+            .route("/sim/expire-sessions", post(expire_sessions))
             .route("/sim/stats", get(stats))
             .route("/sim/faults", get(get_faults).post(set_faults))
             .route("/sim/webhook", post(webhook))
@@ -386,14 +442,10 @@ impl Drop for Answering<'_> {
     }
 }
 
-/// Checks every session endpoint shares: faults, auth, rate limit. `Err` is the answer to send.
-async fn admit(sim: &Sim, headers: &HeaderMap) -> Result<(u32, u32, u64), Response> {
-    bump(&sim.counters.session_requests);
-    let _answering = Answering::new(&sim.counters);
+/// The OAuth checks every REST endpoint shares: a live token, and the permission `needs`
+/// unless the forbidden fault is on. `Some` is the refusal to send.
+fn refusal(sim: &Sim, headers: &HeaderMap, needs: &str) -> Option<Response> {
     let faults = sim.faults();
-    if faults.latency_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
-    }
     let bearer = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -406,7 +458,7 @@ async fn admit(sim: &Sim, headers: &HeaderMap) -> Result<(u32, u32, u64), Respon
     });
     if !valid || faults.auth == AuthMode::RevokeTokens {
         bump(&sim.counters.unauthorized);
-        return Err(with_headers(
+        return Some(with_headers(
             genesys_error(
                 StatusCode::UNAUTHORIZED,
                 "authentication.required",
@@ -419,22 +471,27 @@ async fn admit(sim: &Sim, headers: &HeaderMap) -> Result<(u32, u32, u64), Respon
     }
     if faults.auth == AuthMode::Forbidden {
         bump(&sim.counters.forbidden);
-        return Err(with_headers(
-            genesys_error(StatusCode::FORBIDDEN, "missing.any.permissions", "Unable to perform the requested action. You are missing the following permission(s): conversation:messaging:write"),
+        return Some(with_headers(
+            genesys_error(StatusCode::FORBIDDEN, "missing.any.permissions", &format!("Unable to perform the requested action. You are missing the following permission(s): {needs}")),
             0, 0, 0,
         ));
     }
+    None
+}
+
+/// Checks every session endpoint shares: faults, auth, rate limit. `Err` is the answer to send.
+async fn admit(sim: &Sim, headers: &HeaderMap) -> Result<(u32, u32, u64), Response> {
+    bump(&sim.counters.session_requests);
+    let _answering = Answering::new(&sim.counters);
+    let faults = sim.faults();
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    if let Some(refused) = refusal(sim, headers, "conversation:messaging:write") {
+        return Err(refused);
+    }
     let limit = faults.rate_limit_per_minute;
-    let (count, reset) = {
-        let mut w = lock(&sim.window);
-        if w.started.elapsed() >= Duration::from_secs(60) {
-            w.started = Instant::now();
-            w.count = 0;
-        }
-        w.count = w.count.saturating_add(1);
-        let reset = 60u64.saturating_sub(w.started.elapsed().as_secs()).max(1);
-        (w.count, reset)
-    };
+    let (count, reset) = sim.count_in_window();
     if limit > 0 && count > limit {
         bump(&sim.counters.rate_limited);
         return Err(too_many(limit, count, reset));
@@ -697,6 +754,11 @@ async fn set_faults(State(sim): State<Arc<Sim>>, Json(faults): Json<Faults>) -> 
     tracing::info!(?faults, "simulator faults changed");
     sim.set_faults(faults);
     Json(sim.faults())
+}
+
+async fn expire_sessions(State(sim): State<Arc<Sim>>) -> StatusCode {
+    sim.expire_guest_sessions();
+    StatusCode::NO_CONTENT
 }
 
 async fn revoke_tokens(State(sim): State<Arc<Sim>>) -> StatusCode {

@@ -71,13 +71,28 @@ async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-async fn sigkill_drill(n: u64, kills: u64) -> Row {
+/// The drills that run on both backends: `web` runs them on `web_messaging`, where the
+/// duplicated column must be 0 (the derived session token), not just within a bound.
+fn backend(web: bool) -> &'static str {
+    if web {
+        " (web_messaging)"
+    } else {
+        ""
+    }
+}
+
+async fn sigkill_drill(n: u64, kills: u64, web: bool) -> Row {
     let env = TestEnv::new(
         Faults {
             latency_ms: 2,
             ..Default::default()
         },
-        |s| s.worker.concurrency = 32,
+        |s| {
+            s.worker.concurrency = 32;
+            if web {
+                common::web_messaging_on(s);
+            }
+        },
     )
     .await;
     let cfg = env.config_file();
@@ -104,24 +119,36 @@ async fn sigkill_drill(n: u64, kills: u64) -> Row {
     let _ = child.wait();
     let dead = dlq_len(&env).await;
     row(
-        &format!("worker SIGKILLed {kills}× during {n} requests"),
+        &format!(
+            "worker SIGKILLed {kills}× during {n} requests{}",
+            backend(web)
+        ),
         n,
         &env,
         dead,
-        String::new(),
+        if web {
+            "duplicated must be 0".into()
+        } else {
+            String::new()
+        },
     )
 }
 
 /// Three pods on one queue; one of them SIGKILLed and restarted `kills` times while every
 /// request is re-published (a storm of copies). Lost must be 0; duplicates at most the killed
 /// pod's in-flight count per kill.
-async fn fleet_drill(n: u64, kills: u64) -> Row {
+async fn fleet_drill(n: u64, kills: u64, web: bool) -> Row {
     let env = TestEnv::new(
         Faults {
             latency_ms: 2,
             ..Default::default()
         },
-        |s| s.worker.concurrency = 16,
+        |s| {
+            s.worker.concurrency = 16;
+            if web {
+                common::web_messaging_on(s);
+            }
+        },
     )
     .await;
     let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("fleet-{i}"))).collect();
@@ -167,12 +194,17 @@ async fn fleet_drill(n: u64, kills: u64) -> Row {
     let dead = dlq_len(&env).await;
     row(
         &format!(
-            "3 pods, one SIGKILLed {kills}×, every request re-published after each kill ({n} keys)"
+            "3 pods, one SIGKILLed {kills}×, every request re-published after each kill ({n} keys){}",
+            backend(web)
         ),
         n,
         &env,
         dead,
-        format!("in-flight bound: {} per kill", 16),
+        if web {
+            "duplicated must be 0".into()
+        } else {
+            format!("in-flight bound: {} per kill", 16)
+        },
     )
 }
 
@@ -625,7 +657,9 @@ fn main() {
         let mut rows = Vec::new();
         if run("sigkill") {
             eprintln!("drill: SIGKILL");
-            rows.push(sigkill_drill(kill_n, 5).await);
+            rows.push(sigkill_drill(kill_n, 5, false).await);
+            eprintln!("drill: SIGKILL (web_messaging)");
+            rows.push(sigkill_drill(kill_n, 5, true).await);
         }
         if run("broker") {
             eprintln!("drill: broker restart");
@@ -645,7 +679,9 @@ fn main() {
         }
         if run("fleet") {
             eprintln!("drill: fleet: SIGKILL and re-publish storm");
-            rows.push(fleet_drill(3000, 3).await);
+            rows.push(fleet_drill(3000, 3, false).await);
+            eprintln!("drill: fleet on web_messaging");
+            rows.push(fleet_drill(3000, 3, true).await);
         }
         if run("poison") {
             eprintln!("drill: hostile headers");
@@ -671,9 +707,15 @@ fn main() {
             );
         }
         let lost: i64 = rows.iter().map(|r| r.lost.max(0)).sum();
+        let web_duplicates: u64 = rows
+            .iter()
+            .filter(|r| r.drill.ends_with(backend(true)))
+            .map(|r| r.duplicated)
+            .sum();
         println!();
         println!("lost in total: {lost}");
-        if lost != 0 {
+        println!("duplicated on web_messaging: {web_duplicates}");
+        if lost != 0 || web_duplicates != 0 {
             std::process::exit(1);
         }
     });

@@ -42,6 +42,8 @@ pub struct Guests {
     jwts: HashMap<String, String>,
     /// Message id → conversation id, for the details call.
     messages: HashMap<String, String>,
+    /// Kept as the sessions change, so `/sim/stats` costs nothing however many there are.
+    counts: GuestStats,
 }
 
 /// The Guest API's counts in `/sim/stats`.
@@ -65,20 +67,28 @@ pub struct GuestStats {
 
 impl Guests {
     pub fn stats(&self) -> GuestStats {
-        let mut s = GuestStats {
+        GuestStats {
             sessions: self.sessions.len() as u64,
-            ..Default::default()
-        };
-        for session in self.sessions.values() {
-            s.conversations += session.conversations;
-            s.starts += session.starts;
-            s.repeated_starts += session.starts.saturating_sub(1);
-            s.repeated_conversations += session.conversations.saturating_sub(1);
-            s.most_starts_per_token = s.most_starts_per_token.max(session.starts);
-            s.most_conversations_per_token =
-                s.most_conversations_per_token.max(session.conversations);
+            ..self.counts.clone()
         }
-        s
+    }
+
+    /// Count one start of `session`, and its new conversation if it opened one.
+    fn count_start(counts: &mut GuestStats, session: &Session, opened: bool) {
+        counts.starts += 1;
+        if session.starts > 1 {
+            counts.repeated_starts += 1;
+        }
+        if opened {
+            counts.conversations += 1;
+            if session.conversations > 1 {
+                counts.repeated_conversations += 1;
+            }
+        }
+        counts.most_starts_per_token = counts.most_starts_per_token.max(session.starts);
+        counts.most_conversations_per_token = counts
+            .most_conversations_per_token
+            .max(session.conversations);
     }
 
     /// Starts and conversations of one token.
@@ -141,7 +151,10 @@ pub async fn upgrade(
     if deployment.trim().is_empty() {
         return (StatusCode::BAD_REQUEST, "deploymentId is required").into_response();
     }
-    ws.on_upgrade(move |socket| converse(sim, socket, deployment))
+    // Small buffers, as the worker's: a guest session's frames are a few hundred bytes.
+    ws.read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| converse(sim, socket, deployment))
 }
 
 /// One connection: each frame answered in turn until the client closes (or a fault drops it).
@@ -361,12 +374,15 @@ fn record_start(sim: &Sim, token: &str, message: &Value, visitor: &str) -> (Valu
     };
     let opened = needs_conversation.then(|| super::record_session(sim, visitor));
     let mut guests = lock(&sim.guests);
+    let guests = &mut *guests;
     let session = guests.sessions.entry(token.to_string()).or_default();
+    let new_conversation = opened.is_some();
     if let Some(c) = opened {
         session.conversation = Some(c);
         session.conversations += 1;
     }
     session.starts += 1;
+    Guests::count_start(&mut guests.counts, session, new_conversation);
     let first = session.starts == 1;
     let conversation = session.conversation.clone().unwrap_or_default();
     let mut stored = message.clone();

@@ -20,7 +20,9 @@ pub mod frames;
 mod rest;
 pub mod socket;
 
-use super::{GenesysClient, GenesysError, SessionCreated};
+use super::error::GenesysError;
+use super::reply::SessionCreated;
+use super::token::Tokens;
 use crate::config::{GenesysSettings, WebMessagingStart};
 use crate::internal_events;
 use crate::request::SessionRequest;
@@ -65,10 +67,12 @@ pub struct WebMessaging {
     timeout: Duration,
     tls: Arc<rustls::ClientConfig>,
     api_base: String,
+    /// The REST calls' client (history, details), shared with the rest of the Genesys client.
+    http: reqwest::Client,
 }
 
 impl WebMessaging {
-    pub fn new(g: &GenesysSettings) -> Result<Self, GenesysError> {
+    pub fn new(g: &GenesysSettings, http: reqwest::Client) -> Result<Self, GenesysError> {
         let mut url = url::Url::parse(&g.web_messaging_base()).map_err(|e| {
             GenesysError::Connection(format!("genesys.web_messaging_url does not parse: {e}"))
         })?;
@@ -87,13 +91,14 @@ impl WebMessaging {
             timeout: g.request_timeout,
             tls: socket::tls_config()?,
             api_base: g.api_base(),
+            http,
         })
     }
 
     /// Open (or find) the guest session of `key` and its conversation.
     pub async fn open(
         &self,
-        client: &GenesysClient,
+        tokens: &Tokens,
         req: &SessionRequest,
         key: &str,
     ) -> Result<SessionCreated, GenesysError> {
@@ -104,10 +109,10 @@ impl WebMessaging {
         let token = session_token(&self.secret, &self.deployment_id, key);
         let mut sock =
             Socket::connect(&self.connect_url, &self.origin, &self.tls, self.timeout).await?;
-        let talked = self.converse(client, &mut sock, &token, &attrs, size).await;
+        let talked = self.converse(&mut sock, &token, &attrs, size).await;
         sock.close().await;
         let message_id = talked?;
-        let found = rest::conversation_of(client, &self.api_base, &message_id).await?;
+        let found = rest::conversation_of(&self.http, tokens, &self.api_base, &message_id).await?;
         Ok(SessionCreated {
             conversation_id: found.conversation_id,
             status: found.status,
@@ -145,7 +150,6 @@ impl WebMessaging {
     /// Configure the session, then find its start or send it: the start's message id.
     async fn converse(
         &self,
-        client: &GenesysClient,
         sock: &mut Socket,
         token: &str,
         attrs: &Map<String, Value>,
@@ -156,7 +160,7 @@ impl WebMessaging {
             too_large(size, limit)?;
         }
         if !session.new_session {
-            let found = self.find_start(client, sock, token).await?;
+            let found = self.find_start(sock, token).await?;
             internal_events::web_messaging_resumed(found.is_some());
             if let Some(id) = found {
                 return Ok(id);
@@ -211,7 +215,6 @@ impl WebMessaging {
     /// The start's message id if the session's history holds it (`getJwt`, then history).
     async fn find_start(
         &self,
-        client: &GenesysClient,
         sock: &mut Socket,
         token: &str,
     ) -> Result<Option<String>, GenesysError> {
@@ -232,7 +235,7 @@ impl WebMessaging {
             }
             other => return Err(frame_error(other)),
         };
-        rest::start_in_history(client, &self.api_base, &jwt, &self.origin).await
+        rest::start_in_history(&self.http, &self.api_base, &jwt, &self.origin).await
     }
 
     /// Send the start and wait for its echo: the message id.

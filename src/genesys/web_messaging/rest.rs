@@ -4,7 +4,9 @@
 //! is retried.
 
 use super::frames::StructuredMessage;
-use crate::genesys::{error, GenesysClient, GenesysError, RateLimitHeaders};
+use crate::genesys::error::{self, GenesysError};
+use crate::genesys::reply::{answer, RateLimitHeaders};
+use crate::genesys::token::Tokens;
 use reqwest::header::{HeaderMap, AUTHORIZATION};
 use serde::Deserialize;
 use std::time::Duration;
@@ -28,27 +30,19 @@ struct HistoryPage {
 
 /// The start's message id if the session's history has one.
 pub async fn start_in_history(
-    client: &GenesysClient,
+    http: &reqwest::Client,
     api_base: &str,
     jwt: &str,
     origin: &str,
 ) -> Result<Option<String>, GenesysError> {
-    let http = &client.inner.http;
     for page in 1..=MAX_HISTORY_PAGES {
-        let response = http
-            .get(format!("{api_base}/api/v2/webmessaging/messages"))
-            .query(&[("pageSize", "100"), ("pageNumber", &page.to_string())])
-            .header(AUTHORIZATION, format!("Bearer {jwt}"))
-            .header("origin", origin)
-            .send()
-            .await
-            .map_err(|e| GenesysError::from_transport(&e))?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| GenesysError::from_transport(&e))?;
+        let (status, headers, body) = answer(
+            http.get(format!("{api_base}/api/v2/webmessaging/messages"))
+                .query(&[("pageSize", "100"), ("pageNumber", &page.to_string())])
+                .header(AUTHORIZATION, format!("Bearer {jwt}"))
+                .header("origin", origin),
+        )
+        .await?;
         if !(200..300).contains(&status) {
             return Err(read_only_error(status, &headers, &body, HISTORY_HINT));
         }
@@ -86,7 +80,8 @@ pub struct Found {
 /// The conversation of `message_id`. A 401 refreshes the token once; a 404 right after the echo
 /// is tried again briefly.
 pub async fn conversation_of(
-    client: &GenesysClient,
+    http: &reqwest::Client,
+    tokens: &Tokens,
     api_base: &str,
     message_id: &str,
 ) -> Result<Found, GenesysError> {
@@ -94,26 +89,14 @@ pub async fn conversation_of(
     let mut refreshed = false;
     let mut not_found = 0;
     loop {
-        let token = client.bearer().await?;
-        let response = client
-            .inner
-            .http
-            .get(&url)
-            .header(AUTHORIZATION, token.header.clone())
-            .send()
-            .await
-            .map_err(|e| GenesysError::from_transport(&e))?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| GenesysError::from_transport(&e))?;
+        let token = tokens.bearer().await?;
+        let (status, headers, body) =
+            answer(http.get(&url).header(AUTHORIZATION, token.header.clone())).await?;
         match status {
             200..=299 => return found(status, &headers, &body),
             401 if !refreshed => {
                 refreshed = true;
-                client.invalidate(&token.value).await;
+                tokens.invalidate(&token.value).await;
             }
             404 if not_found + 1 < DETAILS_NOT_FOUND_TRIES => {
                 not_found += 1;

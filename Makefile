@@ -4,9 +4,9 @@ BIN := target/debug/session-worker
 SIM_LISTEN ?= 127.0.0.1:8089
 CONFIG ?= config/local.toml
 PODS ?= 1
-# The build `make bench` compares the end-to-end rate against: the last commit before the
-# fleet ledger.
-BENCH_BEFORE_REV ?= 5204402
+# The build `make bench` compares the end-to-end rate against: b81ea71, the code before the
+# restructure and the fleet ledger (the reference of the "lighter request path" goals).
+BENCH_BEFORE_REV ?= b81ea71
 
 .PHONY: all build broker run sim test fmt lint bench chaos deploy-check clean
 

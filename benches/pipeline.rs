@@ -180,6 +180,13 @@ async fn end_to_end_with(
             "worker.claim_lease",
             "worker.max_redeliveries",
             "genesys.retry_unknown_outcome",
+            "genesys.deployment_id",
+            "genesys.web_messaging_origin",
+            "genesys.web_messaging_url",
+            "genesys.web_messaging_start",
+            "genesys.web_messaging_text",
+            "genesys.max_custom_data_bytes",
+            "genesys.session_token_secret",
         ]),
         _ => env.config_file(),
     };

@@ -372,7 +372,7 @@ fn record_start(sim: &Sim, token: &str, message: &Value, visitor: &str) -> (Valu
             .get(token)
             .is_none_or(|s| s.conversation.is_none())
     };
-    let opened = needs_conversation.then(|| super::record_session(sim, visitor));
+    let opened = needs_conversation.then(|| super::rest::record_session(sim, visitor));
     let mut guests = lock(&sim.guests);
     let guests = &mut *guests;
     let session = guests.sessions.entry(token.to_string()).or_default();
@@ -422,7 +422,7 @@ pub async fn history(
     let guests = lock(&sim.guests);
     let session = guests.jwts.get(jwt).and_then(|t| guests.sessions.get(t));
     let Some(session) = session.filter(|_| allowed.is_empty() || origin == allowed) else {
-        return super::genesys_error(
+        return super::rest::genesys_error(
             StatusCode::UNAUTHORIZED,
             "authentication.required",
             "Invalid JWT or origin",
@@ -452,19 +452,19 @@ pub async fn details(
     Path(message_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = super::refusal(&sim, &headers, "conversation:message:view") {
+    if let Some(refused) = super::rest::refusal(&sim, &headers, "conversation:message:view") {
         return refused;
     }
     let conversation = lock(&sim.guests).messages.get(&message_id).cloned();
     match conversation {
-        Some(c) => super::with_headers(
+        Some(c) => super::rest::with_headers(
             Json(json!({"id": message_id, "conversationId": c, "messengerType": "web"}))
                 .into_response(),
             0,
             0,
             0,
         ),
-        None => super::genesys_error(
+        None => super::rest::genesys_error(
             StatusCode::NOT_FOUND,
             "not.found",
             &format!("Message {message_id} was not found."),

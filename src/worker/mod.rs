@@ -9,7 +9,9 @@
 //! - [`intake`]: a delivery becomes a [`intake::Job`], validated;
 //! - [`claim`]: the key is taken in the idempotency store, under a per-key lock ([`keylocks`]);
 //! - [`call`]: the rate limiter and the Genesys call, with in-process retries;
-//! - [`outcome`]: one [`outcome::Outcome`] per way a delivery ends, and the one `finish`.
+//! - [`outcome`]: one [`outcome::Outcome`] per way a delivery ends;
+//! - [`plan`]: what an outcome writes and sends, decided without effects ([`plan::Plan`]);
+//! - [`finish`]: the one path that carries a plan out, in stages: persist, tell, route.
 //!
 //! [`permit`] is the call permit `call` takes and `finish` lets go once the answer is durable.
 //! [`auth`] pauses consumption when Genesys refuses the credentials. The consume loop,
@@ -22,10 +24,12 @@
 pub mod auth;
 pub mod call;
 pub mod claim;
+pub mod finish;
 pub mod intake;
 pub mod keylocks;
 pub mod outcome;
 pub mod permit;
+pub mod plan;
 
 use crate::amqp::consumer::Settle;
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
@@ -43,11 +47,12 @@ use crate::store::{Store, StoreError};
 use auth::AuthGate;
 use call::Caller;
 use claim::{ClaimError, Claimed};
+use finish::{FinishError, Recorder};
 use intake::{Intake, Job};
 use keylocks::KeyLocks;
 use lapin::message::Delivery;
 use lapin::Channel;
-use outcome::{FinishError, Outcome, Recorder};
+use outcome::Outcome;
 use permit::CallPermit;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -108,152 +108,162 @@ impl Metrics {
             ledger_append_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             registry: Registry::default(),
         };
+        m.register_requests(&mut registry);
+        m.register_store_and_fleet(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// The session requests, the Genesys calls, the limiter and the webhook.
+    fn register_requests(&self, registry: &mut Registry) {
         registry.register(
             "session_requests",
             "Session requests finished, by outcome",
-            m.session_requests.clone(),
+            self.session_requests.clone(),
         );
         registry.register(
             "genesys_request_duration_seconds",
             "Duration of Genesys Cloud session-create calls",
-            m.genesys_request_duration.clone(),
+            self.genesys_request_duration.clone(),
         );
         registry.register(
             "rate_limiter_wait_seconds",
             "Time spent waiting for the token bucket or a 429 pause",
-            m.rate_limiter_wait.clone(),
+            self.rate_limiter_wait.clone(),
         );
         registry.register(
             "retries",
             "Retries, by kind (in_process, delayed, webhook)",
-            m.retries.clone(),
+            self.retries.clone(),
         );
         registry.register(
             "dead_lettered",
             "Messages dead-lettered, by reason",
-            m.dead_lettered.clone(),
+            self.dead_lettered.clone(),
         );
         registry.register(
             "idempotent_replays",
             "Requests answered from the idempotency store without an API call",
-            m.idempotent_replays.clone(),
+            self.idempotent_replays.clone(),
         );
         registry.register(
             "webhook_deliveries",
             "Webhook delivery attempts, by outcome",
-            m.webhook_deliveries.clone(),
+            self.webhook_deliveries.clone(),
         );
         registry.register(
             "inflight_requests",
             "Deliveries being processed now",
-            m.inflight_requests.clone(),
+            self.inflight_requests.clone(),
         );
         registry.register(
             "calls_in_flight",
             "Session requests calling Genesys Cloud or recording its answer now (at most worker.concurrency)",
-            m.calls_in_flight.clone(),
+            self.calls_in_flight.clone(),
         );
         registry.register(
             "genesys_ratelimit_allowed",
             "Last inin-ratelimit-allowed header from Genesys Cloud",
-            m.genesys_ratelimit_allowed.clone(),
+            self.genesys_ratelimit_allowed.clone(),
         );
         registry.register(
             "genesys_ratelimit_count",
             "Last inin-ratelimit-count header from Genesys Cloud",
-            m.genesys_ratelimit_count.clone(),
+            self.genesys_ratelimit_count.clone(),
         );
         registry.register(
             "auth_paused",
             "1 while consumption is paused by a Genesys auth failure",
-            m.auth_paused.clone(),
+            self.auth_paused.clone(),
         );
         registry.register(
             "store_flushes",
             "Group commits (flush + fsync) of the sled store",
-            m.store_flushes.clone(),
+            self.store_flushes.clone(),
         );
         registry.register(
             "store_flush_waiters",
             "Writers made durable by one group commit",
-            m.store_flush_waiters.clone(),
+            self.store_flush_waiters.clone(),
         );
+    }
+
+    /// The store, the broker connection and the fleet.
+    fn register_store_and_fleet(&self, registry: &mut Registry) {
         registry.register(
             "delivery_errors",
             "Deliveries requeued because they could not be finished (broker or store trouble, or a panic), by pipeline",
-            m.delivery_errors.clone(),
+            self.delivery_errors.clone(),
         );
         registry.register(
             "broker_reconnects",
             "Broker connections that failed or were lost, by kind (unavailable, lost)",
-            m.broker_reconnects.clone(),
+            self.broker_reconnects.clone(),
         );
         registry.register(
             "ledger_records_applied",
             "Fleet ledger records applied to this pod's store",
-            m.ledger_applied.clone(),
+            self.ledger_applied.clone(),
         );
         registry.register(
             "ledger_records_skipped",
             "Fleet ledger records skipped because this version cannot read them",
-            m.ledger_skipped.clone(),
+            self.ledger_skipped.clone(),
         );
         registry.register(
             "fleet_live_pods",
             "Worker pods heard from within the last few seconds, this one included",
-            m.fleet_live_pods.clone(),
+            self.fleet_live_pods.clone(),
         );
         registry.register(
             "rate_limit_share_per_minute",
             "This pod's share of rate_limit.requests_per_minute",
-            m.rate_limit_share.clone(),
+            self.rate_limit_share.clone(),
         );
         registry.register(
             "rate_limit_held",
             "1 while this pod holds its calls because the other pods cannot hear it (it has not heard its own heartbeat through the fleet exchange lately, or not yet)",
-            m.rate_limit_held.clone(),
+            self.rate_limit_held.clone(),
         );
         registry.register(
             "unknown_outcomes",
             "Session calls sent without a usable answer: recorded unknown, dead-lettered outcome_unknown",
-            m.unknown_outcomes.clone(),
+            self.unknown_outcomes.clone(),
         );
         registry.register(
             "store_failures",
             "Times the store began failing writes (disk full, I/O error); intake pauses until it recovers",
-            m.store_failures.clone(),
+            self.store_failures.clone(),
         );
         registry.register(
             "store_failing",
             "1 while the store fails writes (intake paused, /readyz not ready)",
-            m.store_failing.clone(),
+            self.store_failing.clone(),
         );
         registry.register(
             "outcomes_held",
             "Answered session outcomes held in memory until the failing store takes them",
-            m.outcomes_held.clone(),
+            self.outcomes_held.clone(),
         );
         registry.register(
             "unknown_outcome_resends",
             "Calls with an unknown outcome re-sent because genesys.retry_unknown_outcome is on",
-            m.unknown_outcome_resends.clone(),
+            self.unknown_outcome_resends.clone(),
         );
         registry.register(
             "ledger_claim_seconds",
             "Time from appending a claim to the fleet ledger to knowing its decision",
-            m.ledger_claim_seconds.clone(),
+            self.ledger_claim_seconds.clone(),
         );
         registry.register(
             "ledger_append_seconds",
             "Time a fleet ledger append waits for the broker's confirm",
-            m.ledger_append_seconds.clone(),
+            self.ledger_append_seconds.clone(),
         );
         registry.register(
             "ledger_batch_records",
             "Records carried by one fleet ledger message",
-            m.ledger_batch_records.clone(),
+            self.ledger_batch_records.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     pub fn outcome(&self, outcome: &str) {

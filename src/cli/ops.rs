@@ -374,17 +374,7 @@ async fn replay(
     let queue = dlq::queue_name(settings, args.queue.into()).to_string();
     let described = describe_filter(args);
     let terminal = std::io::stderr().is_terminal();
-    let bar = if terminal && !dry_run {
-        ProgressBar::new_spinner()
-    } else {
-        ProgressBar::hidden()
-    };
-    if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} {pos} replayed of {len} in the queue ({per_sec}) {elapsed}",
-    ) {
-        bar.set_style(style);
-    }
-    bar.enable_steady_tick(Duration::from_millis(120));
+    let bar = replay_bar(terminal && !dry_run);
     let mut rehearsed = Vec::new();
     if !dry_run {
         eprintln!(
@@ -434,20 +424,7 @@ async fn replay(
         }
     };
     if dry_run {
-        println!("dry run: nothing is moved");
-        if !rehearsed.is_empty() {
-            print!("{}", dlq_table(&rehearsed).render(table::width(), false));
-        }
-        println!(
-            "would replay {} of {} message(s) in {queue}",
-            moved.matched, moved.depth
-        );
-        if moved.held_back > 0 {
-            println!(
-                "{} outcome_unknown message(s) would stay: they need --force",
-                moved.held_back
-            );
-        }
+        print_rehearsal(&rehearsed, &moved, &queue);
         return EXIT_OK;
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -494,6 +471,40 @@ async fn replay(
     )
     .await;
     EXIT_OK
+}
+
+/// The spinner a replay shows on a terminal (hidden otherwise).
+fn replay_bar(shown: bool) -> ProgressBar {
+    let bar = if shown {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} {pos} replayed of {len} in the queue ({per_sec}) {elapsed}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// What a dry run would replay.
+fn print_rehearsal(rehearsed: &[dlq::DlqMessage], moved: &dlq::Moved, queue: &str) {
+    println!("dry run: nothing is moved");
+    if !rehearsed.is_empty() {
+        print!("{}", dlq_table(rehearsed).render(table::width(), false));
+    }
+    println!(
+        "would replay {} of {} message(s) in {queue}",
+        moved.matched, moved.depth
+    );
+    if moved.held_back > 0 {
+        println!(
+            "{} outcome_unknown message(s) would stay: they need --force",
+            moved.held_back
+        );
+    }
 }
 
 async fn purge(

@@ -214,6 +214,22 @@ impl Settings {
                 problems.push(msg);
             }
         };
+        self.amqp_problems(&mut need);
+        self.worker_problems(&mut need);
+        for problem in self.genesys.problems() {
+            need(false, problem);
+        }
+        self.store_and_limit_problems(&mut need);
+        self.webhook_and_http_problems(&mut need);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The broker URL and the names of every broker object.
+    fn amqp_problems(&self, need: &mut impl FnMut(bool, String)) {
         let a = &self.amqp;
         match url::Url::parse(&a.url) {
             Ok(u) => need(
@@ -257,6 +273,10 @@ impl Settings {
             "amqp.retry_delays: every delay must be above zero".into(),
         );
         need(a.prefetch > 0, "amqp.prefetch: must be at least 1".into());
+    }
+
+    /// Concurrency, attempts, back-off and the claim lease.
+    fn worker_problems(&self, need: &mut impl FnMut(bool, String)) {
         let w = &self.worker;
         need(
             w.concurrency > 0,
@@ -278,9 +298,10 @@ impl Settings {
             w.backoff_base <= w.backoff_max,
             "worker.backoff_base: must not exceed worker.backoff_max".into(),
         );
-        for problem in self.genesys.problems() {
-            need(false, problem);
-        }
+    }
+
+    /// The rate budget and the store.
+    fn store_and_limit_problems(&self, need: &mut impl FnMut(bool, String)) {
         let r = &self.rate_limit;
         need(
             r.requests_per_minute > 0,
@@ -299,6 +320,10 @@ impl Settings {
             !self.store.audit_retention.is_zero(),
             "store.audit_retention: must be above zero".into(),
         );
+    }
+
+    /// The webhook forwarder and the health/metrics listener.
+    fn webhook_and_http_problems(&self, need: &mut impl FnMut(bool, String)) {
         let h = &self.webhook;
         if !h.url.trim().is_empty() {
             need(
@@ -333,11 +358,6 @@ impl Settings {
                 self.http.listen
             ),
         );
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
     }
 
     /// What the chosen Genesys backend needs before it can open a session: checked by

@@ -319,15 +319,20 @@ impl Drop for SimHandle {
     }
 }
 
-/// Bind and serve in the background (tests, benchmarks).
-pub async fn spawn(opts: SimOptions) -> Result<SimHandle, SimError> {
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
+async fn bind(listen: &str) -> Result<(tokio::net::TcpListener, SocketAddr), SimError> {
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| SimError::Bind {
-            addr: opts.listen.clone(),
+            addr: listen.to_string(),
             source,
         })?;
     let addr = listener.local_addr().map_err(SimError::Serve)?;
+    Ok((listener, addr))
+}
+
+/// Bind and serve in the background (tests, benchmarks).
+pub async fn spawn(opts: SimOptions) -> Result<SimHandle, SimError> {
+    let (listener, addr) = bind(&opts.listen).await?;
     let sim = Sim::new(opts);
     let app = sim.router();
     let task = tokio::spawn(async move {
@@ -343,13 +348,7 @@ pub async fn serve(
     opts: SimOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), SimError> {
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
-        .await
-        .map_err(|source| SimError::Bind {
-            addr: opts.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(SimError::Serve)?;
+    let (listener, addr) = bind(&opts.listen).await?;
     tracing::info!(%addr, faults = ?opts.faults, "Genesys Cloud simulator listening; stats at /sim/stats");
     let sim = Sim::new(opts);
     axum::serve(listener, sim.router())

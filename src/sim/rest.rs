@@ -28,6 +28,11 @@ pub(super) fn genesys_error(status: StatusCode, code: &str, message: &str) -> Re
     (status, Json(body)).into_response()
 }
 
+/// A Genesys-style error answer with its `inin-*` headers (`rl`: allowed, count, reset).
+fn error_answer(status: StatusCode, code: &str, message: &str, rl: (u32, u32, u64)) -> Response {
+    with_headers(genesys_error(status, code, message), rl.0, rl.1, rl.2)
+}
+
 pub(super) fn with_headers(mut resp: Response, allowed: u32, count: u32, reset: u64) -> Response {
     let h = resp.headers_mut();
     let put = |h: &mut HeaderMap, name: &'static str, v: String| {
@@ -118,23 +123,16 @@ pub(super) fn refusal(sim: &Sim, headers: &HeaderMap, needs: &str) -> Option<Res
     });
     if !valid || faults.auth == AuthMode::RevokeTokens {
         bump(&sim.counters.unauthorized);
-        return Some(with_headers(
-            genesys_error(
-                StatusCode::UNAUTHORIZED,
-                "authentication.required",
-                "No authentication bearer token specified in authorization header.",
-            ),
-            0,
-            0,
-            0,
+        return Some(error_answer(
+            StatusCode::UNAUTHORIZED,
+            "authentication.required",
+            "No authentication bearer token specified in authorization header.",
+            (0, 0, 0),
         ));
     }
     if faults.auth == AuthMode::Forbidden {
         bump(&sim.counters.forbidden);
-        return Some(with_headers(
-            genesys_error(StatusCode::FORBIDDEN, "missing.any.permissions", &format!("Unable to perform the requested action. You are missing the following permission(s): {needs}")),
-            0, 0, 0,
-        ));
+        return Some(error_answer(StatusCode::FORBIDDEN, "missing.any.permissions", &format!("Unable to perform the requested action. You are missing the following permission(s): {needs}"), (0, 0, 0)));
     }
     None
 }
@@ -169,15 +167,11 @@ async fn admit(sim: &Sim, headers: &HeaderMap) -> Result<(u32, u32, u64), Respon
     }
     if fail {
         bump(&sim.counters.injected_errors);
-        return Err(with_headers(
-            genesys_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service.unavailable",
-                "The service is currently unavailable (injected by the simulator).",
-            ),
-            limit,
-            count,
-            reset,
+        return Err(error_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service.unavailable",
+            "The service is currently unavailable (injected by the simulator).",
+            (limit, count, reset),
         ));
     }
     Ok((limit, count, reset))
@@ -263,15 +257,11 @@ fn accept_body(
     let queue = queue_of(&v);
     if sim.faults().reject_queues.iter().any(|q| q == queue) {
         bump(&sim.counters.not_found);
-        return Err(Box::new(with_headers(
-            genesys_error(
-                StatusCode::NOT_FOUND,
-                "not.found",
-                &format!("The routing queue {queue} was not found."),
-            ),
-            rl.0,
-            rl.1,
-            rl.2,
+        return Err(Box::new(error_answer(
+            StatusCode::NOT_FOUND,
+            "not.found",
+            &format!("The routing queue {queue} was not found."),
+            rl,
         )));
     }
     Ok(v)
@@ -388,15 +378,11 @@ pub(super) async fn open_message(
     };
     if !sim.integrations.contains(&integration_id) {
         bump(&sim.counters.not_found);
-        return with_headers(
-            genesys_error(
-                StatusCode::NOT_FOUND,
-                "not.found",
-                &format!("Open Messaging integration {integration_id} was not found."),
-            ),
-            rl.0,
-            rl.1,
-            rl.2,
+        return error_answer(
+            StatusCode::NOT_FOUND,
+            "not.found",
+            &format!("Open Messaging integration {integration_id} was not found."),
+            rl,
         );
     }
     let v = match accept_body(&sim, &body, rl, open_message_problem, |v| {

@@ -171,7 +171,7 @@ impl Worker {
         // Either fleet task gone for good stops the consumer: the process then exits with that
         // task's error and is restarted, instead of staying ready while it cannot decide a
         // claim (the reader) or holds every call because nobody hears it (the budget).
-        let (gone_for_good, mut fatal) = tokio::sync::mpsc::channel::<()>(2);
+        let (gone_for_good, fatal) = tokio::sync::mpsc::channel::<()>(2);
         let reader = tokio::spawn(stop_for_good(
             self.fleet
                 .clone()
@@ -186,33 +186,8 @@ impl Worker {
             "the rate budget listener stopped for good: the worker stops too (it would hold every call, unheard by the other pods)",
             gone_for_good,
         ));
-        let (stop_consumer, mut shutdown_or_fatal) = Shutdown::new();
-        let mut outer = shutdown.clone();
-        tokio::spawn(async move {
-            let failed = async {
-                if fatal.recv().await.is_none() {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                _ = outer.requested() => {}
-                _ = failed => {}
-            }
-            stop_consumer.fire();
-        });
-        tracing::info!(
-            "catching up with the fleet ledger and greeting the other pods before taking deliveries"
-        );
-        let mut listening = shutdown_or_fatal.clone();
-        let greeting = self.budget.clone();
-        let warm = async move {
-            tokio::select! {
-                _ = greeting.greeted() => true,
-                _ = listening.requested() => false,
-            }
-        };
-        let (caught_up, warm) = tokio::join!(self.fleet.caught_up(&mut shutdown_or_fatal), warm);
-        let caught_up = caught_up && warm;
+        let mut shutdown_or_fatal = stop_when(shutdown.clone(), fatal);
+        let caught_up = self.warm_up(&mut shutdown_or_fatal).await;
         let opts = ShellOptions {
             name: format!("session-worker {}", self.worker_id),
             queue: s.amqp.inbound_queue.clone(),
@@ -259,6 +234,24 @@ impl Worker {
             Err(e) => tracing::error!(error = %e, "the rate budget listener task failed"),
         }
         Ok(())
+    }
+
+    /// Before the first delivery: catch up with the fleet ledger and be heard by the other
+    /// pods. False if shutdown (or a fleet task gone for good) came first.
+    async fn warm_up(&self, shutdown_or_fatal: &mut Shutdown) -> bool {
+        tracing::info!(
+            "catching up with the fleet ledger and greeting the other pods before taking deliveries"
+        );
+        let mut listening = shutdown_or_fatal.clone();
+        let greeting = self.budget.clone();
+        let warm = async move {
+            tokio::select! {
+                _ = greeting.greeted() => true,
+                _ = listening.requested() => false,
+            }
+        };
+        let (caught_up, warm) = tokio::join!(self.fleet.caught_up(shutdown_or_fatal), warm);
+        caught_up && warm
     }
 
     /// The stages, in order: intake, claim, call, finish.
@@ -453,6 +446,25 @@ async fn pause_on_store_failure(
             interrupt.notify_one();
         }
     }
+}
+
+/// A shutdown that fires with `outer`, or when a fleet task reports it is gone for good.
+fn stop_when(outer: Shutdown, mut fatal: tokio::sync::mpsc::Receiver<()>) -> Shutdown {
+    let (stop_consumer, shutdown_or_fatal) = Shutdown::new();
+    let mut outer = outer;
+    tokio::spawn(async move {
+        let failed = async {
+            if fatal.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = outer.requested() => {}
+            _ = failed => {}
+        }
+        stop_consumer.fire();
+    });
+    shutdown_or_fatal
 }
 
 async fn prune_loop(store: Store, audit_retention: Duration) {

@@ -7,8 +7,8 @@ use super::outcome::Outcome;
 use crate::amqp::{header, header_i64, topology};
 use crate::config::Settings;
 use crate::event::{EventError, EventKind, Reason, ResultEvent};
-use crate::genesys::GenesysError;
-use crate::store::{AuditEntry, IdemState};
+use crate::genesys::{GenesysError, SessionCreated};
+use crate::store::{AuditEntry, FleetClaim, IdemRecord, IdemState};
 
 /// Where a finished delivery goes after its outcome is recorded.
 pub enum Route {
@@ -58,57 +58,9 @@ pub struct Planner<'a> {
 impl Planner<'_> {
     /// Decide what an outcome writes and where the delivery goes. No effects.
     pub fn plan(&self, job: &Job, outcome: &Outcome) -> Plan {
-        let audit = |outcome: &str| self.audit_entry(job, outcome);
-        let event = |kind: EventKind| {
-            let mut e = ResultEvent::new(kind, &job.key, &job.visitor_id, &job.queue_id);
-            e.latency_ms = job.latency_ms();
-            e.attempts = job.attempts;
-            e
-        };
         match outcome {
-            Outcome::Started(created) => {
-                let mut ev = event(EventKind::SessionStarted);
-                ev.conversation_id = Some(created.conversation_id.clone());
-                let mut entry = audit("started");
-                entry.http_status = Some(created.status);
-                entry.conversation_id = Some(created.conversation_id.clone());
-                entry.correlation_id = created.correlation_id.clone();
-                entry.message_id = created.message_id.clone();
-                entry.latency_ms = Some(super::intake::round_ms(
-                    created.latency.as_secs_f64() * 1000.0,
-                ));
-                entry.attempts = Some(job.attempts);
-                Plan {
-                    record: Some(IdemState::Completed),
-                    keep_attempts: false,
-                    audit: Some(entry),
-                    event: Some(ev),
-                    route: Route::Ack,
-                }
-            }
-            Outcome::Replayed(rec) => {
-                let ev = rec.event.clone().unwrap_or_else(|| {
-                    let mut e = ResultEvent::new(
-                        EventKind::SessionStarted,
-                        &job.key,
-                        &job.visitor_id,
-                        &job.queue_id,
-                    );
-                    e.conversation_id = rec.conversation_id.clone();
-                    e.attempts = rec.attempts;
-                    e
-                });
-                let mut entry = audit("duplicate");
-                entry.conversation_id = ev.conversation_id.clone();
-                entry.attempts = Some(rec.attempts);
-                Plan {
-                    record: None,
-                    keep_attempts: false,
-                    audit: Some(entry),
-                    event: Some(ev),
-                    route: Route::Ack,
-                }
-            }
+            Outcome::Started(created) => self.started(job, created),
+            Outcome::Replayed(rec) => self.replayed(job, rec),
             Outcome::Invalid(err) => {
                 self.rejection(job, Reason::InvalidRequest, err.to_string(), Some(0))
             }
@@ -125,32 +77,7 @@ impl Planner<'_> {
                 plan.record = Some(IdemState::Unknown);
                 plan
             }
-            Outcome::Retryable(err) => {
-                let delayed = header_i64(&job.delivery.properties, header::DELAYED_RETRIES)
-                    .unwrap_or(0)
-                    .max(0) as usize;
-                let Some(delay) = self.settings.amqp.retry_delays.get(delayed) else {
-                    return self.failure(job, Reason::RetriesExhausted, err);
-                };
-                let mut entry = audit("retry_scheduled");
-                entry.http_status = err.status();
-                entry.attempts = Some(job.attempts);
-                entry.detail = Some(format!(
-                    "{err}; retrying in {}",
-                    crate::config::format_duration(*delay)
-                ));
-                Plan {
-                    record: None,
-                    keep_attempts: true,
-                    audit: Some(entry),
-                    event: None,
-                    route: Route::DelayedRetry {
-                        queue: topology::retry_queue_name(&self.settings.amqp, *delay),
-                        delayed,
-                        error: err.to_string(),
-                    },
-                }
-            }
+            Outcome::Retryable(err) => self.retry(job, err),
             Outcome::AuthRefused(_) | Outcome::Abandoned => Plan {
                 record: None,
                 keep_attempts: true,
@@ -158,31 +85,120 @@ impl Planner<'_> {
                 event: None,
                 route: Route::Republish,
             },
-            Outcome::Poison(deliveries) => {
-                let detail = format!(
-                    "delivered {deliveries} times without being finished (worker.max_redeliveries = {}); the failures are in the workers' logs and delivery_errors_total",
-                    self.settings.worker.max_redeliveries
-                );
-                let mut plan = self.rejection(job, Reason::PoisonMessage, detail, None);
-                if let Some(ev) = plan.event.as_mut() {
-                    ev.event = EventKind::SessionFailed;
-                    ev.event_id = crate::event::event_id(&job.key, EventKind::SessionFailed);
-                }
-                plan
-            }
-            Outcome::Parked(holder) => Plan {
-                record: None,
-                keep_attempts: false,
-                audit: None,
-                event: None,
-                route: match self.settings.amqp.retry_delays.first() {
-                    Some(delay) => Route::Park {
-                        queue: topology::retry_queue_name(&self.settings.amqp, *delay),
-                        holder: holder.worker_id.clone(),
-                    },
-                    // No delayed-retry queue to park in: requeue after the pause.
-                    None => Route::Requeue,
+            Outcome::Poison(deliveries) => self.poison(job, *deliveries),
+            Outcome::Parked(holder) => self.parked(holder),
+        }
+    }
+
+    fn event(job: &Job, kind: EventKind) -> ResultEvent {
+        let mut e = ResultEvent::new(kind, &job.key, &job.visitor_id, &job.queue_id);
+        e.latency_ms = job.latency_ms();
+        e.attempts = job.attempts;
+        e
+    }
+
+    fn started(&self, job: &Job, created: &SessionCreated) -> Plan {
+        let mut ev = Self::event(job, EventKind::SessionStarted);
+        ev.conversation_id = Some(created.conversation_id.clone());
+        let mut entry = self.audit_entry(job, "started");
+        entry.http_status = Some(created.status);
+        entry.conversation_id = Some(created.conversation_id.clone());
+        entry.correlation_id = created.correlation_id.clone();
+        entry.message_id = created.message_id.clone();
+        entry.latency_ms = Some(super::intake::round_ms(
+            created.latency.as_secs_f64() * 1000.0,
+        ));
+        entry.attempts = Some(job.attempts);
+        Plan {
+            record: Some(IdemState::Completed),
+            keep_attempts: false,
+            audit: Some(entry),
+            event: Some(ev),
+            route: Route::Ack,
+        }
+    }
+
+    /// A key finished before: its stored event again (or one rebuilt from the record).
+    fn replayed(&self, job: &Job, rec: &IdemRecord) -> Plan {
+        let ev = rec.event.clone().unwrap_or_else(|| {
+            let mut e = ResultEvent::new(
+                EventKind::SessionStarted,
+                &job.key,
+                &job.visitor_id,
+                &job.queue_id,
+            );
+            e.conversation_id = rec.conversation_id.clone();
+            e.attempts = rec.attempts;
+            e
+        });
+        let mut entry = self.audit_entry(job, "duplicate");
+        entry.conversation_id = ev.conversation_id.clone();
+        entry.attempts = Some(rec.attempts);
+        Plan {
+            record: None,
+            keep_attempts: false,
+            audit: Some(entry),
+            event: Some(ev),
+            route: Route::Ack,
+        }
+    }
+
+    /// Retryable failures used up in process: the next delayed-retry queue, or
+    /// `retries_exhausted` after the last.
+    fn retry(&self, job: &Job, err: &GenesysError) -> Plan {
+        let delayed = header_i64(&job.delivery.properties, header::DELAYED_RETRIES)
+            .unwrap_or(0)
+            .max(0) as usize;
+        let Some(delay) = self.settings.amqp.retry_delays.get(delayed) else {
+            return self.failure(job, Reason::RetriesExhausted, err);
+        };
+        let mut entry = self.audit_entry(job, "retry_scheduled");
+        entry.http_status = err.status();
+        entry.attempts = Some(job.attempts);
+        entry.detail = Some(format!(
+            "{err}; retrying in {}",
+            crate::config::format_duration(*delay)
+        ));
+        Plan {
+            record: None,
+            keep_attempts: true,
+            audit: Some(entry),
+            event: None,
+            route: Route::DelayedRetry {
+                queue: topology::retry_queue_name(&self.settings.amqp, *delay),
+                delayed,
+                error: err.to_string(),
+            },
+        }
+    }
+
+    fn poison(&self, job: &Job, deliveries: u32) -> Plan {
+        let detail = format!(
+            "delivered {deliveries} times without being finished (worker.max_redeliveries = {}); the failures are in the workers' logs and delivery_errors_total",
+            self.settings.worker.max_redeliveries
+        );
+        let mut plan = self.rejection(job, Reason::PoisonMessage, detail, None);
+        if let Some(ev) = plan.event.as_mut() {
+            ev.event = EventKind::SessionFailed;
+            ev.event_id = crate::event::event_id(&job.key, EventKind::SessionFailed);
+        }
+        plan
+    }
+
+    /// Another pod holds the key: park the copy in the first delayed-retry queue.
+    fn parked(&self, holder: &FleetClaim) -> Plan {
+        Plan {
+            record: None,
+            keep_attempts: false,
+            audit: None,
+            event: None,
+            route: match self.settings.amqp.retry_delays.first() {
+                Some(delay) => Route::Park {
+                    queue: topology::retry_queue_name(&self.settings.amqp, *delay),
+                    holder: holder.worker_id.clone(),
                 },
+                // No delayed-retry queue to park in: requeue after the pause.
+                None => Route::Requeue,
             },
         }
     }
@@ -270,9 +286,8 @@ fn error_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::genesys::{RateLimitHeaders, SessionCreated};
+    use crate::genesys::RateLimitHeaders;
     use crate::request::ValidationError;
-    use crate::store::FleetClaim;
     use lapin::types::{AMQPValue, FieldTable};
     use std::time::Duration;
 

@@ -9,6 +9,7 @@
 //! Only this folder knows clap, exit codes and `anyhow`; nothing below imports it.
 
 pub mod args;
+pub mod audit_ops;
 pub mod exit;
 pub mod ops;
 pub mod table;
@@ -110,7 +111,7 @@ async fn dispatch(cli: Cli) -> i32 {
             Err(e) => config_error(&e),
         },
         Command::Audit { action } => match load() {
-            Ok(settings) => ops::audit_command(&settings, action).await,
+            Ok(settings) => audit_ops::audit_command(&settings, action).await,
             Err(e) => config_error(&e),
         },
     }

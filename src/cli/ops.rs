@@ -1,14 +1,15 @@
-//! The operator commands' command-line edge: `dlq …` and `audit …` output and exit codes.
-//! The logic lives in [`crate::dlq`] and [`crate::audit`], which return typed errors.
+//! The `dlq …` commands' command-line edge: output, progress and exit codes. The logic lives in
+//! [`crate::dlq`], which returns typed errors; `audit …` is [`super::audit_ops`].
 
-use super::args::{AuditAction, DlqAction, DlqFilterArgs, OutputArgs};
+use super::args::{DlqAction, DlqFilterArgs};
+use super::audit_ops::audit_table;
 use super::exit::{fail, usage, EXIT_OK};
 use super::table::{self, or_dash, Table};
 use crate::admin::Operation;
 use crate::audit::{self, AuditAccess};
 use crate::config::Settings;
 use crate::dlq::{self, DlqMessage, Filter, ReplayOptions};
-use crate::store::{AuditEntry, AuditQuery};
+use crate::store::AuditQuery;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -120,66 +121,6 @@ fn dlq_table(messages: &[DlqMessage]) -> Table {
 }
 
 /// Audit entries as a table, oldest first; details wrapped under each row.
-fn audit_table(entries: &[AuditEntry]) -> Table {
-    let mut t = Table::new(&[
-        "TIME",
-        "EVENT",
-        "OUTCOME",
-        "IDEMPOTENCY KEY",
-        "VISITOR",
-        "STATUS>",
-        "ATTEMPTS>",
-        "LATENCY MS>",
-        "BY",
-    ]);
-    for e in entries {
-        let mut notes = Vec::new();
-        if let Some(n) = e.count {
-            notes.push(format!("{n} message(s)"));
-        }
-        if let Some(c) = &e.conversation_id {
-            notes.push(format!("conversation {c}"));
-        }
-        if let Some(m) = &e.message_id {
-            notes.push(format!("message {m}"));
-        }
-        if let Some(c) = &e.correlation_id {
-            notes.push(format!("correlation id {c}"));
-        }
-        if let Some(d) = &e.detail {
-            notes.push(d.clone());
-        }
-        t.row(
-            vec![
-                e.timestamp.clone(),
-                e.event_type.clone(),
-                e.outcome.clone(),
-                or_dash(e.idempotency_key.clone()),
-                or_dash(e.visitor_id.clone()),
-                or_dash(e.http_status),
-                or_dash(e.attempts),
-                or_dash(e.latency_ms),
-                e.operator.clone().unwrap_or_else(|| e.worker_id.clone()),
-            ],
-            notes,
-        );
-    }
-    t
-}
-
-fn print_audit(entries: &[AuditEntry], format: OutputArgs) {
-    if format.json {
-        print_jsonl(entries);
-    } else if !entries.is_empty() {
-        print!(
-            "{}",
-            audit_table(entries).render(table::width(), format.wide)
-        );
-    }
-}
-
-/// `dlq show` for people: the message's facts, its detail wrapped, its key's audit entries,
-/// then headers and body.
 async fn show_message(settings: &Settings, queue: &str, v: &serde_json::Value) {
     let field = |k: &str| match &v[k] {
         serde_json::Value::Null => "-".to_string(),
@@ -544,106 +485,5 @@ async fn purge(
             EXIT_OK
         }
         Err(e) => fail(e),
-    }
-}
-
-fn print_jsonl(entries: &[AuditEntry]) {
-    for e in entries {
-        println!("{}", serde_json::to_string(e).unwrap_or_default());
-    }
-}
-
-pub async fn audit_command(settings: &Settings, action: AuditAction) -> i32 {
-    let access = match AuditAccess::open(settings) {
-        Ok(a) => a,
-        Err(e) => return fail(e),
-    };
-    let bound = |t: &Option<String>| t.as_deref().map(audit::parse_time).transpose();
-    let stats = matches!(action, AuditAction::Stats { .. });
-    match action {
-        AuditAction::Tail { n, follow, format } => {
-            let entries = match access
-                .query(&AuditQuery {
-                    tail: Some(n),
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(e) => e,
-                Err(e) => return fail(e),
-            };
-            print_audit(&entries, format);
-            if !follow {
-                return EXIT_OK;
-            }
-            let mut following = audit::Follow::new(audit::micros(std::time::SystemTime::now()));
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = audit::micros(std::time::SystemTime::now());
-                let (since_us, until_us) = following.window(now);
-                let fresh = access
-                    .query(&AuditQuery {
-                        since_us: Some(since_us),
-                        until_us: Some(until_us),
-                        ..Default::default()
-                    })
-                    .await
-                    .map(|entries| following.fresh(entries, now));
-                match fresh {
-                    Ok(entries) if format.json => print_jsonl(&entries),
-                    Ok(entries) => {
-                        // Following: one line per entry, no header after the first screen.
-                        let rendered = audit_table(&entries).render(table::width(), true);
-                        for line in rendered.lines().skip(1) {
-                            println!("{line}");
-                        }
-                    }
-                    Err(e) => return fail(e),
-                }
-            }
-        }
-        AuditAction::Show { key, format } => match access
-            .query(&AuditQuery {
-                key: Some(key.clone()),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(entries) if entries.is_empty() => fail(format!("no audit entries for key {key:?}")),
-            Ok(entries) => {
-                print_audit(&entries, format);
-                EXIT_OK
-            }
-            Err(e) => fail(e),
-        },
-        AuditAction::Export { since, until } | AuditAction::Stats { since, until }
-            if bound(&since).is_err() || bound(&until).is_err() =>
-        {
-            usage(
-                bound(&since)
-                    .err()
-                    .or(bound(&until).err())
-                    .map(|e| e.to_string())
-                    .unwrap_or_default(),
-            )
-        }
-        AuditAction::Export { since, until } | AuditAction::Stats { since, until } => {
-            let q = AuditQuery {
-                since_us: bound(&since).ok().flatten(),
-                until_us: bound(&until).ok().flatten(),
-                ..Default::default()
-            };
-            match access.query(&q).await {
-                Ok(entries) if stats => {
-                    print!("{}", audit::stats(&entries).render());
-                    EXIT_OK
-                }
-                Ok(entries) => {
-                    print_jsonl(&entries);
-                    EXIT_OK
-                }
-                Err(e) => fail(e),
-            }
-        }
     }
 }

@@ -368,28 +368,7 @@ async fn replay(
         print_rehearsal(&rehearsed, &moved, &queue);
         return EXIT_OK;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let ending = if !moved.completed {
-        "interrupted"
-    } else if moved.met_own_copy {
-        "stopped at a copy it had replayed itself, failed again"
-    } else {
-        "done"
-    };
-    println!(
-        "replay {}: {ending}: replayed {} of {} message(s) in {queue} in {elapsed:.1} s ({:.1}/s); looked at {}; non-matching messages stay in order",
-        options.run_id,
-        moved.moved,
-        moved.depth,
-        moved.moved as f64 / elapsed.max(0.001),
-        moved.seen,
-    );
-    if moved.held_back > 0 {
-        println!(
-            "{} outcome_unknown message(s) stay in {queue}: Genesys Cloud may have created their sessions. Check there, then replay them with --force",
-            moved.held_back
-        );
-    }
+    let ending = report_replay(&options, &moved, &queue, started.elapsed().as_secs_f64());
     let detail = format!(
         "run {}: {ending}; replayed {} of {} looked at ({} in the queue); filter: {described}{}{}",
         options.run_id,
@@ -412,6 +391,37 @@ async fn replay(
     )
     .await;
     EXIT_OK
+}
+
+/// The replay's last words on stdout; how it ended (for the audit entry).
+fn report_replay(
+    options: &ReplayOptions,
+    moved: &dlq::Moved,
+    queue: &str,
+    elapsed: f64,
+) -> &'static str {
+    let ending = if !moved.completed {
+        "interrupted"
+    } else if moved.met_own_copy {
+        "stopped at a copy it had replayed itself, failed again"
+    } else {
+        "done"
+    };
+    println!(
+        "replay {}: {ending}: replayed {} of {} message(s) in {queue} in {elapsed:.1} s ({:.1}/s); looked at {}; non-matching messages stay in order",
+        options.run_id,
+        moved.moved,
+        moved.depth,
+        moved.moved as f64 / elapsed.max(0.001),
+        moved.seen,
+    );
+    if moved.held_back > 0 {
+        println!(
+            "{} outcome_unknown message(s) stay in {queue}: Genesys Cloud may have created their sessions. Check there, then replay them with --force",
+            moved.held_back
+        );
+    }
+    ending
 }
 
 /// The spinner a replay shows on a terminal (hidden otherwise).

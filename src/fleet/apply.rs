@@ -100,49 +100,14 @@ pub fn apply(
             at_ms,
             lease_ms,
         } => {
-            let (claim_id, at_ms) = (claim_id.clone(), *at_ms);
-            let this_claim = || FleetClaim {
+            let claim = FleetClaim {
                 claim_id: claim_id.clone(),
                 worker_id: claimer.clone(),
                 fingerprint: fingerprint.clone(),
-                at_ms,
+                at_ms: *at_ms,
                 lease_ms: *lease_ms,
             };
-            let read = !matches!(known, Known::Open | Known::Absent);
-            if read && store.state_of(key)?.is_some_and(IdemState::is_final) {
-                if let Some(rec) = store.get(key)? {
-                    if *claimer == worker_id
-                        && rec.worker_id == worker_id
-                        && at_ms <= rec.updated_at_ms
-                    {
-                        // This pod's claim that led to its own outcome, read again after a
-                        // restart: it stays in the view until the outcome follows in the
-                        // ledger, so the pod can tell whether the fleet ever heard it
-                        // (`Fleet::unheard`).
-                        claims.insert(key, this_claim());
-                    }
-                    return Ok(Applied::Claim {
-                        claim_id,
-                        decision: Decision::Done(Box::new(rec)),
-                    });
-                }
-            }
-            if let Some(held) = claims.get(key) {
-                // A pod holds a key under its per-key lock until the claim ends, so another
-                // claim from the same pod means the holder restarted: its claim is dead.
-                let restarted = held.worker_id == *claimer;
-                if held.claim_id != claim_id && held.live_at(at_ms) && !restarted {
-                    return Ok(Applied::Claim {
-                        claim_id,
-                        decision: Decision::Busy(held.clone()),
-                    });
-                }
-            }
-            claims.insert(key, this_claim());
-            Ok(Applied::Claim {
-                claim_id,
-                decision: Decision::Won,
-            })
+            apply_claim(store, claims, key, claim, worker_id, known)
         }
         Record::Release { key, claim_id } => {
             if claims
@@ -153,60 +118,7 @@ pub fn apply(
             }
             Ok(Applied::Other)
         }
-        Record::Outcome(OutcomeRecord {
-            key,
-            head,
-            record,
-            audit,
-        }) => {
-            let mut told_before = false;
-            if !replay {
-                // Checked whole before it is stored as it came, and against the head every
-                // pod decides on.
-                if !record.parse().is_some_and(|r| head.of(&r)) {
-                    return Ok(Applied::Stranger);
-                }
-                if known == Known::Absent {
-                    // A new store restoring: nothing to read, and the caller stores the
-                    // record and its audit entry (even this pod's own: its entry went with
-                    // the lost volume).
-                    claims.remove(key);
-                    return Ok(Applied::Restored {
-                        record: record.clone(),
-                        audit: audit.clone(),
-                        at_ms: head.updated_at_ms,
-                    });
-                }
-                // An `unknown` from the ledger does not overwrite a local `completed` either;
-                // a local `unknown` is replaced by whatever the fleet learned.
-                let state = store.state_of(key)?;
-                // The same outcome told again (its pod stopped before the ledger had it), or
-                // read again after a restart: its audit entry is here already, unless its
-                // insert failed (a failing store), and then it is stored now.
-                told_before = state.is_some()
-                    && head.worker_id != worker_id
-                    && store.get(key)?.is_some_and(|r| {
-                        r.state == head.state
-                            && r.worker_id == head.worker_id
-                            && r.updated_at_ms == head.updated_at_ms
-                    })
-                    && store.has_foreign_audit(key, head.updated_at_ms)?;
-                if state != Some(IdemState::Completed) {
-                    store.put_json(key, record.text())?;
-                }
-            }
-            claims.remove(key);
-            // This pod's own outcome has its audit entry here.
-            let audited = head.worker_id == worker_id;
-            if !audited && !replay && !told_before {
-                Ok(Applied::Foreign {
-                    audit: audit.clone(),
-                    at_ms: head.updated_at_ms,
-                })
-            } else {
-                Ok(Applied::Other)
-            }
-        }
+        Record::Outcome(outcome) => apply_outcome(store, claims, outcome, worker_id, known),
         Record::Forget { key } => {
             if !replay && known != Known::Absent && store.state_of(key)? == Some(IdemState::Unknown)
             {
@@ -216,6 +128,117 @@ pub fn apply(
             Ok(Applied::Other)
         }
         Record::Mark { id, .. } => Ok(Applied::Mark { id: id.clone() }),
+    }
+}
+
+/// A claim: `Done` if the store already holds the key's final outcome, `Busy` if another pod's
+/// live claim holds it, else `Won` (and the claim joins the view).
+fn apply_claim(
+    store: &Store,
+    claims: &mut Claims,
+    key: &str,
+    claim: FleetClaim,
+    worker_id: &str,
+    known: Known,
+) -> Result<Applied, StoreError> {
+    let claim_id = claim.claim_id.clone();
+    let read = !matches!(known, Known::Open | Known::Absent);
+    if read && store.state_of(key)?.is_some_and(IdemState::is_final) {
+        if let Some(rec) = store.get(key)? {
+            if claim.worker_id == worker_id
+                && rec.worker_id == worker_id
+                && claim.at_ms <= rec.updated_at_ms
+            {
+                // This pod's claim that led to its own outcome, read again after a restart:
+                // it stays in the view until the outcome follows in the ledger, so the pod
+                // can tell whether the fleet ever heard it (`Fleet::unheard`).
+                claims.insert(key, claim);
+            }
+            return Ok(Applied::Claim {
+                claim_id,
+                decision: Decision::Done(Box::new(rec)),
+            });
+        }
+    }
+    if let Some(held) = claims.get(key) {
+        // A pod holds a key under its per-key lock until the claim ends, so another claim
+        // from the same pod means the holder restarted: its claim is dead.
+        let restarted = held.worker_id == claim.worker_id;
+        if held.claim_id != claim_id && held.live_at(claim.at_ms) && !restarted {
+            return Ok(Applied::Claim {
+                claim_id,
+                decision: Decision::Busy(held.clone()),
+            });
+        }
+    }
+    claims.insert(key, claim);
+    Ok(Applied::Claim {
+        claim_id,
+        decision: Decision::Won,
+    })
+}
+
+/// An outcome: stored unless the store has it (or a completed one) already; the claim leaves
+/// the view; another pod's audit entry is handed back to be stored, once.
+fn apply_outcome(
+    store: &Store,
+    claims: &mut Claims,
+    outcome: &OutcomeRecord,
+    worker_id: &str,
+    known: Known,
+) -> Result<Applied, StoreError> {
+    let OutcomeRecord {
+        key,
+        head,
+        record,
+        audit,
+    } = outcome;
+    let replay = known == Known::Applied;
+    let mut told_before = false;
+    if !replay {
+        // Checked whole before it is stored as it came, and against the head every pod
+        // decides on.
+        if !record.parse().is_some_and(|r| head.of(&r)) {
+            return Ok(Applied::Stranger);
+        }
+        if known == Known::Absent {
+            // A new store restoring: nothing to read, and the caller stores the record and
+            // its audit entry (even this pod's own: its entry went with the lost volume).
+            claims.remove(key);
+            return Ok(Applied::Restored {
+                record: record.clone(),
+                audit: audit.clone(),
+                at_ms: head.updated_at_ms,
+            });
+        }
+        // An `unknown` from the ledger does not overwrite a local `completed` either; a local
+        // `unknown` is replaced by whatever the fleet learned.
+        let state = store.state_of(key)?;
+        // The same outcome told again (its pod stopped before the ledger had it), or read
+        // again after a restart: its audit entry is here already, unless its insert failed
+        // (a failing store), and then it is stored now.
+        told_before = state.is_some()
+            && head.worker_id != worker_id
+            && store.get(key)?.is_some_and(|r| {
+                r.state == head.state
+                    && r.worker_id == head.worker_id
+                    && r.updated_at_ms == head.updated_at_ms
+            })
+            && store.has_foreign_audit(key, head.updated_at_ms)?;
+        if state != Some(IdemState::Completed) {
+            store.put_json(key, record.text())?;
+        }
+    }
+    claims.remove(key);
+    // This pod's own outcome has its audit entry here.
+    let audited = head.worker_id == worker_id;
+    if !audited && !replay && !told_before {
+        Ok(Applied::Foreign {
+            audit: audit.clone(),
+            at_ms: head.updated_at_ms,
+        })
+    } else {
+        Ok(Applied::Other)
     }
 }
 

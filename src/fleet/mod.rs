@@ -17,6 +17,7 @@
 
 pub mod apply;
 pub mod budget;
+pub mod catch_up;
 pub mod claims;
 pub mod reader;
 pub mod record;

@@ -8,6 +8,7 @@
 //! restores) goes to its [`Writer`], a thread of its own.
 
 use super::apply::{apply, Applied, Known};
+use super::catch_up::FirstCatchUp;
 use super::claims::{Claims, SNAPSHOT_EVERY};
 use super::record::Json;
 use super::record::{OutcomeRecord, Record, RECORD_TYPE};
@@ -17,24 +18,22 @@ use super::Fleet;
 use crate::amqp::consumer::{Settle, REQUEUE_PAUSE};
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
 use crate::amqp::{self, header_i64, topology, AmqpError};
+use crate::internal_events;
 use crate::metrics::metrics;
 use crate::shutdown::Shutdown;
 use crate::store::AuditEntry;
-use crate::{alloc, internal_events};
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
 const PREFETCH: u16 = 200;
 
-/// Records applied before the first catch-up after which the reader takes the allocator's
-/// fast phase ([`alloc::Fast`]): a restore, not a pod that was down a moment.
-pub const FAST_AFTER: u64 = 10_000;
+pub use super::catch_up::FAST_AFTER;
 
 /// How often a pod restoring a new store saves its offset (and so stores its current run of
 /// records, `super::run`): a crash then reads at most this much of the ledger again.
@@ -64,34 +63,13 @@ struct Reader {
     first_catch_up: FirstCatchUp,
 }
 
-#[derive(Default)]
-struct FirstCatchUp {
-    over: AtomicBool,
-    applied: AtomicU64,
-    fast: Mutex<Option<alloc::Fast>>,
-}
-
-impl FirstCatchUp {
-    fn applied(&self) {
-        if !self.over.load(Ordering::Relaxed)
-            && self.applied.fetch_add(1, Ordering::Relaxed) + 1 == FAST_AFTER
-        {
-            tracing::info!(
-                records = FAST_AFTER,
-                "a long ledger to catch up on: restoring with the fast allocator"
-            );
-            *self.fast() = Some(alloc::Fast::begin());
-        }
-    }
-
-    fn end(&self) {
-        self.over.store(true, Ordering::Relaxed);
-        self.fast().take();
-    }
-
-    fn fast(&self) -> MutexGuard<'_, Option<alloc::Fast>> {
-        self.fast.lock().unwrap_or_else(|p| p.into_inner())
-    }
+/// How applying one record ended.
+enum Tried {
+    Applied(Applied),
+    /// Failed against a healthy store `APPLY_TRIES` times: skipped.
+    Skipped,
+    /// Shutdown came while the store failed: the reader stops at this record.
+    Stopped,
 }
 
 pub async fn run(
@@ -196,44 +174,10 @@ impl Reader {
             self.stopped.store(true, Ordering::SeqCst);
             return false;
         }
-        let mut other_errors = 0u32;
-        let applied = loop {
-            let result = apply(
-                &fleet.store,
-                &mut self.claims(),
-                record,
-                &fleet.worker_id,
-                known,
-            );
-            match result {
-                Ok(a) => break a,
-                Err(e) => {
-                    internal_events::ledger_apply_failed(&e);
-                    if fleet.store.failure().is_none() {
-                        // Not the store failing but this record against it (a damaged
-                        // record under its key): waiting would stall the reader for good.
-                        other_errors += 1;
-                        if other_errors >= APPLY_TRIES {
-                            internal_events::ledger_record_skipped(offset, 0);
-                            return true;
-                        }
-                        tokio::time::sleep(REQUEUE_PAUSE).await;
-                        continue;
-                    }
-                    let mut shutdown = self.shutdown.clone();
-                    let healed = tokio::select! {
-                        _ = tokio::time::sleep(REQUEUE_PAUSE) => {
-                            fleet.store.writable(&mut shutdown).await
-                        }
-                        _ = shutdown.requested() => false,
-                    };
-                    if !healed {
-                        tracing::warn!(offset, "shutdown while the store fails: the ledger reader stops here and resumes at this record");
-                        self.stopped.store(true, Ordering::SeqCst);
-                        return false;
-                    }
-                }
-            }
+        let applied = match self.apply_retrying(record, known, offset).await {
+            Tried::Applied(a) => a,
+            Tried::Skipped => return true,
+            Tried::Stopped => return false,
         };
         metrics().ledger_applied.inc();
         self.first_catch_up.applied();
@@ -249,6 +193,67 @@ impl Reader {
             // when this pod makes no claims, and any read of the store waits for it.)
             fleet.touched(key);
         }
+        self.hand_on(applied, record, position, offset, index, batch);
+        true
+    }
+
+    /// Apply one record, trying again while the store heals; a record that keeps failing
+    /// against a healthy store is skipped (it would stall the reader for good).
+    async fn apply_retrying(&self, record: &Record, known: Known, offset: Option<i64>) -> Tried {
+        let fleet = &self.fleet;
+        let mut other_errors = 0u32;
+        loop {
+            let result = apply(
+                &fleet.store,
+                &mut self.claims(),
+                record,
+                &fleet.worker_id,
+                known,
+            );
+            match result {
+                Ok(a) => return Tried::Applied(a),
+                Err(e) => {
+                    internal_events::ledger_apply_failed(&e);
+                    if fleet.store.failure().is_none() {
+                        // Not the store failing but this record against it (a damaged
+                        // record under its key): waiting would stall the reader for good.
+                        other_errors += 1;
+                        if other_errors >= APPLY_TRIES {
+                            internal_events::ledger_record_skipped(offset, 0);
+                            return Tried::Skipped;
+                        }
+                        tokio::time::sleep(REQUEUE_PAUSE).await;
+                        continue;
+                    }
+                    let mut shutdown = self.shutdown.clone();
+                    let healed = tokio::select! {
+                        _ = tokio::time::sleep(REQUEUE_PAUSE) => {
+                            fleet.store.writable(&mut shutdown).await
+                        }
+                        _ = shutdown.requested() => false,
+                    };
+                    if !healed {
+                        tracing::warn!(offset, "shutdown while the store fails: the ledger reader stops here and resumes at this record");
+                        self.stopped.store(true, Ordering::SeqCst);
+                        return Tried::Stopped;
+                    }
+                }
+            }
+        }
+    }
+
+    /// What an applied record means beyond the store: a claim decided, the catch-up mark met,
+    /// a restored record or another pod's audit entry for the writer.
+    fn hand_on(
+        &self,
+        applied: Applied,
+        record: &Record,
+        position: Option<u64>,
+        offset: Option<i64>,
+        index: usize,
+        batch: &mut Batch,
+    ) {
+        let fleet = &self.fleet;
         match applied {
             Applied::Claim { claim_id, decision } => {
                 if let Record::Claim { key, .. } = record {
@@ -310,7 +315,6 @@ impl Reader {
             Applied::Stranger => internal_events::ledger_record_skipped(offset, 0),
             Applied::Other => {}
         }
-        true
     }
 
     /// What this pod knows of its store for a record it has not applied before, without

@@ -18,6 +18,17 @@ use lapin::types::FieldTable;
 use session_worker::sim::Faults;
 use std::time::{Duration, Instant};
 
+/// The keys the Web Messaging backend added: a build from before it refuses them.
+const WEB_MESSAGING_KEYS: &[&str] = &[
+    "genesys.deployment_id",
+    "genesys.web_messaging_origin",
+    "genesys.web_messaging_url",
+    "genesys.web_messaging_start",
+    "genesys.web_messaging_text",
+    "genesys.max_custom_data_bytes",
+    "genesys.session_token_secret",
+];
+
 fn count_from_env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -174,20 +185,19 @@ async fn end_to_end_with(
         .await;
     // The build before the fleet work does not know the keys added since.
     let file = match binary {
-        Some(bin) if bin != env!("CARGO_BIN_EXE_session-worker") => env.config_file_without(&[
-            "amqp.ledger_stream",
-            "amqp.fleet_exchange",
-            "worker.claim_lease",
-            "worker.max_redeliveries",
-            "genesys.retry_unknown_outcome",
-            "genesys.deployment_id",
-            "genesys.web_messaging_origin",
-            "genesys.web_messaging_url",
-            "genesys.web_messaging_start",
-            "genesys.web_messaging_text",
-            "genesys.max_custom_data_bytes",
-            "genesys.session_token_secret",
-        ]),
+        Some(bin) if bin != env!("CARGO_BIN_EXE_session-worker") => env.config_file_without(
+            &[
+                &[
+                    "amqp.ledger_stream",
+                    "amqp.fleet_exchange",
+                    "worker.claim_lease",
+                    "worker.max_redeliveries",
+                    "genesys.retry_unknown_outcome",
+                ][..],
+                WEB_MESSAGING_KEYS,
+            ]
+            .concat(),
+        ),
         _ => env.config_file(),
     };
     let cpu = CpuMeter::start();
@@ -376,9 +386,17 @@ async fn peak_rss(n: usize) -> (u64, Duration) {
             .await;
         sent += take;
     }
-    let file = env.config_file();
+    // `BENCH_RSS_BIN`: another build to measure, A/B (its config without this build's new keys).
+    let other = std::env::var("BENCH_RSS_BIN").ok();
+    let file = match &other {
+        Some(_) => env.config_file_without(WEB_MESSAGING_KEYS),
+        None => env.config_file(),
+    };
     let started = Instant::now();
-    let mut child = common::spawn_worker_binary(file.path(), "warn");
+    let mut child = match &other {
+        Some(bin) => common::spawn_binary(bin, file.path(), "warn"),
+        None => common::spawn_worker_binary(file.path(), "warn"),
+    };
     let mut peak_kib = 0u64;
     loop {
         if let Some(v) = common::peak_rss_kib(child.id()) {

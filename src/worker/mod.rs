@@ -305,10 +305,11 @@ impl Worker {
             Outcome::Started(created) => Some(created.rate_limit.allowed),
             _ => None,
         };
-        let settle = self
+        let shutdown = self.shutdown();
+        let finishing = self
             .recorder
-            .finish(&job, Some(&valid), outcome, permit, ch, &self.shutdown())
-            .await?;
+            .finish(&job, Some(&valid), outcome, permit, ch, &shutdown);
+        let settle = Box::pin(finishing).await?;
         if auth_refused {
             self.auth.trip();
         } else if let Some(allowed) = started {

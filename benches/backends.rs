@@ -13,17 +13,10 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{bodies, web_messaging_on, TestEnv};
+use common::{bodies, env_or, median, web_messaging_on, TestEnv};
 use session_worker::config::Settings;
 use session_worker::sim::Faults;
 use std::time::{Duration, Instant};
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// CPU time (user + system) a process has used so far.
 fn cpu_time(pid: u32) -> Option<Duration> {
@@ -85,11 +78,6 @@ async fn one_run(n: usize, latency_ms: u64, concurrency: usize, web: bool) -> Ru
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -138,13 +126,7 @@ fn main() {
             let (c, w, r) = (median(&mut conv), median(&mut web), median(&mut ratios));
             rows.push(format!("| web_messaging end to end, simulator at {latency} ms, {n} requests (median of {rounds}) | {w:.0} sessions/s | {c:.0} sessions/s (conversations, same run) | {r:.2} | ≥ 0.8 |"));
         }
-        println!();
-        println!("| scenario | measured | reference | ratio | goal |");
-        println!("|---|---:|---:|---:|---|");
-        for r in &rows {
-            println!("{r}");
-        }
-        println!();
+        common::print_scenarios(&rows);
         println!("Per round (worker CPU per request; duplicates seen by the simulator):");
         println!();
         println!("| latency | round | conversations | web_messaging | ratio | CPU, conversations | CPU, web_messaging | dup., conversations | dup., web_messaging |");

@@ -13,16 +13,9 @@
 mod common;
 
 use common::ledger::fill_ledger;
-use common::{request, Pod, TestEnv};
+use common::{env_or, request, Pod, TestEnv};
 use session_worker::sim::Faults;
 use std::time::{Duration, Instant};
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// How fast a bare consumer reads the whole ledger stream of `n` messages (ack in batches,
 /// nothing applied), in messages per second: the ceiling the broker allows for a restore on
@@ -206,11 +199,6 @@ fn main() {
                 rows.push(format!("| fleet rate: {pods} pod(s), budget {budget}/min = simulator limit, {} s | {achieved:.2} req/s, {r429} × 429 | {per_sec:.2} req/s | {:.3} | {goal} |", window.as_secs(), achieved / per_sec));
             }
         }
-        println!();
-        println!("| scenario | measured | reference | ratio | goal |");
-        println!("|---|---:|---:|---:|---|");
-        for r in &rows {
-            println!("{r}");
-        }
+        common::print_scenarios(&rows);
     });
 }

@@ -9,7 +9,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{request, TestEnv};
+use common::{env_or, median, request, TestEnv};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -28,13 +28,6 @@ const WEB_MESSAGING_KEYS: &[&str] = &[
     "genesys.max_custom_data_bytes",
     "genesys.session_token_secret",
 ];
-
-fn count_from_env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A bare consumer that acks every message: the ceiling the broker allows on this machine.
 async fn broker_baseline(env: &TestEnv, bodies: &[Vec<u8>], prefetch: u16) -> (f64, CpuSpent) {
@@ -144,11 +137,6 @@ impl CpuMeter {
             worker: worker.and_then(|pid| cpu_time(&pid.to_string())),
         }
     }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn per_msg_us(d: Option<Duration>, n: usize) -> String {
@@ -425,10 +413,10 @@ fn main() {
     rt.block_on(async {
         let only = std::env::var("BENCH_ONLY").unwrap_or_default();
         let run = |name: &str| only.is_empty() || only.split(',').any(|s| s == name);
-        let n = count_from_env("BENCH_REQUESTS", 20_000);
-        let concurrency = count_from_env("BENCH_CONCURRENCY", 64);
-        let rss_backlog = count_from_env("BENCH_RSS_BACKLOG", 100_000);
-        let rounds = count_from_env("BENCH_ROUNDS", 5).max(1);
+        let n = env_or::<usize>("BENCH_REQUESTS", 20_000);
+        let concurrency = env_or::<usize>("BENCH_CONCURRENCY", 64);
+        let rss_backlog = env_or::<usize>("BENCH_RSS_BACKLOG", 100_000);
+        let rounds = env_or::<usize>("BENCH_ROUNDS", 5).max(1);
         let bodies: Vec<Vec<u8>> = (0..n).map(|i| request(&format!("bench-{i:08}"))).collect();
         let size = bodies[0].len();
         let profile = if cfg!(debug_assertions) { "debug build: figures not representative" } else { "release build" };
@@ -532,7 +520,7 @@ fn main() {
             eprintln!("  end to end done");
         }
         if run("latency") {
-            let latency = Duration::from_millis(count_from_env("BENCH_LATENCY_MS", 200) as u64);
+            let latency = Duration::from_millis(env_or::<usize>("BENCH_LATENCY_MS", 200) as u64);
             let (lat_rate, lat_ideal) = latency_bound(concurrency * 25, concurrency, latency).await;
             let lat_steady = STEADY.with(|s| s.get());
             rows.push(format!("| latency-bound: simulator at 200 ms, concurrency {concurrency}, from start | {lat_rate:.1} msg/s | {lat_ideal:.1} msg/s (concurrency / latency) | {:.2} | ≥ 0.9 |", lat_rate / lat_ideal));
@@ -551,13 +539,7 @@ fn main() {
             notes.push(format!("backlog of {rss_backlog} drained in {:.1} s", rss_time.as_secs_f64()));
             eprintln!("  peak RSS done");
         }
-        println!();
-        println!("| scenario | measured | reference | ratio | goal |");
-        println!("|---|---:|---:|---:|---|");
-        for r in &rows {
-            println!("{r}");
-        }
-        println!();
+        common::print_scenarios(&rows);
         for n in &notes {
             println!("{n}");
         }

@@ -700,3 +700,28 @@ pub async fn drained(env: &TestEnv, timeout: Duration) -> bool {
     }
     false
 }
+
+/// A number from the environment (a bench knob), else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of `v` (sorted in place); `v` must not be empty.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// A bench's result table: scenario, measured, reference, ratio, goal.
+pub fn print_scenarios(rows: &[String]) {
+    println!();
+    println!("| scenario | measured | reference | ratio | goal |");
+    println!("|---|---:|---:|---:|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!();
+}

@@ -254,3 +254,54 @@ async fn a_pod_that_lost_everything_opens_no_new_conversation_for_republished_ke
     let stats = env.sim.sim.stats();
     assert_eq!(stats.web_messaging.resumed, 10, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grace_that_runs_out_mid_call_puts_the_request_back_not_unknown() {
+    // The simulator holds every start 3 s; shutdown gives in-flight work 1 s.
+    let faults = Faults {
+        latency_ms: 3_000,
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| {
+        web_messaging_on(s);
+        s.genesys.request_timeout = Duration::from_secs(30);
+        s.worker.shutdown_grace = Duration::from_secs(1);
+    })
+    .await;
+    let worker = env.start_worker(env.open_store());
+    publish_all(&env, &bodies("grace-", 1)).await;
+    let in_flight = env
+        .wait_for(WAIT, || env.sim.sim.stats().web_messaging.sessions == 1)
+        .await;
+    assert!(in_flight, "the call reached the Guest API");
+    worker.stop().await;
+    assert_eq!(env.queue_len(&env.settings.amqp.dead_letter_queue).await, 0);
+    assert_eq!(
+        env.queue_len(&env.settings.amqp.inbound_queue).await,
+        1,
+        "the request is back in the queue"
+    );
+    // The next pod finds the session and finishes. The cut-short start was written before
+    // the shutdown, and lands in the same conversation when the API gets to it: a second
+    // start event, never a second conversation.
+    env.sim.sim.set_faults(Faults::default());
+    let worker = env.start_worker(env.open_store());
+    let events = env.events(1, WAIT).await;
+    worker.stop().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event, EventKind::SessionStarted);
+    let late_start_landed = env
+        .wait_for(WAIT, || env.sim.sim.stats().web_messaging.starts == 2)
+        .await;
+    assert!(late_start_landed, "{:?}", env.sim.sim.stats());
+    let stats = env.sim.sim.stats();
+    assert_eq!(
+        (
+            stats.web_messaging.conversations,
+            stats.web_messaging.repeated_conversations,
+            stats.duplicate_sessions
+        ),
+        (1, 0, 0),
+        "{stats:?}"
+    );
+}

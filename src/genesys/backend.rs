@@ -77,6 +77,12 @@ impl Backend {
         }
     }
 
+    /// Whether sending the same request again can never open a second session (the Web
+    /// Messaging session token is derived from the key): then nothing is `outcome_unknown`.
+    pub fn idempotent(&self) -> bool {
+        matches!(self, Backend::WebMessaging { .. })
+    }
+
     /// What to tell the operator when the API answers 401/403.
     pub fn auth_hint(&self) -> &'static str {
         match self {

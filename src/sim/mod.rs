@@ -193,10 +193,11 @@ impl Sim {
     pub fn stats(&self) -> SimStats {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let visitors = lock(&self.visitors);
-        let distinct = visitors.len() as u64;
-        let created = load(&c.sessions_created);
+        // The guests' lock before the visitors' (never both at once here): a start holds the
+        // guests' while it records its conversation among the visitors.
         let mut guests = lock(&self.guests).stats();
+        let distinct = lock(&self.visitors).len() as u64;
+        let created = load(&c.sessions_created);
         self.guest_counters.fill(&mut guests);
         SimStats {
             web_messaging: guests,

@@ -365,20 +365,14 @@ async fn start(sim: &Sim, frame: &Value, token: &str) -> Answer {
 /// Store a start in its session, opening the session's conversation if it has none yet.
 fn record_start(sim: &Sim, token: &str, message: &Value, visitor: &str) -> (Value, bool) {
     let id = uuid::Uuid::new_v4().to_string();
-    let needs_conversation = {
-        let guests = lock(&sim.guests);
-        guests
-            .sessions
-            .get(token)
-            .is_none_or(|s| s.conversation.is_none())
-    };
-    let opened = needs_conversation.then(|| super::rest::record_session(sim, visitor));
+    // One lock from the check to the insert: two starts of one token at once (a start still
+    // in hand while a retry resumes) share one conversation, as at Genesys Cloud.
     let mut guests = lock(&sim.guests);
     let guests = &mut *guests;
     let session = guests.sessions.entry(token.to_string()).or_default();
-    let new_conversation = opened.is_some();
-    if let Some(c) = opened {
-        session.conversation = Some(c);
+    let new_conversation = session.conversation.is_none();
+    if new_conversation {
+        session.conversation = Some(super::rest::record_session(sim, visitor));
         session.conversations += 1;
     }
     session.starts += 1;

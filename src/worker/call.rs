@@ -83,6 +83,11 @@ impl Caller {
                 biased;
                 r = self.client.create_session(&valid.request, &job.key) => r,
                 _ = self.grace_over(shutdown) => {
+                    if self.client.backend().idempotent() {
+                        // Web Messaging: the redelivery finds this key's guest session and
+                        // its start, so a call cut short is put back, never `unknown`.
+                        return Outcome::Abandoned;
+                    }
                     return Outcome::Unknown(GenesysError::Unknown {
                         status: None,
                         detail: format!(

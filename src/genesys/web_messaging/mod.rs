@@ -104,7 +104,7 @@ impl WebMessaging {
     ) -> Result<SessionCreated, GenesysError> {
         let started = Instant::now();
         let attrs = req.custom_attributes();
-        let size = req.custom_attributes_size();
+        let size = serde_json::to_vec(&attrs).map_or(usize::MAX, |v| v.len());
         too_large(size, self.max_custom as u64)?;
         let token = session_token(&self.secret, &self.deployment_id, key);
         let mut sock =
@@ -293,7 +293,12 @@ fn too_large(size: usize, limit: u64) -> Result<(), GenesysError> {
 fn frame_error(reply: Reply) -> GenesysError {
     match reply {
         Reply::TooManyRequests(t) => GenesysError::RateLimited {
-            retry_after: Duration::from_secs_f64(t.retry_after.unwrap_or(1.0).clamp(0.0, 3600.0)),
+            retry_after: Duration::from_secs_f64(
+                t.retry_after
+                    .filter(|r| r.is_finite())
+                    .unwrap_or(1.0)
+                    .clamp(0.0, 3600.0),
+            ),
             code: t.error_code.unwrap_or(4029).to_string(),
             correlation_id: None,
         },

@@ -54,6 +54,7 @@ fmt:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	cargo clippy --no-default-features --lib --bins -- -D warnings  # the production build: no simulator
 
 clean:
 	cargo clean

@@ -446,16 +446,6 @@ async fn lost_of(env: &TestEnv, visitors: &[String]) -> (u64, i64) {
     (messages.len() as u64, lost as i64)
 }
 
-/// A header value nested `depth` arrays deep.
-fn nested(depth: usize) -> lapin::types::AMQPValue {
-    use lapin::types::{AMQPValue, FieldArray};
-    let mut v = AMQPValue::Boolean(true);
-    for _ in 0..depth {
-        v = AMQPValue::FieldArray(FieldArray::from(vec![v]));
-    }
-    v
-}
-
 /// Requests carrying hostile headers: nested as deep as a frame allows, the worker's own header
 /// names with values of the wrong type, a forged delivery count. The worker process must live
 /// through all of them.
@@ -467,9 +457,12 @@ async fn poison_headers_drill(n: usize) -> Row {
     let visitors: Vec<String> = (0..n).map(|i| format!("poison-{i}")).collect();
     for (i, v) in visitors.iter().enumerate() {
         let mut h = FieldTable::default();
+        let id = format!("poison-id-{i}");
         match i % 4 {
             0 => {
-                h.insert("x-deep".into(), nested(26_100));
+                // As deep as a frame allows, built as bytes (`raw_amqp`).
+                env.publish_deep(&request(v), Some(&id), 26_100).await;
+                continue;
             }
             1 => {
                 h.insert("x-attempts".into(), AMQPValue::LongString("many".into()));
@@ -486,8 +479,7 @@ async fn poison_headers_drill(n: usize) -> Row {
                 );
             }
         }
-        env.publish_with(&request(v), Some(&format!("poison-id-{i}")), h)
-            .await;
+        env.publish_with(&request(v), Some(&id), h).await;
     }
     let dead_q = env.settings.amqp.dead_letter_queue.clone();
     let deadline = Instant::now() + Duration::from_secs(180);

@@ -11,7 +11,8 @@
 //! - [`audit`]: read the audit trail, from the store or through the running worker.
 //! - [`admin`]: the running worker's admin endpoint, an owner-only Unix socket.
 //! - [`publish`]: the producer tool, validating with the worker's own code.
-//! - [`sim`]: a local Genesys Cloud simulator for development and tests.
+//! - `sim`: a local Genesys Cloud simulator for development and tests, behind the `sim` cargo
+//!   feature (on by default; the production image is built without it, docs/deployment.md).
 //!
 //! **Pipelines** (what `run` runs; each a [`amqp::shell::Pipeline`])
 //! - [`worker`]: a session request through intake → claim → call → finish.
@@ -32,8 +33,7 @@
 //! - [`config`]: layered settings (defaults, `--config`, environment), validated on load.
 //!
 //! **Helpers** (import nothing of the crate, or only each other)
-//! - [`shutdown`], [`text`], [`http_headers`], [`backoff`], [`secret`], [`telemetry`],
-//!   [`alloc`].
+//! - [`shutdown`], [`text`], [`http_headers`], [`backoff`], [`secret`], [`telemetry`].
 
 pub mod cli;
 
@@ -41,6 +41,7 @@ pub mod admin;
 pub mod audit;
 pub mod dlq;
 pub mod publish;
+#[cfg(feature = "sim")]
 pub mod sim;
 
 pub mod webhook;
@@ -60,7 +61,6 @@ pub mod metrics;
 pub mod request;
 pub mod store;
 
-pub mod alloc;
 pub mod backoff;
 pub mod http_headers;
 pub mod secret;

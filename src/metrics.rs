@@ -54,6 +54,9 @@ pub struct Metrics {
     /// Fleet ledger records applied, and skipped as unreadable.
     pub ledger_applied: Counter,
     pub ledger_skipped: Counter,
+    /// Values in messages' AMQP headers nested too deep to parse, replaced on arrival
+    /// (`amqp::guard`).
+    pub header_values_dropped: Counter,
     /// Pods heard from lately (this one included), and this pod's share of the rate budget.
     pub fleet_live_pods: Gauge,
     pub rate_limit_share: Gauge,
@@ -95,6 +98,7 @@ impl Metrics {
             broker_reconnects: Family::default(),
             ledger_applied: Counter::default(),
             ledger_skipped: Counter::default(),
+            header_values_dropped: Counter::default(),
             fleet_live_pods: Gauge::default(),
             rate_limit_share: Gauge::default(),
             rate_limit_held: Gauge::default(),
@@ -208,6 +212,11 @@ impl Metrics {
             "ledger_records_skipped",
             "Fleet ledger records skipped because this version cannot read them",
             self.ledger_skipped.clone(),
+        );
+        registry.register(
+            "amqp_header_values_dropped",
+            "Values in AMQP message headers nested deeper than the limit, replaced by a note before parsing",
+            self.header_values_dropped.clone(),
         );
         registry.register(
             "fleet_live_pods",

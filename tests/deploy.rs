@@ -229,6 +229,14 @@ fn keda_scales_on_the_inbound_queue_and_compose_wires_the_stack() {
         .unwrap()
         .iter()
         .any(|p| p.as_str().unwrap().ends_with(&format!(":{port}"))));
+    // The production image has no simulator; compose builds the sim service's with it.
+    assert_eq!(
+        services["sim"]["build"]["args"]["FEATURES"].as_str(),
+        Some("sim")
+    );
+    assert!(worker["build"]["args"]["FEATURES"].is_null());
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    assert!(dockerfile.contains("--no-default-features --features \"$FEATURES\""));
     let sim_cmd: Vec<&str> = services["sim"]["command"]
         .as_sequence()
         .unwrap()

@@ -4,24 +4,8 @@
 mod common;
 
 use common::{request, Pod, TestEnv};
-use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use session_worker::sim::Faults;
 use std::time::Duration;
-
-/// A header value nested `depth` arrays deep (5 bytes a level on the wire).
-fn nested(depth: usize) -> AMQPValue {
-    let mut v = AMQPValue::Boolean(true);
-    for _ in 0..depth {
-        v = AMQPValue::FieldArray(FieldArray::from(vec![v]));
-    }
-    v
-}
-
-fn deep_headers(depth: usize) -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert("x-deep".into(), nested(depth));
-    t
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_nested_as_deep_as_a_frame_allows_do_not_stop_the_worker() {
@@ -32,9 +16,8 @@ async fn headers_nested_as_deep_as_a_frame_allows_do_not_stop_the_worker() {
     let mut pod = Pod::new(&env, "deep");
     pod.start();
     assert!(pod.ready_within(Duration::from_secs(60)).await.is_some());
-    env.publish_with(&request("deep-valid"), None, deep_headers(depth))
-        .await;
-    env.publish_with(b"{not json", Some("deep-invalid"), deep_headers(depth))
+    env.publish_deep(&request("deep-valid"), None, depth).await;
+    env.publish_deep(b"{not json", Some("deep-invalid"), depth)
         .await;
     env.publish(&request("after-deep"), None).await;
     let events = env.events(3, Duration::from_secs(60)).await;
@@ -51,19 +34,44 @@ async fn headers_nested_as_deep_as_a_frame_allows_do_not_stop_the_worker() {
         })
         .await
     );
-    let list = std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
-        .arg("--config")
-        .arg(pod.config_path())
-        .args(["dlq", "list", "--json"])
-        .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
-        .output()
-        .unwrap();
-    assert_eq!(
-        list.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&list.stderr)
-    );
-    assert!(String::from_utf8_lossy(&list.stdout).contains("invalid_request"));
+    // A dead letter as deep as a frame allows, put straight into the DLQ (not through the
+    // worker): the operator tools read it through the same guard.
+    tokio::task::spawn_blocking({
+        let dlq = dlq.clone();
+        move || {
+            let headers = common::raw_amqp::nested_entry("x-deep", depth);
+            common::raw_amqp::publish(
+                "127.0.0.1:5672",
+                "",
+                &dlq,
+                b"{}",
+                Some("deep-raw"),
+                &headers,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let dlq_cmd = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-worker"))
+            .arg("--config")
+            .arg(pod.config_path())
+            .arg("dlq")
+            .args(args)
+            .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "dlq {args:?}: {stderr}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(dlq_cmd(&["list", "--json"]).contains("invalid_request"));
+    for id in ["deep-invalid", "deep-raw"] {
+        let shown = dlq_cmd(&["show", id]);
+        assert!(
+            shown.contains("nested deeper than 32 levels was dropped"),
+            "{id}: {shown}"
+        );
+    }
     assert_eq!(pod.stop(), Some(0), "SIGTERM exits 0");
 }

@@ -5,12 +5,15 @@
 //! - [`topology`]: exchanges, queues and bindings, named by the `amqp` config keys;
 //! - [`consumer`]: the consume loop (manual acks, prefetch, bounded concurrency, drain);
 //! - [`settle`]: the batched-ack state machine behind it;
-//! - [`shell`]: the one consume / reconnect / dead-letter shell the pipelines run in.
+//! - [`shell`]: the one consume / reconnect / dead-letter shell the pipelines run in;
+//! - [`guard`]: the transport every connection reads through, which bounds how deep a
+//!   message's headers may nest before lapin parses them.
 //!
 //! This folder knows nothing of Genesys, the store or what a message means: it may use
 //! `config`, `health`, `shutdown` and the helpers (`text`, `backoff`, `secret`), nothing above.
 
 pub mod consumer;
+pub mod guard;
 pub mod settle;
 pub mod shell;
 pub mod topology;
@@ -120,12 +123,15 @@ impl AmqpError {
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, AmqpError> {
     let shown = crate::secret::redact_url(&settings.url);
     let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
-    match tokio::time::timeout(
-        settings.connect_timeout,
-        Connection::connect(&settings.url, props),
-    )
-    .await
-    {
+    let uri = settings
+        .url
+        .parse::<lapin::uri::AMQPUri>()
+        .map_err(|e| AmqpError::Connect {
+            url: shown.clone(),
+            message: format!("not an AMQP URL: {e}"),
+            problem: ConnectProblem::Other,
+        })?;
+    match tokio::time::timeout(settings.connect_timeout, guard::connect(uri, props)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(AmqpError::Connect {
             url: shown,

@@ -3,7 +3,6 @@
 
 use crate::config;
 use crate::dlq::DlqKind;
-use crate::sim;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -217,10 +216,10 @@ pub struct SimArgs {
     #[arg(long, default_value = "0ms", value_parser = config::parse_duration)]
     pub answer_late: Duration,
     /// Fraction of session requests answered 503.
-    #[arg(long, default_value = "0", value_parser = sim::parse_rate)]
+    #[arg(long, default_value = "0", value_parser = parse_rate)]
     pub fail_rate: f64,
     /// Fraction of session requests answered 429.
-    #[arg(long, default_value = "0", value_parser = sim::parse_rate)]
+    #[arg(long, default_value = "0", value_parser = parse_rate)]
     pub throttle_rate: f64,
     /// Session requests allowed per minute (0 = unlimited).
     #[arg(long, default_value_t = 0)]
@@ -229,7 +228,7 @@ pub struct SimArgs {
     #[arg(long = "reject-queue")]
     pub reject_queues: Vec<String>,
     /// Fraction of Guest API starts answered with a TooManyRequestsErrorMessage frame (429).
-    #[arg(long, default_value = "0", value_parser = sim::parse_rate)]
+    #[arg(long, default_value = "0", value_parser = parse_rate)]
     pub ws_throttle_rate: f64,
     /// Close a guest session's socket right after its first start is written, before the echo.
     #[arg(long)]
@@ -271,5 +270,30 @@ impl From<QueueArg> for DlqKind {
             QueueArg::Worker => DlqKind::Worker,
             QueueArg::Webhook => DlqKind::Webhook,
         }
+    }
+}
+
+/// A fraction between 0 and 1 (the simulator's fault rates).
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0.0 and 1.0"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rate_flag_is_checked() {
+        assert_eq!(parse_rate("0.25"), Ok(0.25));
+        assert!(parse_rate("1.5").is_err());
+        assert!(parse_rate("x").is_err());
     }
 }

@@ -17,17 +17,10 @@ pub mod table;
 pub use args::{AuditAction, Cli, Command, DlqAction, DlqFilterArgs, Role, SimArgs};
 pub use exit::{EXIT_OK, EXIT_RUNTIME, EXIT_USAGE};
 
-/// The stack every thread of the process gets (`RUST_MIN_STACK` for std threads such as
-/// lapin's I/O thread, and the tokio runtime's). AMQP field tables are parsed, copied,
-/// printed and dropped recursively, and a producer may nest headers as deep as a frame allows:
-/// about 26,000 levels in RabbitMQ's 128 KiB frame, which overflows the default 2 MiB stack
-/// (the process aborts, and every restart with it). This is virtual memory; only the pages a
-/// thread touches become resident.
-pub const THREAD_STACK: usize = 1 << 30;
-
 use crate::config::{self, Settings};
 use crate::health::Health;
 use crate::shutdown::Shutdown;
+#[cfg(feature = "sim")]
 use crate::sim::{self, AuthMode, Faults, SimOptions};
 use crate::store::Store;
 use crate::webhook::Forwarder;
@@ -39,7 +32,6 @@ use std::sync::Arc;
 
 /// Parse, run, and return the exit code.
 pub fn main() -> i32 {
-    fix_malloc_mmap_threshold();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -54,7 +46,6 @@ pub fn main() -> i32 {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_stack_size(THREAD_STACK)
         .build()
     {
         Ok(rt) => rt,
@@ -70,7 +61,7 @@ async fn dispatch(cli: Cli) -> i32 {
     let config_path = cli.config.clone();
     let load = || Settings::load(config_path.as_deref());
     match cli.command {
-        Command::Sim(args) => report(run_sim(args).await),
+        Command::Sim(args) => run_sim(args).await,
         Command::CheckConfig => match load().and_then(|s| s.validate_backend().map(|()| s)) {
             Ok(settings) => match settings.to_redacted_toml() {
                 Ok(text) => {
@@ -132,7 +123,22 @@ fn report(result: anyhow::Result<()>) -> i32 {
     }
 }
 
-async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
+#[cfg(not(feature = "sim"))]
+async fn run_sim(_: SimArgs) -> i32 {
+    exit::usage(
+        "this build has no simulator (it was built without the `sim` cargo feature, as the \
+         production image is): use a development build (`cargo build`, `make run`) or the \
+         image built with `--build-arg FEATURES=sim`",
+    )
+}
+
+#[cfg(feature = "sim")]
+async fn run_sim(args: SimArgs) -> i32 {
+    report(serve_sim(args).await)
+}
+
+#[cfg(feature = "sim")]
+async fn serve_sim(args: SimArgs) -> anyhow::Result<()> {
     let opts = SimOptions {
         listen: args.listen,
         client_id: args.client_id,
@@ -291,21 +297,6 @@ impl Command {
             self,
             Command::Dlq { .. } | Command::Audit { .. } | Command::CheckConfig
         )
-    }
-}
-
-/// glibc serves allocations from 128 KiB up with their own mapping, and after freeing one it
-/// raises that threshold to the freed size (and its heap-trim threshold to twice that): one
-/// freed large buffer, such as the ledger reader's filter of [`crate::fleet::unseen`] (8 MiB),
-/// would from then on keep buffers up to that size in the heap, never returned. Measured: peak
-/// RSS draining 100,000 messages 92.7 MiB with the filter freed at start, 62.9 MiB with the
-/// threshold fixed (64.2–64.7 without the filter, either way; docs/performance.md). Setting it
-/// fixes both thresholds at their defaults.
-fn fix_malloc_mmap_threshold() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it is safe to call at any time.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 

@@ -17,7 +17,6 @@
 
 pub mod apply;
 pub mod budget;
-pub mod catch_up;
 pub mod claims;
 pub mod reader;
 pub mod record;

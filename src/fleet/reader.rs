@@ -8,7 +8,6 @@
 //! restores) goes to its [`Writer`], a thread of its own.
 
 use super::apply::{apply, Applied, Known};
-use super::catch_up::FirstCatchUp;
 use super::claims::{Claims, SNAPSHOT_EVERY};
 use super::record::Json;
 use super::record::{OutcomeRecord, Record, RECORD_TYPE};
@@ -33,8 +32,6 @@ use std::time::Instant;
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
 const PREFETCH: u16 = 200;
 
-pub use super::catch_up::FAST_AFTER;
-
 /// How often a pod restoring a new store saves its offset (and so stores its current run of
 /// records, `super::run`): a crash then reads at most this much of the ledger again.
 const RESTORE_SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
@@ -58,9 +55,6 @@ struct Reader {
     /// While a pod that started on a new store catches up: the keys the reader has stored,
     /// so it need not read the store for the others. Dropped once caught up.
     unseen: Mutex<Option<Unseen>>,
-    /// Until the first catch-up: the records applied, and past [`FAST_AFTER`] the allocator's
-    /// fast phase, ended at the catch-up or when the reader stops.
-    first_catch_up: FirstCatchUp,
 }
 
 /// How applying one record ended.
@@ -115,10 +109,8 @@ pub async fn run(
         stopped: AtomicBool::new(false),
         shutdown: shutdown.clone(),
         unseen: Mutex::new(unseen),
-        first_catch_up: FirstCatchUp::default(),
     });
     let result = shell::run(&s.amqp, &opts, reader.clone(), &health, shutdown).await;
-    reader.first_catch_up.end();
     reader.save_claims().await;
     result
 }
@@ -180,7 +172,6 @@ impl Reader {
             Tried::Stopped => return false,
         };
         metrics().ledger_applied.inc();
-        self.first_catch_up.applied();
         if let Record::Outcome(OutcomeRecord { key, .. }) = record {
             if let Some(unseen) = self.unseen().as_mut() {
                 unseen.insert(key);
@@ -269,7 +260,6 @@ impl Reader {
                 if mine {
                     // The worker writes the store from now on.
                     self.unseen().take();
-                    self.first_catch_up.end();
                     tracing::info!(offset, "fleet ledger caught up");
                     fleet.set_caught_up(true);
                 }

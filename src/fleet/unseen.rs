@@ -13,8 +13,15 @@
 //!
 //! The reader drops it once it has caught up, before the worker takes its first delivery
 //! (from then on the worker writes the store too).
+//!
+//! Its memory is mapped from the kernel, not taken from malloc ([`Words`]): glibc raises its
+//! mmap threshold to the size of any mapped block it frees (up to 32 MiB), so an 8 MiB filter
+//! freed through malloc would make it keep every later buffer up to 8 MiB in its heap, never
+//! given back. Measured (peak RSS draining 100,000 messages, docs/performance.md): 87.8–93.4
+//! MiB with the filter from malloc, against 64–68 MiB with it mapped.
 
 use std::hash::{BuildHasher, Hasher};
+use std::ptr::NonNull;
 
 /// The filter's size: 64 Mi bits. Measured: a false positive (a needless store read) for
 /// 0.12 % of new keys after 4,000,000 keys, 5 % after 10,000,000.
@@ -27,8 +34,70 @@ const BLOCK_WORDS: usize = 8;
 
 /// Keys a store that started empty has been given, as a blocked Bloom filter.
 pub struct Unseen {
-    blocks: Vec<[u64; BLOCK_WORDS]>,
+    words: Words,
+    blocks: usize,
     hasher: std::collections::hash_map::RandomState,
+}
+
+/// Zeroed words, in an anonymous mapping of their own (or, if the kernel refuses one, from the
+/// heap).
+enum Words {
+    Mapped { ptr: NonNull<u64>, len: usize },
+    Heap(Vec<u64>),
+}
+
+// SAFETY: `Mapped` owns its mapping alone, as a `Vec` owns its buffer.
+unsafe impl Send for Words {}
+unsafe impl Sync for Words {}
+
+impl Words {
+    fn zeroed(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<u64>();
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        match NonNull::new(ptr.cast::<u64>()) {
+            Some(ptr) if ptr.as_ptr().cast() != libc::MAP_FAILED => Words::Mapped { ptr, len },
+            _ => Words::Heap(vec![0; len]),
+        }
+    }
+
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            // SAFETY: the mapping holds `len` words, zeroed by the kernel, alive until drop.
+            Words::Mapped { ptr, len } => unsafe { std::slice::from_raw_parts(ptr.as_ptr(), *len) },
+            Words::Heap(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u64] {
+        match self {
+            // SAFETY: as above, and `&mut self` makes this the only reference.
+            Words::Mapped { ptr, len } => unsafe {
+                std::slice::from_raw_parts_mut(ptr.as_ptr(), *len)
+            },
+            Words::Heap(v) => v,
+        }
+    }
+}
+
+impl Drop for Words {
+    fn drop(&mut self) {
+        if let Words::Mapped { ptr, len } = self {
+            // SAFETY: the mapping made in `zeroed`, unmapped once.
+            unsafe {
+                libc::munmap(ptr.as_ptr().cast(), *len * std::mem::size_of::<u64>());
+            }
+        }
+    }
 }
 
 impl Unseen {
@@ -39,7 +108,8 @@ impl Unseen {
     fn with_bytes(bytes: usize) -> Self {
         let blocks = (bytes / (8 * BLOCK_WORDS)).max(1);
         Self {
-            blocks: vec![[0; BLOCK_WORDS]; blocks],
+            words: Words::zeroed(blocks * BLOCK_WORDS),
+            blocks,
             hasher: Default::default(),
         }
     }
@@ -49,7 +119,7 @@ impl Unseen {
         let mut h = self.hasher.build_hasher();
         h.write(key.as_bytes());
         let hash = h.finish();
-        let block = ((hash >> 32) as usize) % self.blocks.len();
+        let block = ((hash >> 32) as usize) % self.blocks;
         let mut bits = [(0, 0); BITS_PER_KEY as usize];
         // Nine bits a position (a word of eight, a bit of 64) from the low 32 bits, and more
         // from a second mix of the hash for the rest.
@@ -67,7 +137,7 @@ impl Unseen {
     /// Note that the store now holds (or may hold) `key`.
     pub fn insert(&mut self, key: &str) {
         let (block, bits) = self.place(key);
-        let b = &mut self.blocks[block];
+        let b = &mut self.words.as_mut_slice()[block * BLOCK_WORDS..][..BLOCK_WORDS];
         for (word, mask) in bits {
             b[word] |= mask;
         }
@@ -76,7 +146,7 @@ impl Unseen {
     /// True when the store certainly holds nothing for `key`.
     pub fn unseen(&self, key: &str) -> bool {
         let (block, bits) = self.place(key);
-        let b = &self.blocks[block];
+        let b = &self.words.as_slice()[block * BLOCK_WORDS..][..BLOCK_WORDS];
         bits.iter().any(|&(word, mask)| b[word] & mask == 0)
     }
 }
@@ -90,6 +160,14 @@ impl Default for Unseen {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_filter_is_mapped_and_zeroed() {
+        let u = Unseen::new();
+        assert!(matches!(u.words, Words::Mapped { .. }));
+        assert!(u.words.as_slice().iter().all(|w| *w == 0));
+        assert_eq!(u.words.as_slice().len() * 8, FILTER_BYTES);
+    }
 
     #[test]
     fn a_key_once_inserted_is_never_unseen() {

@@ -421,29 +421,9 @@ async fn webhook(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -
     StatusCode::NO_CONTENT
 }
 
-/// Parse a fraction flag (0.0 to 1.0).
-pub fn parse_rate(text: &str) -> Result<f64, String> {
-    let v: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not between 0.0 and 1.0"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rate_flag_is_checked() {
-        assert_eq!(parse_rate("0.25"), Ok(0.25));
-        assert!(parse_rate("1.5").is_err());
-        assert!(parse_rate("x").is_err());
-    }
 
     #[test]
     fn stats_count_duplicates() {

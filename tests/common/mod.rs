@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 pub mod ledger;
+pub mod raw_amqp;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -349,6 +350,27 @@ impl TestEnv {
             .expect("confirm");
     }
 
+    /// Publish a request whose headers hold `x-deep`, nested `depth` arrays deep, by hand
+    /// (`raw_amqp`): a header that deep is never a lapin value in this process.
+    pub async fn publish_deep(&self, body: &[u8], message_id: Option<&str>, depth: usize) {
+        let a = &self.settings.amqp;
+        let (exchange, key) = (a.inbound_exchange.clone(), a.inbound_routing_key.clone());
+        let (body, id) = (body.to_vec(), message_id.map(str::to_string));
+        tokio::task::spawn_blocking(move || {
+            let headers = raw_amqp::nested_entry("x-deep", depth);
+            raw_amqp::publish(
+                "127.0.0.1:5672",
+                &exchange,
+                &key,
+                &body,
+                id.as_deref(),
+                &headers,
+            )
+        })
+        .await
+        .expect("raw publish");
+    }
+
     /// Take up to `n` messages from `queue`, waiting at most `timeout`.
     pub async fn take(
         &self,
@@ -471,9 +493,12 @@ impl<E: std::fmt::Display> Running<E> {
     }
 }
 
-/// Start the real `session-worker run --role worker` binary on a config file.
+/// Start the real `session-worker run --role worker` binary on a config file (another build's
+/// when `BENCH_WORKER_BIN` names one: benchmarks compare builds A/B).
 pub fn spawn_worker_binary(config: &std::path::Path, rust_log: &str) -> std::process::Child {
-    spawn_binary(env!("CARGO_BIN_EXE_session-worker"), config, rust_log)
+    let bin = std::env::var("BENCH_WORKER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-worker").to_string());
+    spawn_binary(&bin, config, rust_log)
 }
 
 /// Start `run --role worker` of a given `session-worker` binary (benchmarks compare builds).

@@ -17,25 +17,26 @@
 //! broker does not confirm), its limiter holds every call and its listener connects again —
 //! the others forget it after [`PEER_EXPIRY`] and take its share, and both spending it would
 //! overspend the budget.
+//!
+//! The shape: [`Budget`] is the worker's handle (what Genesys allows, leaving, waiting to be
+//! heard); [`BudgetTask`] is one loop that owns every peer, timer and channel and handles one
+//! event at a time; [`listener`] is the shell pipeline that hears heartbeats for it.
 
-use super::Fleet;
-use crate::amqp::consumer::Settle;
-use crate::amqp::shell::{self, Pipeline, ShellOptions};
-use crate::amqp::{self, AmqpError};
+mod listener;
+
+use crate::amqp::shell::{self, SharedConnection, ShellOptions};
+use crate::amqp::AmqpError;
+use crate::config::Settings;
 use crate::limiter::Limiter;
 use crate::metrics::metrics;
 use crate::shutdown::Shutdown;
-use lapin::message::Delivery;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::Channel;
+use listener::{Listener, Voice};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 /// How often a pod says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -67,97 +68,258 @@ struct Heartbeat {
     hello: bool,
 }
 
+/// The worker's handle on the budget loop.
+#[derive(Clone)]
 pub struct Budget {
-    fleet: Arc<Fleet>,
-    limiter: Arc<Limiter>,
-    /// This process (a restarted pod keeps its worker id but is a new instance).
-    instance: String,
-    peers: Mutex<HashMap<String, Instant>>,
-    publish: Mutex<Option<Channel>>,
-    /// Last `inin-ratelimit-allowed` from Genesys Cloud (0: none seen).
-    allowed: AtomicU64,
-    /// Set once this pod's hello is out.
-    greeted: watch::Sender<bool>,
-    /// Until when the answers to this pod's first hello may still come.
-    answers_due: Mutex<Option<Instant>>,
-    /// This budget itself, for the task that takes the share once the answers are in.
-    me: std::sync::Weak<Budget>,
-    /// Since when this pod hears heartbeats (`None` while disconnected).
-    hearing_since: Mutex<Option<Instant>>,
-    /// When this pod last heard its own heartbeat back through the fleet exchange (`None`:
-    /// never yet).
-    echoed_at: Mutex<Option<Instant>>,
-    /// Fired when the publishing channel is found closed: the listener connects again.
-    lost: tokio::sync::Notify,
+    commands: mpsc::UnboundedSender<Command>,
+    greeted: watch::Receiver<bool>,
+}
+
+enum Command {
+    /// Genesys Cloud's `inin-ratelimit-allowed` for this pod's token.
+    Allowed(u64),
+    /// Say goodbye, then answer.
+    Leave(oneshot::Sender<()>),
+}
+
+/// What the listener tells the loop, in the order it happened.
+enum Heard {
+    /// Connected (queue declared and bound); whether the hello went out.
+    Connected {
+        publish: Channel,
+        hello_sent: bool,
+    },
+    Beat(Heartbeat),
+    Disconnected,
 }
 
 impl Budget {
-    pub fn new(fleet: Arc<Fleet>, limiter: Arc<Limiter>) -> Arc<Self> {
-        let instance = uuid::Uuid::new_v4().simple().to_string();
-        let mut peers = HashMap::new();
-        peers.insert(instance.clone(), Instant::now());
-        // Nobody has heard this pod yet: no call until it hears its own hello come back.
+    /// The handle, and the loop to run (it needs the deployment's budget, the worker id and
+    /// the limiter it sets). Until the loop hears this pod's own hello come back, the
+    /// limiter holds every call: nobody has heard this pod yet.
+    pub fn new(settings: Arc<Settings>, limiter: Arc<Limiter>) -> (Self, BudgetTask) {
         limiter.hold(true);
         crate::internal_events::budget_held(None);
-        Arc::new_cyclic(|me| Self {
-            me: me.clone(),
-            fleet,
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (greeted_tx, greeted) = watch::channel(false);
+        let task = BudgetTask {
+            settings,
             limiter,
-            instance,
-            peers: Mutex::new(peers),
-            publish: Mutex::new(None),
-            allowed: AtomicU64::new(0),
-            greeted: watch::channel(false).0,
-            answers_due: Mutex::new(None),
-            hearing_since: Mutex::new(None),
-            echoed_at: Mutex::new(None),
-            lost: tokio::sync::Notify::new(),
-        })
+            commands: commands_rx,
+            greeted: greeted_tx,
+        };
+        (Self { commands, greeted }, task)
     }
 
     /// Wait until this pod's hello is out (at most [`WARM_UP`]): the others are answering,
     /// and until their answers are in its share counts at least one of them.
     pub async fn greeted(&self) {
-        let mut greeted = self.greeted.subscribe();
+        let mut greeted = self.greeted.clone();
         let _ = tokio::time::timeout(WARM_UP, greeted.wait_for(|g| *g)).await;
     }
 
-    /// Listen and send heartbeats until `shutdown`; then say goodbye.
+    /// What Genesys Cloud says this pod's token may use per minute.
+    pub fn observe_allowed(&self, allowed: u64) {
+        let _ = self.commands.send(Command::Allowed(allowed));
+    }
+
+    /// Tell the others this pod is leaving, so they take its share back at once.
+    pub async fn leave(&self) {
+        let (done, said) = oneshot::channel();
+        if self.commands.send(Command::Leave(done)).is_ok() {
+            let _ = said.await;
+        }
+    }
+}
+
+/// The budget loop: everything it knows is its own.
+pub struct BudgetTask {
+    settings: Arc<Settings>,
+    limiter: Arc<Limiter>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    greeted: watch::Sender<bool>,
+}
+
+/// What the loop knows while it runs.
+struct Peers {
+    voice: Voice,
+    /// Pods heard, by instance, and when.
+    seen: HashMap<String, Instant>,
+    /// The channel heartbeats go out on (`None` while disconnected).
+    publish: Option<Channel>,
+    /// Last `inin-ratelimit-allowed` from Genesys Cloud (0: none seen).
+    allowed: u64,
+    /// Until when the answers to this pod's first hello may still come.
+    answers_due: Option<Instant>,
+    /// Since when this pod hears heartbeats (`None` while disconnected).
+    hearing_since: Option<Instant>,
+    /// When this pod last heard its own heartbeat back (`None`: never yet).
+    echoed_at: Option<Instant>,
+}
+
+impl BudgetTask {
+    /// Listen and send heartbeats until `shutdown`, saying goodbye when asked.
     pub async fn run(
-        self: Arc<Self>,
+        mut self,
         shutdown: Shutdown,
-        link: Option<Arc<shell::SharedConnection>>,
+        link: Option<Arc<SharedConnection>>,
     ) -> Result<(), AmqpError> {
-        let s = self.fleet.settings.clone();
+        let worker_id = self.settings.worker_id();
+        let voice = Voice {
+            exchange: self.settings.amqp.fleet_exchange.clone(),
+            worker_id: worker_id.clone(),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+            lost: Arc::new(Notify::new()),
+        };
+        let (heard_tx, mut heard) = mpsc::unbounded_channel();
         let opts = ShellOptions {
-            name: format!("session-worker budget {}", self.fleet.worker_id),
-            queue: self.queue_name(),
-            tag_prefix: format!("{}-budget", self.fleet.worker_id),
+            name: format!("session-worker budget {worker_id}"),
+            queue: voice.queue(),
+            tag_prefix: format!("{worker_id}-budget"),
             prefetch: 64,
             concurrency: 1,
             grace: Duration::from_secs(1),
             link,
         };
-        let beat = tokio::spawn(self.clone().beat(shutdown.clone()));
-        let health = Arc::new(crate::health::Health::default());
-        let result = shell::run(&s.amqp, &opts, self.clone(), &health, shutdown).await;
-        if result.is_err() {
-            // Gone for good: nobody will hear the heartbeats, and the worker stops.
-            beat.abort();
+        let listener = Arc::new(Listener {
+            voice: voice.clone(),
+            heard: heard_tx,
+        });
+        let amqp_settings = self.settings.amqp.clone();
+        let mut listening = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                let health = crate::health::Health::default();
+                shell::run(&amqp_settings, &opts, listener, &health, shutdown).await
+            }
+        });
+        let mut peers = Peers::new(voice);
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut beating = shutdown.clone();
+        let mut stopping = false;
+        loop {
+            let answers_due = peers.answers_due;
+            tokio::select! {
+                ended = &mut listening => {
+                    return ended.unwrap_or_else(|e| Err(AmqpError::op("the budget listener", e)));
+                }
+                _ = tick.tick(), if !stopping => peers.beat(&self),
+                _ = beating.requested(), if !stopping => stopping = true,
+                Some(event) = heard.recv() => peers.hear(event, &self),
+                Some(command) = self.commands.recv() => match command {
+                    Command::Allowed(a) => peers.allowed(a, &self),
+                    Command::Leave(done) => {
+                        peers.leave().await;
+                        let _ = done.send(());
+                    }
+                },
+                _ = sleep_until(answers_due), if answers_due.is_some() => {
+                    peers.answers_due = None;
+                    peers.apply(&self);
+                }
+            }
         }
-        let _ = beat.await;
-        result
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+impl Peers {
+    fn new(voice: Voice) -> Self {
+        let mut seen = HashMap::new();
+        seen.insert(voice.instance.clone(), Instant::now());
+        Self {
+            voice,
+            seen,
+            publish: None,
+            allowed: 0,
+            answers_due: None,
+            hearing_since: None,
+            echoed_at: None,
+        }
     }
 
-    /// Tell the others this pod is leaving, so they take its share back at once.
-    pub async fn leave(&self) {
-        self.send(Say::Leaving).await;
+    /// Each [`HEARTBEAT`]: say this pod is alive, hold its calls if it has not heard itself,
+    /// and set its share.
+    fn beat(&mut self, task: &BudgetTask) {
+        self.say(Say::Alive);
+        self.check_heard(task);
+        self.apply(task);
     }
 
-    /// What Genesys Cloud says this pod's token may use per minute.
-    pub fn observe_allowed(&self, allowed: u64) {
-        if self.allowed.swap(allowed, Ordering::Relaxed) != allowed {
-            self.apply();
+    /// Send a heartbeat without waiting for the broker's confirm (bounded, so a broker that
+    /// never confirms leaves no task behind).
+    fn say(&self, say: Say) {
+        if let Some(ch) = self.publish.clone() {
+            let voice = self.voice.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(HEARTBEAT, voice.send(&ch, say)).await;
+            });
+        }
+    }
+
+    async fn leave(&self) {
+        if let Some(ch) = &self.publish {
+            let _ = tokio::time::timeout(HEARTBEAT, self.voice.send(ch, Say::Leaving)).await;
+        }
+    }
+
+    fn hear(&mut self, event: Heard, task: &BudgetTask) {
+        match event {
+            Heard::Connected {
+                publish,
+                hello_sent,
+            } => {
+                self.publish = Some(publish);
+                self.hearing_since = Some(Instant::now());
+                if hello_sent && !*task.greeted.borrow() {
+                    // The first hello: count at least one other pod until the answers are in,
+                    // then take the share of those heard. The share is set before the worker,
+                    // waiting for `greeted`, takes its first delivery.
+                    self.answers_due = Some(Instant::now() + ANSWER_WAIT);
+                    self.apply(task);
+                    task.greeted.send_replace(true);
+                }
+            }
+            Heard::Disconnected => {
+                self.publish = None;
+                self.hearing_since = None;
+            }
+            Heard::Beat(beat) => self.heartbeat(beat, task),
+        }
+    }
+
+    fn heartbeat(&mut self, beat: Heartbeat, task: &BudgetTask) {
+        let mine = beat.instance == self.voice.instance;
+        if mine && !beat.leaving {
+            // Heard back through the fleet exchange: the others hear it too, so it may spend.
+            self.echoed_at = Some(Instant::now());
+            if task.limiter.hold(false) {
+                crate::internal_events::budget_heard();
+            }
+        }
+        let stranger = beat.hello && !mine;
+        let changed = if beat.leaving {
+            self.seen.remove(&beat.instance).is_some()
+        } else {
+            self.seen.insert(beat.instance, Instant::now()).is_none()
+        };
+        // A pod arriving or leaving changes every share now, not at the next tick.
+        if changed {
+            self.apply(task);
+        }
+        if stranger {
+            self.say(Say::Alive);
+        }
+    }
+
+    fn allowed(&mut self, allowed: u64, task: &BudgetTask) {
+        if std::mem::replace(&mut self.allowed, allowed) != allowed {
+            self.apply(task);
         }
     }
 
@@ -165,26 +327,26 @@ impl Budget {
     /// has been listening [`PEER_EXPIRY`] without hearing it: while this pod's own connection
     /// is down it hears nobody, and taking the whole budget then (its calls in flight go on)
     /// would overspend the fleet's.
-    pub fn live_pods(&self) -> usize {
-        let hearing = *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner());
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.insert(self.instance.clone(), Instant::now());
-        peers.retain(|_, seen| !expired(*seen, hearing));
-        peers.len()
+    fn live_pods(&mut self) -> usize {
+        let hearing = self.hearing_since;
+        self.seen
+            .insert(self.voice.instance.clone(), Instant::now());
+        self.seen.retain(|_, seen| !expired(*seen, hearing));
+        self.seen.len()
     }
 
     /// Set the limiter to this pod's share.
-    fn apply(&self) {
+    fn apply(&mut self, task: &BudgetTask) {
         let live = self.live_pods();
-        let due = *self.answers_due.lock().unwrap_or_else(|p| p.into_inner());
-        let r = &self.fleet.settings.rate_limit;
+        let r = &task.settings.rate_limit;
+        let pending = self.answers_due.is_some_and(|t| Instant::now() < t);
         let (rpm, burst) = share(
             r.requests_per_minute,
             r.burst,
-            counted(live, due.is_some_and(|t| Instant::now() < t)),
-            self.allowed.load(Ordering::Relaxed),
+            counted(live, pending),
+            self.allowed,
         );
-        if self.limiter.rate() != (rpm, burst) {
+        if task.limiter.rate() != (rpm, burst) {
             tracing::info!(
                 live_pods = live,
                 requests_per_minute = rpm,
@@ -192,105 +354,36 @@ impl Budget {
                 "rate budget share changed"
             );
         }
-        self.limiter.set_rate(rpm, burst);
+        task.limiter.set_rate(rpm, burst);
         metrics().fleet_live_pods.set(live as i64);
         metrics().rate_limit_share.set(i64::from(rpm));
     }
 
-    async fn beat(self: Arc<Self>, mut shutdown: Shutdown) {
-        let mut tick = tokio::time::interval(HEARTBEAT);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.requested() => return,
-            }
-            // Bounded: a broker that never confirms must not stop the check below.
-            let _ = tokio::time::timeout(HEARTBEAT, self.send(Say::Alive)).await;
-            self.check_heard();
-            self.apply();
-        }
-    }
-
-    /// Send a heartbeat; whether the broker took it.
-    async fn send(&self, say: Say) -> bool {
-        let ch = self
-            .publish
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let Some(ch) = ch else { return false };
-        let beat = Heartbeat {
-            worker_id: self.fleet.worker_id.clone(),
-            instance: self.instance.clone(),
-            leaving: say == Say::Leaving,
-            hello: say == Say::Hello,
-        };
-        let body = serde_json::to_vec(&beat).unwrap_or_default();
-        let props = amqp::json_properties().with_delivery_mode(1);
-        let exchange = &self.fleet.settings.amqp.fleet_exchange;
-        match amqp::publish_confirmed(&ch, exchange, "", &body, props).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, "heartbeat not sent");
-                if !ch.status().connected() {
-                    // The broker closed the channel (the fleet exchange is gone, say): connect
-                    // again, which declares the exchange and this pod's queue anew.
-                    self.lost.notify_one();
-                }
-                false
-            }
-        }
-    }
-
-    /// This pod heard its own heartbeat back through the fleet exchange: the others hear it
-    /// too, so it may spend.
-    fn echoed(&self) {
-        *self.echoed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        if self.limiter.hold(false) {
-            crate::internal_events::budget_heard();
-        }
-    }
-
     /// Hold calls if this pod has not heard itself for [`MUTE_AFTER`]; and if it has been
-    /// connected that long, connect the listener again (its queue may have lost its binding).
-    fn check_heard(self: &Arc<Self>) {
-        let echoed = *self.echoed_at.lock().unwrap_or_else(|p| p.into_inner());
-        if !muted(echoed) {
+    /// connected that long, connect the listener again (its queue may have lost its binding):
+    /// closing the publishing channel makes the shell connect the pipeline anew.
+    fn check_heard(&mut self, task: &BudgetTask) {
+        if !muted(self.echoed_at) {
             return;
         }
-        if self.limiter.hold(true) {
-            crate::internal_events::budget_held(echoed.map(|t| t.elapsed()));
+        if task.limiter.hold(true) {
+            crate::internal_events::budget_held(self.echoed_at.map(|t| t.elapsed()));
         }
-        let hearing = *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner());
-        if hearing.is_some_and(|since| since.elapsed() >= MUTE_AFTER) {
-            self.reconnect();
+        if self
+            .hearing_since
+            .is_some_and(|since| since.elapsed() >= MUTE_AFTER)
+        {
+            let ch = self.publish.take();
+            let lost = self.voice.lost.clone();
+            tokio::spawn(async move {
+                if let Some(ch) = ch {
+                    let _ = ch
+                        .close(200, "not hearing itself: connecting again".into())
+                        .await;
+                }
+                lost.notify_one();
+            });
         }
-    }
-
-    /// Connect the listener again: its publishing channel is closed, so the shell connects the
-    /// pipeline anew (declaring the exchange, this pod's queue and its binding).
-    fn reconnect(self: &Arc<Self>) {
-        let ch = self
-            .publish
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let me = self.clone();
-        tokio::spawn(async move {
-            if let Some(ch) = ch {
-                let _ = ch
-                    .close(200, "not hearing itself: connecting again".into())
-                    .await;
-            }
-            me.lost.notify_one();
-        });
-    }
-
-    fn queue_name(&self) -> String {
-        format!(
-            "{}.{}.{}",
-            self.fleet.settings.amqp.fleet_exchange, self.fleet.worker_id, self.instance
-        )
     }
 }
 
@@ -336,102 +429,6 @@ pub fn share(budget: u32, burst: u32, live: usize, allowed: u64) -> (u32, u32) {
     }
     let burst = burst.div_ceil(live).clamp(1, rpm);
     (rpm, burst)
-}
-
-impl Pipeline for Budget {
-    const NAME: &'static str = "budget";
-    type Error = Infallible;
-
-    fn span(&self, _delivery: &Delivery) -> tracing::Span {
-        tracing::trace_span!("heartbeat")
-    }
-
-    async fn handle(
-        self: Arc<Self>,
-        delivery: Delivery,
-        _publish: Channel,
-    ) -> Result<Settle, Infallible> {
-        if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
-            let stranger = beat.hello && beat.instance != self.instance;
-            if beat.instance == self.instance && !beat.leaving {
-                self.echoed();
-            }
-            let changed = {
-                let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-                if beat.leaving {
-                    peers.remove(&beat.instance).is_some()
-                } else {
-                    peers.insert(beat.instance, Instant::now()).is_none()
-                }
-            };
-            // A pod arriving or leaving changes every share now, not at the next tick.
-            if changed {
-                self.apply();
-            }
-            if stranger {
-                // Not awaited here: a broker slow to confirm must not stop this pod hearing.
-                let me = self.clone();
-                tokio::spawn(async move { me.send(Say::Alive).await });
-            }
-        }
-        Ok(Settle::Ack)
-    }
-
-    fn interrupt(&self) -> Option<&tokio::sync::Notify> {
-        Some(&self.lost)
-    }
-
-    async fn connected(&self, _conn: &Connection, publish: &Channel) -> Result<(), AmqpError> {
-        let queue = self.queue_name();
-        publish
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                amqp::table(vec![("x-queue-type", amqp::text("classic"))]),
-            )
-            .await
-            .map_err(|e| AmqpError::op(format!("declare queue {queue}"), e))?;
-        publish
-            .queue_bind(
-                queue.as_str().into(),
-                self.fleet.settings.amqp.fleet_exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| AmqpError::op(format!("bind {queue}"), e))?;
-        *self.publish.lock().unwrap_or_else(|p| p.into_inner()) = Some(publish.clone());
-        *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        // Say hello at once: the others count this pod and answer, so it knows them before
-        // it starts consuming.
-        if self.send(Say::Hello).await && !*self.greeted.borrow() {
-            // The first hello: count at least one other pod until the answers are in, then
-            // take the share of those heard. The share is set before the worker, waiting for
-            // `greeted`, takes its first delivery.
-            *self.answers_due.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Instant::now() + ANSWER_WAIT);
-            self.apply();
-            let me = self.me.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(ANSWER_WAIT).await;
-                if let Some(me) = me.upgrade() {
-                    me.apply();
-                }
-            });
-            self.greeted.send_replace(true);
-        }
-        Ok(())
-    }
-
-    fn disconnected(&self) {
-        *self.publish.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        *self.hearing_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! This folder uses the infrastructure (amqp, store, config, health, internal_events); the
 //! worker uses it. It knows nothing of Genesys or the forwarder.
 
+mod appender;
 pub mod apply;
 pub mod budget;
 pub mod claims;
@@ -24,14 +25,15 @@ pub mod run;
 pub mod unseen;
 pub mod writer;
 
-use crate::amqp::{self, AmqpError};
+use crate::amqp::shell::SharedConnection;
+use crate::amqp::AmqpError;
 use crate::config::Settings;
 use crate::health::Health;
 use crate::shutdown::Shutdown;
 use crate::store::{now_ms, Store};
+use appender::{Append, Appender};
 use apply::Decision;
-use lapin::Channel;
-use record::{OutcomeRecord, Record, RECORD_TYPE};
+use record::{OutcomeRecord, Record};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,85 +65,8 @@ pub struct Fleet {
     caught_up: watch::Sender<bool>,
     /// The live claims as the reader has applied them (loaded and kept by [`reader`]).
     claims: Mutex<claims::Claims>,
-    /// Records on their way to the ledger; one task publishes them in batches.
+    /// Records on their way to the ledger; one task publishes them in batches ([`appender`]).
     appends: mpsc::UnboundedSender<Append>,
-}
-
-/// One record to append, the channel to publish on, and who waits for the confirm.
-struct Append {
-    ch: Channel,
-    record: Record,
-    done: oneshot::Sender<Result<(), String>>,
-}
-
-/// The most records one ledger message carries.
-const MAX_BATCH: usize = 512;
-
-/// How long a batch gathers when the last one was busy (at least [`LINGER_FROM`] records).
-/// The broker's cost is per ledger message, not per record (on the 2-core bench machine a
-/// stream message published with a confirm and read back costs RabbitMQ ~0.7 ms of CPU
-/// whether it holds one record or fifty), but every claim waits out the linger before its
-/// call. 5 ms paid on a CPU-starved machine (+9 % against none) and cost 30 % on an idle one,
-/// where the run is bound by latency; 1 ms was the best of 0, 1 and 5 ms there. A quiet pod
-/// sends at once.
-const LINGER: Duration = Duration::from_millis(1);
-const LINGER_FROM: usize = 4;
-
-/// Publish what tasks append, many records per ledger message: while one batch waits for its
-/// confirm, the next one gathers (group commit, as the store does for fsyncs), so the broker
-/// handles one message per batch instead of one per record. Under load a batch also lingers
-/// ([`LINGER`]) to hold more.
-async fn append_batches(stream: String, mut rx: mpsc::UnboundedReceiver<Append>) {
-    let mut pending: Option<Append> = None;
-    let mut last_len = 0usize;
-    loop {
-        let first = match pending.take() {
-            Some(a) => a,
-            None => match rx.recv().await {
-                Some(a) => a,
-                None => return,
-            },
-        };
-        let ch = first.ch.clone();
-        if last_len >= LINGER_FROM {
-            // Busy: let the batch gather a little longer than one confirm.
-            tokio::time::sleep(LINGER).await;
-        }
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                // A batch goes out on one channel; another channel's record starts the next.
-                Ok(a) if a.ch.id() == ch.id() => batch.push(a),
-                Ok(a) => {
-                    pending = Some(a);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        last_len = batch.len();
-        let (records, done): (Vec<Record>, Vec<_>) =
-            batch.into_iter().map(|a| (a.record, a.done)).unzip();
-        let body = if records.len() == 1 {
-            records[0].encode()
-        } else {
-            Record::encode_batch(&records)
-        };
-        let props = amqp::json_properties().with_type(RECORD_TYPE.into());
-        let sent = std::time::Instant::now();
-        let result = amqp::publish_routed(&ch, "", &stream, &body, props)
-            .await
-            .map_err(|e| e.to_string());
-        crate::metrics::metrics()
-            .ledger_append_seconds
-            .observe(sent.elapsed().as_secs_f64());
-        crate::metrics::metrics()
-            .ledger_batch_records
-            .observe(records.len() as f64);
-        for d in done {
-            let _ = d.send(result.clone());
-        }
-    }
 }
 
 /// A claim of this pod's that the reader has not applied yet.
@@ -190,11 +115,19 @@ pub struct Held {
 }
 
 impl Fleet {
-    pub fn new(settings: Arc<Settings>, store: Store, health: Arc<Health>) -> Arc<Self> {
+    /// The fleet of a pod whose pipelines share `link`: the appender opens its own channel
+    /// on it.
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        health: Arc<Health>,
+        link: Arc<SharedConnection>,
+    ) -> Arc<Self> {
         let (caught_up, _) = watch::channel(false);
         health.set_ledger_ready(false);
         let (appends, rx) = mpsc::unbounded_channel();
-        tokio::spawn(append_batches(settings.amqp.ledger_stream.clone(), rx));
+        let appender = Appender::new(settings.amqp.ledger_stream.clone(), link);
+        tokio::spawn(appender.run(rx));
         Arc::new(Self {
             appends,
             worker_id: settings.worker_id(),
@@ -268,7 +201,6 @@ impl Fleet {
     /// unless the reader touches the key meanwhile, it need not read the store to decide).
     pub async fn claim(
         &self,
-        ch: &Channel,
         intent: Intent<'_>,
         fingerprint: &str,
         open: bool,
@@ -293,7 +225,7 @@ impl Fleet {
             waiter.decision = Some(tx);
         }
         let record = self.claim_record(&key, &claim_id, fingerprint);
-        if let Err(e) = self.append(ch, record).await {
+        if let Err(e) = self.append(record).await {
             return Err(e.into());
         }
         let held = Held {
@@ -310,39 +242,34 @@ impl Fleet {
             _ => {
                 drop(intent);
                 // The claim may still land: give it back so nobody waits out its lease.
-                let _ = self.release(ch, &key, &held).await;
+                let _ = self.release(&key, &held).await;
                 Err(FleetError::Unconfirmed(CLAIM_TIMEOUT))
             }
         }
     }
 
     /// Renew a held claim while its call runs.
-    pub async fn renew(&self, ch: &Channel, key: &str, held: &Held) -> Result<(), FleetError> {
+    pub async fn renew(&self, key: &str, held: &Held) -> Result<(), FleetError> {
         let record = self.claim_record(key, &held.claim_id, &held.fingerprint);
-        Ok(self.append(ch, record).await?)
+        Ok(self.append(record).await?)
     }
 
     /// Give a key back without an outcome.
-    pub async fn release(&self, ch: &Channel, key: &str, held: &Held) -> Result<(), FleetError> {
+    pub async fn release(&self, key: &str, held: &Held) -> Result<(), FleetError> {
         let record = Record::Release {
             key: key.to_string(),
             claim_id: held.claim_id.clone(),
         };
-        Ok(self.append(ch, record).await?)
+        Ok(self.append(record).await?)
     }
 
     /// Tell the fleet a key's outcome. `stored`: this pod's store holds it already (else call
     /// [`Fleet::stored`] once it does, so the reader need not read the store for it).
-    pub async fn outcome(
-        &self,
-        ch: &Channel,
-        outcome: OutcomeRecord,
-        stored: bool,
-    ) -> Result<(), FleetError> {
+    pub async fn outcome(&self, outcome: OutcomeRecord, stored: bool) -> Result<(), FleetError> {
         let key = outcome.key.clone();
         let updated_at_ms = outcome.head.updated_at_ms;
         self.telling(&key, updated_at_ms, stored);
-        let appended = self.append(ch, Record::Outcome(outcome)).await;
+        let appended = self.append(Record::Outcome(outcome)).await;
         if appended.is_err() {
             self.take_told(&key, updated_at_ms);
         }
@@ -412,13 +339,9 @@ impl Fleet {
         }
     }
 
-    async fn append(&self, ch: &Channel, record: Record) -> Result<(), AmqpError> {
+    async fn append(&self, record: Record) -> Result<(), AmqpError> {
         let (done, confirmed) = oneshot::channel();
-        let append = Append {
-            ch: ch.clone(),
-            record,
-            done,
-        };
+        let append = Append { record, done };
         let gone = || AmqpError::op("append to the fleet ledger", "the appending task stopped");
         self.appends.send(append).map_err(|_| gone())?;
         confirmed
@@ -458,7 +381,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let settings = Settings::load_from(None, &HashMap::new()).unwrap();
-        let fleet = Fleet::new(Arc::new(settings), store, Arc::new(Health::default()));
+        let link = SharedConnection::new(&settings.amqp, "test");
+        let fleet = Fleet::new(Arc::new(settings), store, Arc::new(Health::default()), link);
         (dir, fleet)
     }
 

@@ -9,7 +9,6 @@ use crate::fleet::record::OutcomeRecord;
 use crate::fleet::{Fleet, FleetError};
 use crate::request::ValidRequest;
 use crate::store::{AuditEntry, Claim, IdemRecord, IdemState, Store, StoreError};
-use lapin::Channel;
 
 /// Take the key for this job. On `Proceed`, `job.attempts` covers every earlier attempt.
 pub fn claim(
@@ -37,7 +36,6 @@ pub enum Claimed {
 pub async fn claim_key(
     store: &Store,
     fleet: &Fleet,
-    ch: &Channel,
     job: &mut Job,
     valid: &ValidRequest,
     worker_id: &str,
@@ -52,7 +50,7 @@ pub async fn claim_key(
             // another pod would call again once this pod's claim lapses.
             tracing::warn!(state = ?rec.state, "the fleet ledger never had this key's outcome (the pod stopped first); telling it now");
             let told = OutcomeRecord::new(&job.key, rec, &retold(job, rec));
-            fleet.outcome(ch, told, true).await?;
+            fleet.outcome(told, true).await?;
         }
     }
     match claimed {
@@ -65,7 +63,7 @@ pub async fn claim_key(
         Claim::Conflict(rec) => return Ok(Claimed::Decided(Box::new(Outcome::Conflict(rec)))),
         Claim::Proceed { .. } => {}
     }
-    let (held, decision) = fleet.claim(ch, intent, &valid.fingerprint, open).await?;
+    let (held, decision) = fleet.claim(intent, &valid.fingerprint, open).await?;
     Ok(match decision {
         Decision::Won => {
             job.held = Some(held);

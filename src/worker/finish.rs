@@ -126,7 +126,7 @@ impl Recorder {
             } => (published, told_fleet),
             Durable::Settled(settle) => return Ok(settle),
         };
-        self.tell_fleet(job, json.as_ref(), told_fleet, ch).await?;
+        self.tell_fleet(job, json.as_ref(), told_fleet).await?;
         match (published, &plan.event) {
             (Some(sent), _) => sent?,
             (None, Some(event)) => self.publish_event(ch, event).await?,
@@ -149,7 +149,7 @@ impl Recorder {
         let telling = w.job.held.is_some() && w.json.is_some();
         let tell = async {
             match w.json {
-                Some(json) if telling => Some(self.fleet.outcome(ch, json.clone(), false).await),
+                Some(json) if telling => Some(self.fleet.outcome(json.clone(), false).await),
                 _ => None,
             }
         };
@@ -212,7 +212,7 @@ impl Recorder {
                 return Ok(Durable::Settled(self.defer(w.job, ch, &e).await?));
             };
             if !told_fleet {
-                told_fleet = self.tell_held(w.job, answered, ch).await;
+                told_fleet = self.tell_held(w.job, answered).await;
             }
             if !held {
                 internal_events::outcome_held(&e, told_fleet);
@@ -247,11 +247,11 @@ impl Recorder {
     }
 
     /// Tell the fleet ledger an outcome the store does not take yet; whether it has it now.
-    async fn tell_held(&self, job: &Job, answered: &OutcomeRecord, ch: &Channel) -> bool {
+    async fn tell_held(&self, job: &Job, answered: &OutcomeRecord) -> bool {
         let Some(claim) = &job.held else {
             return false;
         };
-        match self.fleet.outcome(ch, answered.clone(), false).await {
+        match self.fleet.outcome(answered.clone(), false).await {
             Ok(()) => true,
             Err(fe) => {
                 tracing::error!(error = %fe, claim_id = %claim.claim_id, "cannot tell the fleet ledger the held outcome either");
@@ -266,15 +266,14 @@ impl Recorder {
         job: &Job,
         json: Option<&OutcomeRecord>,
         told: bool,
-        ch: &Channel,
     ) -> Result<(), FinishError> {
         let Some(claim) = &job.held else {
             return Ok(());
         };
         match json {
-            Some(json) if !told => self.fleet.outcome(ch, json.clone(), true).await?,
+            Some(json) if !told => self.fleet.outcome(json.clone(), true).await?,
             Some(_) => {}
-            None => self.fleet.release(ch, &job.key, claim).await?,
+            None => self.fleet.release(&job.key, claim).await?,
         }
         Ok(())
     }
@@ -445,7 +444,7 @@ impl Recorder {
         error: &StoreError,
     ) -> Result<Settle, FinishError> {
         if let Some(claim) = &job.held {
-            self.fleet.release(ch, &job.key, claim).await?;
+            self.fleet.release(&job.key, claim).await?;
         }
         self.republish_fresh(job, ch).await?;
         internal_events::session_deferred(error);

@@ -35,7 +35,7 @@ use crate::amqp::consumer::Settle;
 use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
 use crate::amqp::{AmqpError, DeadLetters};
 use crate::config::Settings;
-use crate::fleet::budget::Budget;
+use crate::fleet::budget::{Budget, BudgetTask};
 use crate::fleet::{Fleet, FleetError};
 use crate::genesys::{GenesysClient, GenesysError};
 use crate::health::Health;
@@ -54,7 +54,7 @@ use lapin::message::Delivery;
 use lapin::Channel;
 use outcome::Outcome;
 use permit::CallPermit;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::field::Empty;
@@ -73,6 +73,8 @@ pub enum WorkerError {
     Finish(#[from] FinishError),
     #[error("cannot build the Genesys Cloud client: {0}")]
     Client(#[from] GenesysError),
+    #[error("this worker has run already; make a new one")]
+    RanAlready,
 }
 
 pub struct Worker {
@@ -87,7 +89,11 @@ pub struct Worker {
     /// Stops the consume loop: the auth gate trips it, and so does the store when it fails.
     interrupt: Arc<Notify>,
     fleet: Arc<Fleet>,
-    budget: Arc<Budget>,
+    budget: Budget,
+    /// The broker connection the worker's pipelines share.
+    link: Arc<SharedConnection>,
+    /// The budget's loop, taken by `run` (once).
+    budget_task: Mutex<Option<BudgetTask>>,
     /// Set by `run`; calls not yet sent when it fires are abandoned.
     shutdown: OnceLock<Shutdown>,
 }
@@ -105,8 +111,16 @@ impl Worker {
         ));
         health.set_store_open(true);
         let worker_id = settings.worker_id();
-        let fleet = Fleet::new(settings.clone(), store.clone(), health.clone());
-        let budget = Budget::new(fleet.clone(), limiter.clone());
+        // One connection for the consumer, the ledger reader and appender, and the budget
+        // listener: one I/O thread instead of four.
+        let link = SharedConnection::new(&settings.amqp, format!("session-worker {worker_id}"));
+        let fleet = Fleet::new(
+            settings.clone(),
+            store.clone(),
+            health.clone(),
+            link.clone(),
+        );
+        let (budget, budget_task) = Budget::new(settings.clone(), limiter.clone());
         let interrupt = Arc::new(Notify::new());
         let w = &settings.worker;
         Ok(Self {
@@ -133,6 +147,8 @@ impl Worker {
             },
             fleet,
             budget,
+            link,
+            budget_task: Mutex::new(Some(budget_task)),
             shutdown: OnceLock::new(),
             worker_id,
             store,
@@ -164,9 +180,7 @@ impl Worker {
         ));
         // The ledger reader outlives the consumer, so in-flight work can still claim and
         // record while the consumer drains.
-        // One connection for the consumer, the ledger reader and the budget listener: one
-        // I/O thread instead of three.
-        let link = SharedConnection::new(&s.amqp, format!("session-worker {}", self.worker_id));
+        let link = self.link.clone();
         let (stop_reader, reader_shutdown) = Shutdown::new();
         // Either fleet task gone for good stops the consumer: the process then exits with that
         // task's error and is restarted, instead of staying ready while it cannot decide a
@@ -179,10 +193,14 @@ impl Worker {
             "the fleet ledger reader stopped for good: the worker stops too (no claim can be decided without it)",
             gone_for_good.clone(),
         ));
+        let budget_task = self
+            .budget_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or(WorkerError::RanAlready)?;
         let budget = tokio::spawn(stop_for_good(
-            self.budget
-                .clone()
-                .run(reader_shutdown.clone(), Some(link.clone())),
+            budget_task.run(reader_shutdown.clone(), Some(link.clone())),
             "the rate budget listener stopped for good: the worker stops too (it would hold every call, unheard by the other pods)",
             gone_for_good,
         ));
@@ -279,26 +297,20 @@ impl Worker {
         };
         tracing::Span::current().record("idempotency_key", job.key.as_str());
         let _guard = self.locks.lock(&job.key).await;
-        let claimed = match claim::claim_key(
-            &self.store,
-            &self.fleet,
-            ch,
-            &mut job,
-            &valid,
-            &self.worker_id,
-        )
-        .await
-        {
-            Ok(claimed) => claimed,
-            // Nothing was sent: the delivery goes back (not counted as a redelivery) while the
-            // store heals.
-            Err(ClaimError::Store(e)) => return Ok(self.recorder.defer(&job, ch, &e).await?),
-            Err(e) => return Err(e.into()),
-        };
+        let claimed =
+            match claim::claim_key(&self.store, &self.fleet, &mut job, &valid, &self.worker_id)
+                .await
+            {
+                Ok(claimed) => claimed,
+                // Nothing was sent: the delivery goes back (not counted as a redelivery) while the
+                // store heals.
+                Err(ClaimError::Store(e)) => return Ok(self.recorder.defer(&job, ch, &e).await?),
+                Err(e) => return Err(e.into()),
+            };
         // Held until the answer is durable (see `Caller::permit`).
         let (outcome, permit) = match claimed {
             Claimed::Decided(outcome) => (*outcome, None),
-            Claimed::Call => self.call(&mut job, &valid, ch).await,
+            Claimed::Call => self.call(&mut job, &valid).await,
         };
         let auth_refused = matches!(outcome, Outcome::AuthRefused(_));
         let started = match &outcome {
@@ -330,12 +342,7 @@ impl Worker {
 
     /// The call stage, with the fleet claim renewed while it runs: a call permit, then the
     /// call. The permit comes back with the outcome, for the caller to hold while it records.
-    async fn call(
-        &self,
-        job: &mut Job,
-        valid: &ValidRequest,
-        ch: &Channel,
-    ) -> (Outcome, Option<CallPermit<'_>>) {
+    async fn call(&self, job: &mut Job, valid: &ValidRequest) -> (Outcome, Option<CallPermit<'_>>) {
         let shutdown = self.shutdown();
         let held = job.held.clone();
         let key = job.key.clone();
@@ -355,7 +362,7 @@ impl Worker {
             tokio::select! {
                 outcome = &mut call => return outcome,
                 _ = tick.tick() => {
-                    if let Err(e) = self.fleet.renew(ch, &key, &held).await {
+                    if let Err(e) = self.fleet.renew(&key, &held).await {
                         tracing::warn!(error = %e, "could not renew the fleet claim");
                     }
                 }

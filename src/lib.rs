@@ -11,6 +11,8 @@
 //! - [`audit`]: read the audit trail, from the store or through the running worker.
 //! - [`admin`]: the running worker's admin endpoint, an owner-only Unix socket.
 //! - [`publish`]: the producer tool, validating with the worker's own code.
+//! - [`console`]: the operator console, a web page and its JSON API over the DLQs and the
+//!   audit trail (bearer tokens, never on `http.listen`).
 //! - `sim`: a local Genesys Cloud simulator for development and tests, behind the `sim` cargo
 //!   feature (on by default; the production image is built without it, docs/deployment.md).
 //!
@@ -39,6 +41,7 @@ pub mod cli;
 
 pub mod admin;
 pub mod audit;
+pub mod console;
 pub mod dlq;
 pub mod publish;
 #[cfg(feature = "sim")]

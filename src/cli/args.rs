@@ -54,6 +54,12 @@ pub enum Command {
     },
     /// Load and validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Serve the operator console (a web page and its JSON API) until SIGTERM/SIGINT.
+    Console {
+        /// Where to listen (default: console.listen, else 127.0.0.1:9470).
+        #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9470")]
+        listen: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

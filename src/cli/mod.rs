@@ -10,6 +10,7 @@
 
 pub mod args;
 pub mod audit_ops;
+mod console_cmd;
 pub mod exit;
 pub mod ops;
 pub mod table;
@@ -85,11 +86,15 @@ async fn dispatch(cli: Cli) -> i32 {
                         return config_error(&e);
                     }
                 }
+                let console = match console_cmd::tokens_for_run(&settings) {
+                    Ok(tokens) => tokens,
+                    Err(code) => return code,
+                };
                 if role == Role::Forwarder && settings.webhook.url.trim().is_empty() {
                     eprintln!("error: webhook.url is empty, so `run --role forwarder` has nothing to do; set ANALYTICS_WEBHOOK_URL or webhook.url");
                     return EXIT_USAGE;
                 }
-                report(run_worker(settings, role).await)
+                report(run_worker(settings, role, console).await)
             }
             Err(e) => config_error(&e),
         },
@@ -99,6 +104,10 @@ async fn dispatch(cli: Cli) -> i32 {
         },
         Command::Dlq { action } => match load() {
             Ok(settings) => ops::dlq_command(&settings, action).await,
+            Err(e) => config_error(&e),
+        },
+        Command::Console { listen } => match load() {
+            Ok(settings) => console_cmd::run(settings, listen).await,
             Err(e) => config_error(&e),
         },
         Command::Audit { action } => match load() {
@@ -217,7 +226,11 @@ async fn declare_topology(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
+async fn run_worker(
+    settings: Settings,
+    role: Role,
+    console: Option<crate::console::auth::Tokens>,
+) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     let store =
         Store::open(&settings.store.path, settings.store.idempotency_ttl).with_context(|| {
@@ -237,6 +250,9 @@ async fn run_worker(settings: Settings, role: Role) -> anyhow::Result<()> {
             rx.requested().await
         }))
     };
+    if let Some(tokens) = console {
+        console_cmd::spawn_in_run(settings.clone(), tokens, shutdown.clone());
+    }
     let admin = {
         let store = store.clone();
         let path = settings.store.path.clone();

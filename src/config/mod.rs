@@ -58,6 +58,7 @@ pub struct Settings {
     pub store: StoreSettings,
     pub webhook: WebhookSettings,
     pub http: HttpSettings,
+    pub console: ConsoleSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -141,6 +142,14 @@ pub struct WebhookSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
+    pub listen: String,
+}
+
+/// The operator console (SPEC §7): off while `listen` is empty.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    #[serde(default)]
     pub listen: String,
 }
 
@@ -357,6 +366,18 @@ impl Settings {
                 "http.listen: not an address like 127.0.0.1:9464: {:?}",
                 self.http.listen
             ),
+        );
+        let console = self.console.listen.trim();
+        need(
+            console.is_empty() || console.parse::<SocketAddr>().is_ok(),
+            format!(
+                "console.listen: empty (off) or an address like 127.0.0.1:9470, got {console:?}"
+            ),
+        );
+        need(
+            console.is_empty() || console != self.http.listen.trim(),
+            "console.listen: must differ from http.listen (the console is never served there)"
+                .into(),
         );
     }
 

@@ -1,0 +1,239 @@
+//! The operator console's read API against the real broker and a running worker (SPEC §7
+//! "Console"): `session-worker console` beside a pod, reading its DLQ and, through the pod's
+//! admin endpoint, its audit trail.
+
+mod common;
+
+use common::{free_port, request, Pod, TestEnv};
+use serde_json::Value;
+use session_worker::sim::Faults;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const VIEWER: &str = "viewer-token-for-tests-0123";
+const OPERATOR: &str = "operator-token-for-tests-0123";
+
+struct Console {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Console {
+    fn start(pod: &Pod) -> Console {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_session-worker"))
+            .arg("--config")
+            .arg(pod.config_path())
+            .args(["console", "--listen", &format!("127.0.0.1:{port}")])
+            .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
+            .env("SESSION_WORKER_CONSOLE_VIEWER_TOKEN", VIEWER)
+            .env("SESSION_WORKER_CONSOLE_OPERATOR_TOKEN", OPERATOR)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the console");
+        Console {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn up(&self) {
+        for _ in 0..100 {
+            if self.http.get(&self.base).send().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the console did not start listening");
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        common::terminate(&mut self.child);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_groups_pages_and_looks_up_what_a_worker_dead_lettered() {
+    let faults = Faults {
+        reject_queues: vec!["missing-queue".into()],
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| s.worker.max_attempts = 1).await;
+    let mut pod = Pod::new(&env, "console");
+    pod.start();
+    assert!(pod.ready_within(Duration::from_secs(60)).await.is_some());
+    for i in 0..3 {
+        env.publish(format!("{{\"visitor_id\":\"bad-{i}\"").as_bytes(), None)
+            .await;
+    }
+    for i in 0..2 {
+        let body = format!(
+            r#"{{"visitor_id":"rejected-{i}","queue_id":"missing-queue","bot_score":0.1,"source":"test","external_id":"x-{i}"}}"#
+        );
+        env.publish(body.as_bytes(), None).await;
+    }
+    env.publish(&request("console-good"), Some("console-good-key"))
+        .await;
+    let dlq = env.settings.amqp.dead_letter_queue.clone();
+    assert!(
+        env.wait_for_async(Duration::from_secs(60), || async {
+            env.queue_len(&dlq).await >= 5
+        })
+        .await,
+        "five dead letters"
+    );
+    assert_eq!(env.events(1, Duration::from_secs(30)).await.len(), 1);
+
+    let console = Console::start(&pod);
+    console.up().await;
+
+    // The page loads without a token, under a strict policy; the API needs one.
+    let page = console.http.get(&console.base).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert!(page.text().await.unwrap().contains("/console.js"));
+    assert_eq!(console.get("/api/overview", None).await.0, 401);
+    assert_eq!(
+        console
+            .get("/api/overview", Some("wrong-token-0123456789"))
+            .await
+            .0,
+        401
+    );
+
+    let (status, overview) = console.get("/api/overview", Some(VIEWER)).await;
+    assert_eq!(status, 200, "{overview}");
+    let worker = &overview["queues"][0];
+    assert_eq!(worker["queue"], "worker");
+    assert_eq!(worker["depth"], 5, "{overview}");
+    assert_eq!(worker["groups"], 2, "{overview}");
+    assert_eq!(overview["fleet"]["reachable"], true, "{overview}");
+    assert!(
+        overview["last_hour"]["created"].as_u64() >= Some(1),
+        "{overview}"
+    );
+    assert!(
+        overview["last_hour"]["failed"].as_u64() >= Some(5),
+        "{overview}"
+    );
+
+    let (_, groups) = console.get("/api/groups", Some(OPERATOR)).await;
+    let groups = groups["groups"].as_array().unwrap().clone();
+    let invalid = groups
+        .iter()
+        .find(|g| g["reason"] == "invalid_request")
+        .expect("an invalid_request group");
+    assert_eq!(invalid["count"], 3);
+    assert!(groups
+        .iter()
+        .any(|g| g["reason"] == "permanent_api_error" && g["count"] == 2));
+
+    // Pages of two, through the cursor, every message once.
+    let id = invalid["id"].as_str().unwrap();
+    let (_, first) = console
+        .get(&format!("/api/messages?group={id}&limit=2"), Some(VIEWER))
+        .await;
+    assert_eq!(first["messages"].as_array().unwrap().len(), 2, "{first}");
+    let cursor = first["next_cursor"].as_str().expect("a cursor").to_string();
+    let (_, second) = console
+        .get(
+            &format!("/api/messages?group={id}&limit=2&cursor={cursor}"),
+            Some(VIEWER),
+        )
+        .await;
+    assert_eq!(second["messages"].as_array().unwrap().len(), 1, "{second}");
+    assert!(second["next_cursor"].is_null());
+    let (status, _) = console.get("/api/messages?group=nope", Some(VIEWER)).await;
+    assert_eq!(status, 404);
+    let (status, _) = console
+        .get(
+            &format!("/api/messages?group={id}&cursor=1.x"),
+            Some(VIEWER),
+        )
+        .await;
+    assert_eq!(status, 400);
+
+    // A key, and the same key found by its visitor id.
+    let (_, by_key) = console
+        .get("/api/keys/console-good-key", Some(VIEWER))
+        .await;
+    assert_eq!(by_key["state"], "started", "{by_key}");
+    assert_eq!(by_key["decided_by"], format!("{}-console", env.prefix));
+    let (_, by_visitor) = console.get("/api/keys/console-good", Some(VIEWER)).await;
+    assert_eq!(by_visitor["matched_by"], "visitor_id", "{by_visitor}");
+    assert_eq!(by_visitor["keys"][0], "console-good-key");
+    // A dead letter's key: its audit entry and the dead letter, in one timeline.
+    let rejected = groups
+        .iter()
+        .find(|g| g["reason"] == "permanent_api_error")
+        .and_then(|g| g["id"].as_str())
+        .unwrap();
+    let (_, page) = console
+        .get(
+            &format!("/api/messages?group={rejected}&limit=1"),
+            Some(VIEWER),
+        )
+        .await;
+    let key = page["messages"][0]["idempotency_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, dead) = console.get(&format!("/api/keys/{key}"), Some(VIEWER)).await;
+    let kinds: Vec<&str> = dead["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"audit") && kinds.contains(&"dead_letter"),
+        "{dead}"
+    );
+
+    // Nothing was consumed: the DLQ holds the five still.
+    assert_eq!(env.queue_len(&dlq).await, 5);
+    drop(console);
+    assert_eq!(pod.stop(), Some(0));
+}
+
+#[test]
+fn the_console_refuses_to_start_without_a_token() {
+    let out = Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .args(["console", "--listen", "127.0.0.1:0"])
+        .env_remove("SESSION_WORKER_CONSOLE_VIEWER_TOKEN")
+        .env_remove("SESSION_WORKER_CONSOLE_OPERATOR_TOKEN")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SESSION_WORKER_CONSOLE_VIEWER_TOKEN"), "{err}");
+    let short = Command::new(env!("CARGO_BIN_EXE_session-worker"))
+        .args(["console"])
+        .env("SESSION_WORKER_CONSOLE_VIEWER_TOKEN", "short")
+        .output()
+        .unwrap();
+    assert_eq!(short.status.code(), Some(2));
+}

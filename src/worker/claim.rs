@@ -40,12 +40,12 @@ pub async fn claim_key(
     valid: &ValidRequest,
     worker_id: &str,
 ) -> Result<Claimed, ClaimError> {
-    // Registered before the local record is read: see `Fleet::intend`.
-    let intent = fleet.intend(&job.key);
+    // Read before the local record: see `Seen`.
+    let seen = fleet.seen();
     let claimed = claim(store, job, valid, worker_id)?;
-    let open = matches!(claimed, Claim::Proceed { .. });
+    let open = matches!(claimed, Claim::Proceed { .. }).then_some(seen);
     if let Claim::Completed(rec) = &claimed {
-        if rec.worker_id == worker_id && fleet.unheard(&job.key) {
+        if rec.worker_id == worker_id && fleet.unheard(&job.key).await {
             // This pod recorded the outcome, but the fleet never heard it: tell it now, or
             // another pod would call again once this pod's claim lapses.
             tracing::warn!(state = ?rec.state, "the fleet ledger never had this key's outcome (the pod stopped first); telling it now");
@@ -63,7 +63,7 @@ pub async fn claim_key(
         Claim::Conflict(rec) => return Ok(Claimed::Decided(Box::new(Outcome::Conflict(rec)))),
         Claim::Proceed { .. } => {}
     }
-    let (held, decision) = fleet.claim(intent, &valid.fingerprint, open).await?;
+    let (held, decision) = fleet.claim(&job.key, &valid.fingerprint, open).await?;
     Ok(match decision {
         Decision::Won => {
             job.held = Some(held);

@@ -36,6 +36,7 @@ use crate::amqp::shell::{self, Pipeline, SharedConnection, ShellOptions};
 use crate::amqp::{AmqpError, DeadLetters};
 use crate::config::Settings;
 use crate::fleet::budget::{Budget, BudgetTask};
+use crate::fleet::reader::LedgerReader;
 use crate::fleet::{Fleet, FleetError};
 use crate::genesys::{GenesysClient, GenesysError};
 use crate::health::Health;
@@ -92,8 +93,8 @@ pub struct Worker {
     budget: Budget,
     /// The broker connection the worker's pipelines share.
     link: Arc<SharedConnection>,
-    /// The budget's loop, taken by `run` (once).
-    budget_task: Mutex<Option<BudgetTask>>,
+    /// The fleet's two loops (the ledger reader, the budget), taken by [`Worker::run`].
+    tasks: Mutex<Option<(LedgerReader, BudgetTask)>>,
     /// Set by `run`; calls not yet sent when it fires are abandoned.
     shutdown: OnceLock<Shutdown>,
 }
@@ -114,7 +115,7 @@ impl Worker {
         // One connection for the consumer, the ledger reader and appender, and the budget
         // listener: one I/O thread instead of four.
         let link = SharedConnection::new(&settings.amqp, format!("session-worker {worker_id}"));
-        let fleet = Fleet::new(
+        let (fleet, ledger_reader) = Fleet::new(
             settings.clone(),
             store.clone(),
             health.clone(),
@@ -148,7 +149,7 @@ impl Worker {
             fleet,
             budget,
             link,
-            budget_task: Mutex::new(Some(budget_task)),
+            tasks: Mutex::new(Some((ledger_reader, budget_task))),
             shutdown: OnceLock::new(),
             worker_id,
             store,
@@ -186,19 +187,17 @@ impl Worker {
         // task's error and is restarted, instead of staying ready while it cannot decide a
         // claim (the reader) or holds every call because nobody hears it (the budget).
         let (gone_for_good, fatal) = tokio::sync::mpsc::channel::<()>(2);
-        let reader = tokio::spawn(stop_for_good(
-            self.fleet
-                .clone()
-                .run_reader(reader_shutdown.clone(), Some(link.clone())),
-            "the fleet ledger reader stopped for good: the worker stops too (no claim can be decided without it)",
-            gone_for_good.clone(),
-        ));
-        let budget_task = self
-            .budget_task
+        let (ledger_reader, budget_task) = self
+            .tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .ok_or(WorkerError::RanAlready)?;
+        let reader = tokio::spawn(stop_for_good(
+            ledger_reader.run(reader_shutdown.clone(), Some(link.clone())),
+            "the fleet ledger reader stopped for good: the worker stops too (no claim can be decided without it)",
+            gone_for_good.clone(),
+        ));
         let budget = tokio::spawn(stop_for_good(
             budget_task.run(reader_shutdown.clone(), Some(link.clone())),
             "the rate budget listener stopped for good: the worker stops too (it would hold every call, unheard by the other pods)",

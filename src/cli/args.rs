@@ -233,7 +233,8 @@ pub struct SimArgs {
     /// Queue ids answered 404 (repeatable).
     #[arg(long = "reject-queue")]
     pub reject_queues: Vec<String>,
-    /// Fraction of Guest API starts answered with a TooManyRequestsErrorMessage frame (429).
+    /// Fraction of Guest API starts answered with a TooManyRequestsErrorMessage frame (429),
+    /// spread evenly (0.3 throttles starts 4, 7, 10, …), not drawn at random.
     #[arg(long, default_value = "0", value_parser = parse_rate)]
     pub ws_throttle_rate: f64,
     /// Close a guest session's socket right after its first start is written, before the echo.

@@ -15,7 +15,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -115,6 +114,8 @@ pub struct GuestCounters {
     pub throttled: std::sync::atomic::AtomicU64,
     pub dropped_after_start: std::sync::atomic::AtomicU64,
     pub resumed: std::sync::atomic::AtomicU64,
+    /// Starts seen so far, so `ws_throttle_rate` throttles an exact share of them.
+    pub starts_seen: std::sync::atomic::AtomicU64,
 }
 
 impl GuestCounters {
@@ -124,6 +125,16 @@ impl GuestCounters {
         s.throttled = load(&self.throttled);
         s.dropped_after_start = load(&self.dropped_after_start);
         s.resumed = load(&self.resumed);
+    }
+
+    /// Whether this start is one of the `rate` share to throttle: every start whose running
+    /// count crosses the next whole multiple of `1 / rate`, so 0.3 throttles starts 4, 7, 10, …
+    /// exactly (a coin flip per start would let a short test see none).
+    pub fn throttle_this_start(&self, rate: f64) -> bool {
+        let n = self
+            .starts_seen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64;
+        rate > 0.0 && ((n + 1.0) * rate).floor() > (n * rate).floor()
     }
 }
 
@@ -328,7 +339,9 @@ async fn start(sim: &Sim, frame: &Value, token: &str) -> Answer {
         return Answer::Send(error_frame(4002, &problem, tracing));
     }
     let faults = sim.faults();
-    let throttled = rand::rng().random::<f64>() < faults.ws_throttle_rate;
+    let throttled = sim
+        .guest_counters
+        .throttle_this_start(faults.ws_throttle_rate);
     if throttled || !sim.within_rate_window() {
         bump(&sim.guest_counters.throttled);
         bump(&sim.counters.rate_limited);

@@ -183,6 +183,7 @@ async fn end_to_end_with(
                     "genesys.retry_unknown_outcome",
                 ][..],
                 WEB_MESSAGING_KEYS,
+                &["console"][..],
             ]
             .concat(),
         ),
@@ -211,6 +212,9 @@ async fn end_to_end_with(
         }
         if done >= bodies.len() {
             break;
+        }
+        if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!("the worker binary exited early ({status}) with {done} of {} done; its stderr is above", bodies.len());
         }
         if started.elapsed() > Duration::from_secs(600) {
             panic!(

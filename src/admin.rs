@@ -36,7 +36,7 @@ pub enum AdminError {
 }
 
 /// An operator action whose audit entry the worker writes.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Operation {
     /// `dlq_replay` or `dlq_purge`.
     pub kind: String,
@@ -45,6 +45,15 @@ pub struct Operation {
     pub operator: String,
     pub outcome: String,
     pub detail: String,
+    /// The console's role (`viewer`/`operator`); none from the CLI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The replay plan this is part of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
+    /// The one message's key, for an entry per message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 impl Operation {
@@ -62,6 +71,9 @@ impl Operation {
             operator: Some(self.operator.clone()),
             worker_id: "operator".into(),
             detail: Some(self.detail.clone()),
+            role: self.role.clone(),
+            plan_id: self.plan_id.clone(),
+            idempotency_key: self.idempotency_key.clone(),
             ..Default::default()
         }
     }
@@ -310,6 +322,7 @@ mod tests {
             operator: "alice".into(),
             outcome: "completed".into(),
             detail: "d".into(),
+            ..Default::default()
         };
         client.record_operation(&op).await.unwrap();
         let forged = Operation {

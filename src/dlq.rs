@@ -17,6 +17,9 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 use std::time::Duration;
 
+pub mod group;
+pub mod paced;
+pub mod plan;
 mod replay;
 pub use replay::{replay, replay_properties, replay_target, Moved, ReplayOptions};
 
@@ -37,6 +40,10 @@ pub struct Filter {
     /// Failed at or after this time (microseconds since the epoch).
     pub since_us: Option<u64>,
     pub max: Option<usize>,
+    /// Only messages of this group (`group::group_of`) of this queue.
+    pub group: Option<(DlqKind, String)>,
+    /// Only messages with one of these ids (a plan's).
+    pub ids: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
 }
 
 /// One dead-lettered message as operators see it (`dlq list --json`).
@@ -93,6 +100,17 @@ impl DlqMessage {
         }
         if f.id.as_deref().is_some_and(|id| self.message_id != id) {
             return false;
+        }
+        if f.ids
+            .as_ref()
+            .is_some_and(|ids| !ids.contains(&self.message_id))
+        {
+            return false;
+        }
+        if let Some((kind, group)) = &f.group {
+            if group::group_of(*kind, self).id != *group {
+                return false;
+            }
         }
         if let Some(since) = f.since_us {
             let failed = self
@@ -342,6 +360,7 @@ pub async fn purge(
     queue: &str,
     filter: &Filter,
     confirmed: bool,
+    mut on_each: impl FnMut(&DlqMessage),
 ) -> Result<Moved, AmqpError> {
     let mut pass = Pass::open(conn, queue).await?;
     let mut result = Moved {
@@ -360,6 +379,7 @@ pub async fn purge(
         if confirmed {
             pass.remove_last().await?;
             result.moved += 1;
+            on_each(&msg);
         }
     }
     result.completed = true;

@@ -281,10 +281,14 @@ async fn purge_needs_confirmation_and_removes_only_matches() {
         reason: Some("invalid_request".into()),
         ..Default::default()
     };
-    let unconfirmed = dlq::purge(&env.conn, &q, &filter, false).await.unwrap();
+    let unconfirmed = dlq::purge(&env.conn, &q, &filter, false, |_| {})
+        .await
+        .unwrap();
     assert_eq!((unconfirmed.matched, unconfirmed.moved), (2, 0));
     assert_eq!(env.queue_len(&q).await, 3);
-    let done = dlq::purge(&env.conn, &q, &filter, true).await.unwrap();
+    let done = dlq::purge(&env.conn, &q, &filter, true, |_| {})
+        .await
+        .unwrap();
     assert_eq!(done.moved, 2);
     let (_, left) = dlq::list(&env.conn, &q, &Filter::default()).await.unwrap();
     assert_eq!(ids(&left), vec!["perm-0"]);

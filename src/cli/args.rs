@@ -156,8 +156,30 @@ pub enum DlqAction {
         #[arg(long)]
         json: bool,
     },
+    /// A dry-run replay plan: what each matching message would do (call, replay_stored, held,
+    /// needs_force) and how long a replay takes under the budget; saved for `replay --plan`.
+    Plan {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Only this group (an id the console shows).
+        #[arg(long)]
+        group: Option<String>,
+        /// The plan as one JSON object (with every message).
+        #[arg(long)]
+        json: bool,
+    },
     /// Move matching messages back to their source, each confirmed before removal.
     Replay {
+        /// Apply this plan (from `dlq plan` or the console) instead of the filters: in canary
+        /// steps, paced under the budget, stopping by itself when too many fail again.
+        #[arg(long)]
+        plan: Option<String>,
+        /// With --plan: the canary steps before the rest.
+        #[arg(long, value_delimiter = ',', default_value = "1,10")]
+        canary: Vec<usize>,
+        /// With --plan: stop when more than this share of the replayed fail again.
+        #[arg(long, default_value = "0.5", value_parser = parse_rate)]
+        stop_ratio: f64,
         #[command(flatten)]
         filter: DlqFilterArgs,
         /// Messages per second at most.

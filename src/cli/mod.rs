@@ -13,6 +13,7 @@ pub mod audit_ops;
 mod console_cmd;
 pub mod exit;
 pub mod ops;
+mod plan_ops;
 pub mod table;
 
 pub use args::{AuditAction, Cli, Command, DlqAction, DlqFilterArgs, Role, SimArgs};

@@ -20,6 +20,7 @@ fn to_filter(args: &DlqFilterArgs) -> Result<Filter, audit::AuditError> {
         id: args.id.clone(),
         since_us: args.since.as_deref().map(audit::parse_time).transpose()?,
         max: args.max,
+        ..Default::default()
     })
 }
 
@@ -215,6 +216,7 @@ fn operation(
             (true, _) => "done".into(),
         },
         detail,
+        ..Default::default()
     }
 }
 
@@ -269,12 +271,35 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
                 Err(e) => fail(e),
             }
         }
+        DlqAction::Plan {
+            filter,
+            group,
+            json,
+        } => super::plan_ops::make_plan(settings, &conn, &filter, group, json).await,
+        DlqAction::Replay {
+            plan: Some(id),
+            canary,
+            stop_ratio,
+            force,
+            operator: who,
+            ..
+        } => {
+            let run = super::plan_ops::PlanRun {
+                id,
+                canary,
+                stop_ratio,
+                force,
+                operator: who,
+            };
+            super::plan_ops::replay_plan(settings, &conn, run).await
+        }
         DlqAction::Replay {
             filter,
             rate,
             dry_run,
             force,
             operator: who,
+            ..
         } => {
             let options = ReplayOptions {
                 run_id: format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
@@ -470,7 +495,7 @@ async fn purge(
         Err(e) => return usage(e),
     };
     let queue = dlq::queue_name(settings, args.queue.into()).to_string();
-    match dlq::purge(conn, &queue, &filter, yes).await {
+    match dlq::purge(conn, &queue, &filter, yes, |_| {}).await {
         Ok(moved) if !yes => usage(format!(
             "{} of {} message(s) in {queue} match; nothing was removed. Add --yes to remove them",
             moved.matched, moved.depth

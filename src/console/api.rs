@@ -20,6 +20,12 @@ use std::time::{Duration, SystemTime};
 /// An API error, shown to the operator as it is.
 pub struct ApiError(StatusCode, String);
 
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(status, message.into())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
@@ -126,7 +132,10 @@ impl LastHour {
             let (slot, n) = match (e.event_type.as_str(), e.outcome.as_str()) {
                 ("session_init", "started") => (0, 1),
                 ("session_init", o) if failures.contains(o) => (1, 1),
-                ("dlq_replay", _) => (2, e.count.unwrap_or(1)),
+                // A plan's run writes an entry per message and one at the end: the first count.
+                ("dlq_replay", o) if e.plan_id.is_none() || o == "replayed" => {
+                    (2, e.count.unwrap_or(1))
+                }
                 _ => continue,
             };
             let at = humantime::parse_rfc3339_weak(&e.timestamp).unwrap_or(since);

@@ -15,6 +15,7 @@
 mod api;
 pub mod auth;
 pub mod dlq_view;
+mod write;
 
 use crate::audit::{AuditAccess, AuditError};
 use crate::config::Settings;
@@ -22,7 +23,7 @@ use crate::store::{AuditEntry, AuditQuery};
 use auth::Tokens;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use dlq_view::DlqView;
 use serde_json::{json, Value};
@@ -58,9 +59,18 @@ pub struct Console {
     /// allows one holder) and closes it again, so a worker can start beside the console.
     audit_turn: tokio::sync::Mutex<()>,
     http: reqwest::Client,
+    /// Replays started from this console, by plan id.
+    runs: tokio::sync::Mutex<std::collections::BTreeMap<String, write::RunHandle>>,
 }
 
 impl Console {
+    /// A broker connection of its own for one write (a replay run keeps it while it runs).
+    async fn connect(&self) -> Result<lapin::Connection, api::ApiError> {
+        crate::amqp::connect(&self.settings.amqp, "session-worker console")
+            .await
+            .map_err(|e| api::ApiError::new(axum::http::StatusCode::BAD_GATEWAY, e.to_string()))
+    }
+
     async fn audit_query(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, AuditError> {
         let _turn = self.audit_turn.lock().await;
         let access = AuditAccess::open(&self.settings)?;
@@ -136,12 +146,19 @@ pub fn router(settings: Arc<Settings>, tokens: Tokens) -> Router {
         settings,
         audit_turn: tokio::sync::Mutex::new(()),
         http,
+        runs: tokio::sync::Mutex::new(std::collections::BTreeMap::new()),
     });
     let api = Router::new()
         .route("/api/overview", get(api::overview))
         .route("/api/groups", get(api::groups))
         .route("/api/messages", get(api::messages))
         .route("/api/keys/{key}", get(api::key))
+        .route("/api/plans", post(write::make_plan))
+        .route("/api/plans/{id}", get(write::show_plan))
+        .route("/api/replay", post(write::replay))
+        .route("/api/replay/{id}", get(write::progress))
+        .route("/api/replay/{id}/{action}", post(write::steer))
+        .route("/api/purge", post(write::purge))
         .with_state(console)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(tokens),

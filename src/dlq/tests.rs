@@ -74,3 +74,13 @@ fn replay_clears_failure_headers_and_counts() {
         Some(i64::MAX)
     );
 }
+
+#[test]
+fn a_plan_runs_its_canaries_then_the_rest() {
+    assert_eq!(super::paced::steps(&[1, 10], 100), vec![1, 10, 89]);
+    assert_eq!(super::paced::steps(&[1, 10], 5), vec![1, 4]);
+    assert_eq!(super::paced::steps(&[1, 10], 1), vec![1]);
+    assert_eq!(super::paced::steps(&[1, 10], 0), Vec::<usize>::new());
+    assert_eq!(super::paced::steps(&[], 7), vec![7]);
+    assert_eq!(super::paced::steps(&[0, 3], 7), vec![3, 4]);
+}

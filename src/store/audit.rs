@@ -71,9 +71,15 @@ pub struct AuditEntry {
     /// Operator tools: how many messages an operation touched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
-    /// Operator tools: who ran the operation (`$USER`).
+    /// Operator tools: who ran the operation (`$USER`, or the name given in the console).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<String>,
+    /// Console: the role of the token that did it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Console and `dlq replay --plan`: the replay plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
 }
 
 /// Which audit entries to read: `[since_us, until_us)` (microseconds since the epoch),

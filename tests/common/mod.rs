@@ -292,9 +292,15 @@ impl TestEnv {
         let text = self.settings.to_redacted_toml().expect("toml");
         let mut doc: toml::Table = text.parse().expect("our own TOML parses");
         for key in keys {
-            if let Some((section, name)) = key.split_once('.') {
-                if let Some(toml::Value::Table(t)) = doc.get_mut(section) {
-                    t.remove(name);
+            match key.split_once('.') {
+                Some((section, name)) => {
+                    if let Some(toml::Value::Table(t)) = doc.get_mut(section) {
+                        t.remove(name);
+                    }
+                }
+                // A whole section, e.g. `console`.
+                None => {
+                    doc.remove(*key);
                 }
             }
         }

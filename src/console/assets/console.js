@@ -2,7 +2,7 @@
 // inline script (the page's Content-Security-Policy allows this file only).
 "use strict";
 
-const state = { token: null, name: null, group: null, cursor: null, timer: null };
+const state = { token: null, name: null, group: null, cursor: null, timer: null, plan: null, watch: null };
 
 function $(id) { return document.getElementById(id); }
 
@@ -19,15 +19,23 @@ function row(cells, numeric) {
   return tr;
 }
 
-async function api(path) {
-  const res = await fetch(path, { headers: { Authorization: "Bearer " + state.token } });
-  const body = await res.json().catch(() => ({ error: res.statusText }));
+async function api(path, body) {
+  const headers = { Authorization: "Bearer " + state.token };
+  const init = { headers };
+  if (body !== undefined) {
+    init.method = "POST";
+    headers["Content-Type"] = "application/json";
+    headers["X-Operator"] = state.name;
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  const answer = await res.json().catch(() => ({ error: res.statusText }));
   if (!res.ok) {
-    const err = new Error(body.error || res.statusText);
+    const err = new Error(answer.error || res.statusText);
     err.status = res.status;
     throw err;
   }
-  return body;
+  return answer;
 }
 
 function chart(svg, values) {
@@ -74,6 +82,8 @@ function showGroups(groups) {
 
 async function openGroup(g) {
   state.group = g.id;
+  state.groupQueue = g.queue;
+  $("plan-view").hidden = true;
   state.cursor = null;
   $("group-title").textContent = `${g.queue} · ${g.reason} · ${g.count} message(s)`;
   $("messages").tBodies[0].replaceChildren();
@@ -107,6 +117,60 @@ async function lookup(id) {
       : `${e.failed_at} dead letter in ${e.queue}: ${e.reason} (${e.message_id})`)));
   } catch (e) {
     status(e.message, true);
+  }
+}
+
+async function makePlan() {
+  try {
+    const p = await api("/api/plans", { queue: state.groupQueue, group: state.group });
+    state.plan = p.id;
+    $("plan-id").textContent = p.id;
+    const counts = Object.entries(p.counts).map(([k, v]) => `${k} ${v}`).join(", ");
+    $("plan-summary").textContent = `${p.total} message(s): ${counts}; at ${p.rate_per_sec.toFixed(2)}/s about ${Math.ceil(p.estimated_secs)} s`;
+    $("plan-view").hidden = false;
+    $("progress").textContent = "";
+  } catch (e) {
+    status(e.status === 403 ? "planning needs the operator token" : e.message, true);
+  }
+}
+
+function showProgress(p) {
+  $("progress").textContent = `${p.state}: step ${p.step + 1} of ${p.steps.length || 1}, ` +
+    `${p.replayed} of ${p.total} replayed, ${p.succeeded} started, ${p.refailed} failed again — ${p.message}`;
+  const over = ["stopped", "aborted", "done", "failed"].includes(p.state);
+  $("pause").hidden = over || p.state === "paused";
+  $("resume").hidden = over || p.state !== "paused";
+  $("abort").hidden = over;
+  if (over) {
+    clearInterval(state.watch);
+    refresh();
+  }
+}
+
+async function applyPlan() {
+  try {
+    showProgress(await api("/api/replay", { plan_id: state.plan, force: $("plan-force").checked }));
+    clearInterval(state.watch);
+    state.watch = setInterval(async () => {
+      try { showProgress(await api("/api/replay/" + state.plan)); } catch (e) { status(e.message, true); }
+    }, 1000);
+  } catch (e) {
+    status(e.status === 403 ? "replaying needs the operator token" : e.message, true);
+  }
+}
+
+async function steer(action) {
+  try { showProgress(await api(`/api/replay/${state.plan}/${action}`, {})); } catch (e) { status(e.message, true); }
+}
+
+async function purgeGroup() {
+  try {
+    const r = await api("/api/purge", { queue: state.groupQueue, group: state.group, confirm: $("purge-confirm").value.trim() });
+    status(`purged ${r.purged} message(s) from ${r.queue}`, false);
+    $("messages-view").hidden = true;
+    refresh();
+  } catch (e) {
+    status(e.status === 403 ? "purging needs the operator token" : e.message, true);
   }
 }
 
@@ -164,6 +228,13 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("sign-out").addEventListener("click", () => signOut(""));
   $("more").addEventListener("click", morePage);
+  $("plan").addEventListener("click", makePlan);
+  $("apply").addEventListener("click", applyPlan);
+  ["pause", "resume", "abort"].forEach(a => $(a).addEventListener("click", () => steer(a)));
+  $("purge-form").addEventListener("submit", ev => {
+    ev.preventDefault();
+    purgeGroup();
+  });
   $("lookup-form").addEventListener("submit", ev => {
     ev.preventDefault();
     lookup($("lookup-id").value.trim());

@@ -8,7 +8,7 @@ PODS ?= 1
 # restructure and the fleet ledger (the reference of the "lighter request path" goals).
 BENCH_BEFORE_REV ?= b81ea71
 
-.PHONY: all build broker run sim test fmt lint bench chaos deploy-check clean
+.PHONY: all build broker browser run sim test fmt lint bench chaos deploy-check clean
 
 all: build
 
@@ -19,6 +19,11 @@ build:
 broker:
 	@scripts/ensure-broker.sh
 
+## browser: Debian's chromium and playwright-core for the console's browser test (installs them
+## as root on Debian)
+browser:
+	@scripts/ensure-browser.sh
+
 ## run: broker + simulator + worker on config/local.toml, with sample traffic; Ctrl-C stops all
 ## (PODS=3: a local fleet of three worker pods on the same queues)
 run: broker build
@@ -28,8 +33,9 @@ run: broker build
 sim: build
 	$(BIN) sim --listen $(SIM_LISTEN)
 
-## test: unit and integration tests (needs the broker; `make broker` starts it)
-test: broker
+## test: unit and integration tests (needs the broker and, for the console's browser test,
+## chromium and playwright-core; `make broker` and `make browser` set them up)
+test: broker browser
 	cargo test --lib --bins --tests -- --test-threads=4
 
 ## bench: throughput against a bare-consumer baseline and the pre-ledger build, measured in the

@@ -447,3 +447,85 @@ async fn an_operator_replays_a_group_through_a_plan_in_paced_canary_steps_and_pu
     drop(console);
     assert_eq!(pod.stop(), Some(0));
 }
+
+/// What the browser test needs, or why it cannot run (`make test` installs both).
+fn browser_tools() -> (String, std::path::PathBuf) {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "the browser test needs Debian's chromium at {chromium}: run `make test` (as root it installs chromium and chromium-driver) or `scripts/ensure-browser.sh`"
+    );
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "the browser test needs playwright-core in tests/browser/node_modules: run `make test` or `scripts/ensure-browser.sh` (npm ci there)"
+    );
+    (chromium, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_headless_chromium_a_viewer_looks_and_an_operator_replays_a_group_through_a_plan() {
+    let (chromium, dir) = browser_tools();
+    let faults = Faults {
+        reject_queues: vec!["missing-queue".into()],
+        ..Default::default()
+    };
+    let env = TestEnv::new(faults, |s| {
+        s.worker.max_attempts = 1;
+        s.rate_limit.requests_per_minute = 600;
+    })
+    .await;
+    let mut pod = Pod::new(&env, "browser");
+    pod.start();
+    assert!(pod.ready_within(Duration::from_secs(60)).await.is_some());
+    for i in 0..5 {
+        let body = format!(
+            r#"{{"visitor_id":"browser-{i}","queue_id":"missing-queue","bot_score":0.1,"source":"test","external_id":"b-{i}"}}"#
+        );
+        env.publish(body.as_bytes(), Some(&format!("browser-key-{i}")))
+            .await;
+    }
+    let dlq = env.settings.amqp.dead_letter_queue.clone();
+    assert!(
+        env.wait_for_async(Duration::from_secs(60), || async {
+            env.queue_len(&dlq).await >= 5
+        })
+        .await
+    );
+    // Fixed in Genesys: the replay will create the sessions.
+    env.sim.sim.set_faults(Faults::default());
+    let console = Console::start(&pod);
+    console.up().await;
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    let out = Command::new("node")
+        .arg(dir.join("console.mjs"))
+        .current_dir(&dir)
+        .env("BASE_URL", &console.base)
+        .env("VIEWER_TOKEN", VIEWER)
+        .env("OPERATOR_TOKEN", OPERATOR)
+        .env("LOOKUP_KEY", "browser-key-2")
+        .env("SHOTS_DIR", &shots)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{stdout}");
+    eprintln!(
+        "browser test measured: {stdout}; screenshots in {}",
+        shots.display()
+    );
+    for view in [
+        "1-overview",
+        "2-lookup",
+        "3-group",
+        "4-plan",
+        "5-replay",
+        "6-audit",
+    ] {
+        assert!(shots.join(format!("{view}.png")).exists(), "{view}.png");
+    }
+    assert_eq!(env.queue_len(&dlq).await, 0, "the group was replayed");
+    drop(console);
+    assert_eq!(pod.stop(), Some(0));
+}

@@ -39,12 +39,14 @@ test: broker browser
 	cargo test --lib --bins --tests -- --test-threads=4
 
 ## bench: throughput against a bare-consumer baseline and the pre-ledger build, measured in the
-## same run; ledger restore rate; fleet rate sharing; web_messaging vs conversations (release build)
+## same run; ledger restore rate; fleet rate sharing; web_messaging vs conversations; the console
+## with 100,000 dead letters (release build)
 bench: broker
 	scripts/build-before.sh $(BENCH_BEFORE_REV) target/bench/session-worker-before
 	BENCH_BEFORE_BIN=$(CURDIR)/target/bench/session-worker-before cargo bench --bench pipeline
 	cargo bench --bench fleet
 	cargo bench --bench backends
+	cargo bench --bench console
 
 ## chaos: fault drills (SIGKILL, broker restart, faulty API, malformed input, webhook outage)
 chaos: broker

@@ -1,9 +1,10 @@
 //! Operator tools for the dead-letter queues (SPEC §7): list, show, replay, purge.
 //!
-//! Inspection never consumes for good: messages are fetched with `basic.get` *without* ack on a
-//! dedicated channel, held until the pass is over, then the ones that stay are returned with
-//! `basic.nack(requeue)` in one go, which puts them back in their original order. A pass looks
-//! at no more messages than the queue held when it began, so nothing is seen twice.
+//! Inspection never consumes for good ([`scan`]): a consumer on a dedicated channel takes the
+//! messages without ack, and the ones that stay are returned with `basic.nack(requeue)` in one
+//! go, which puts them back in their original order. A pass looks at no more messages than the
+//! queue held when it began, so nothing is seen twice. Purge acks the ones it removes in that
+//! same pass; replay fetches one message at a time with `basic.get` ([`Pass`]).
 //! Replay publishes each matching message (with confirm, to a destination that must exist) to
 //! its source before acking it off the DLQ: a crash mid-replay can duplicate, never lose.
 
@@ -21,7 +22,9 @@ pub mod group;
 pub mod paced;
 pub mod plan;
 mod replay;
+pub mod scan;
 pub use replay::{replay, replay_properties, replay_target, Moved, ReplayOptions};
+use scan::{scan, Take};
 
 /// Which dead-letter queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,19 +254,20 @@ pub async fn list(
     queue: &str,
     filter: &Filter,
 ) -> Result<(u32, Vec<DlqMessage>), AmqpError> {
-    let mut pass = Pass::open(conn, queue).await?;
     let mut out = Vec::new();
     let max = filter.max.unwrap_or(usize::MAX);
-    while out.len() < max {
-        let Some(m) = pass.next().await? else { break };
-        let msg = DlqMessage::from_parts(&m.delivery.properties, &m.delivery.data);
+    let scanned = scan(conn, queue, |d| {
+        if out.len() >= max {
+            return Take::Stop;
+        }
+        let msg = DlqMessage::from_parts(&d.properties, &d.data);
         if msg.matches(filter) {
             out.push(msg);
         }
-    }
-    let depth = pass.depth;
-    pass.finish().await?;
-    Ok((depth, out))
+        Take::Keep
+    })
+    .await?;
+    Ok((scanned.depth, out))
 }
 
 /// Full properties and headers of one message, for `dlq show`.
@@ -272,42 +276,48 @@ pub async fn show(
     queue: &str,
     id: &str,
 ) -> Result<Option<serde_json::Value>, AmqpError> {
-    let mut pass = Pass::open(conn, queue).await?;
     let mut found = None;
-    while let Some(m) = pass.next().await? {
-        let p = &m.delivery.properties;
-        if message_id(p, &m.delivery.data) == id {
-            let mut headers = serde_json::Map::new();
-            if let Some(table) = p.headers() {
-                for (k, v) in table.inner() {
-                    headers.insert(k.to_string(), amqp_value_json(v));
-                }
-            }
-            let summary = DlqMessage::from_parts(p, &m.delivery.data);
-            found = Some(serde_json::json!({
-                "message_id": summary.message_id,
-                "reason": summary.reason,
-                "detail": summary.detail,
-                "status": summary.status,
-                "failed_at": summary.failed_at,
-                "attempts": summary.attempts,
-                "replay_count": summary.replay_count,
-                "idempotency_key": summary.idempotency_key,
-                "correlation_id": summary.correlation_id,
-                "exchange": m.delivery.exchange.as_str(),
-                "routing_key": m.delivery.routing_key.as_str(),
-                "content_type": p.content_type().as_ref().map(|c| c.as_str().to_string()),
-                "delivery_mode": p.delivery_mode(),
-                "timestamp": p.timestamp(),
-                "headers": headers,
-                "body": summary.body,
-                "body_base64": summary.body_base64,
-            }));
-            break;
+    scan(conn, queue, |d| {
+        let p = &d.properties;
+        if message_id(p, &d.data) != id {
+            return Take::Keep;
+        }
+        found = Some(show_json(d));
+        Take::Stop
+    })
+    .await?;
+    Ok(found)
+}
+
+/// One message's properties, headers and body, for `dlq show`.
+fn show_json(d: &lapin::message::Delivery) -> serde_json::Value {
+    let p = &d.properties;
+    let mut headers = serde_json::Map::new();
+    if let Some(table) = p.headers() {
+        for (k, v) in table.inner() {
+            headers.insert(k.to_string(), amqp_value_json(v));
         }
     }
-    pass.finish().await?;
-    Ok(found)
+    let summary = DlqMessage::from_parts(p, &d.data);
+    serde_json::json!({
+        "message_id": summary.message_id,
+        "reason": summary.reason,
+        "detail": summary.detail,
+        "status": summary.status,
+        "failed_at": summary.failed_at,
+        "attempts": summary.attempts,
+        "replay_count": summary.replay_count,
+        "idempotency_key": summary.idempotency_key,
+        "correlation_id": summary.correlation_id,
+        "exchange": d.exchange.as_str(),
+        "routing_key": d.routing_key.as_str(),
+        "content_type": p.content_type().as_ref().map(|c| c.as_str().to_string()),
+        "delivery_mode": p.delivery_mode(),
+        "timestamp": p.timestamp(),
+        "headers": headers,
+        "body": summary.body,
+        "body_base64": summary.body_base64,
+    })
 }
 
 fn amqp_value_json(v: &AMQPValue) -> serde_json::Value {
@@ -362,28 +372,28 @@ pub async fn purge(
     confirmed: bool,
     mut on_each: impl FnMut(&DlqMessage),
 ) -> Result<Moved, AmqpError> {
-    let mut pass = Pass::open(conn, queue).await?;
-    let mut result = Moved {
-        depth: pass.depth,
-        ..Default::default()
-    };
+    let mut result = Moved::default();
     let max = filter.max.unwrap_or(usize::MAX);
-    while result.matched < max {
-        let Some(m) = pass.next().await? else { break };
+    let scanned = scan(conn, queue, |d| {
+        if result.matched >= max {
+            return Take::Stop;
+        }
         result.seen += 1;
-        let msg = DlqMessage::from_parts(&m.delivery.properties, &m.delivery.data);
+        let msg = DlqMessage::from_parts(&d.properties, &d.data);
         if !msg.matches(filter) {
-            continue;
+            return Take::Keep;
         }
         result.matched += 1;
-        if confirmed {
-            pass.remove_last().await?;
-            result.moved += 1;
-            on_each(&msg);
+        if !confirmed {
+            return Take::Keep;
         }
-    }
+        result.moved += 1;
+        on_each(&msg);
+        Take::Remove
+    })
+    .await?;
+    result.depth = scanned.depth;
     result.completed = true;
-    pass.finish().await?;
     Ok(result)
 }
 

@@ -80,18 +80,16 @@ pub async fn messages(
 pub async fn overview(State(c): State<Arc<Console>>) -> Api<Value> {
     let mut queues = Vec::new();
     for s in c.dlq.snapshots().await? {
-        let groups = super::dlq_view::groups_of(&s);
-        let times = s
-            .messages
-            .iter()
-            .filter_map(|m| m.message.failed_at.as_ref());
+        let oldest = s.groups.iter().filter_map(|g| g.oldest.as_ref()).min();
+        let newest = s.groups.iter().filter_map(|g| g.newest.as_ref()).max();
         queues.push(json!({
             "queue": queue_label(s.kind),
             "name": s.queue,
             "depth": s.messages.len(),
-            "groups": groups.len(),
-            "oldest": times.clone().min(),
-            "newest": times.max(),
+            "groups": s.groups.len(),
+            "oldest": oldest,
+            "newest": newest,
+            "read_ms_ago": s.taken.elapsed().as_millis() as u64,
         }));
     }
     let mut groups = c.dlq.groups().await?;

@@ -129,7 +129,9 @@ pub async fn make_plan(
         let _turn = c.audit_turn.lock().await;
         audit(&c)?
     };
+    let turn = c.dlq.turn().await;
     let made = plan::make(&conn, &c.settings, selection, Some(&access)).await;
+    drop(turn);
     drop(access);
     let _ = conn.close(200, "done".into()).await;
     let made = made?;
@@ -181,7 +183,9 @@ pub async fn replay(
         ));
     }
     let conn = c.connect().await?;
+    let turn = c.dlq.turn().await;
     plan::check_unchanged(&conn, &c.settings, &plan).await?;
+    drop(turn);
     let defaults = RunOptions::default();
     let options = RunOptions {
         canary: req.canary.unwrap_or(defaults.canary),
@@ -298,6 +302,7 @@ pub async fn purge(
     let filter: Filter = selection.filter();
     let conn = c.connect().await?;
     let mut keys = Vec::new();
+    let _turn = c.dlq.turn().await;
     let purged = dlq::purge(&conn, &queue, &filter, true, |m| {
         keys.push((m.message_id.clone(), m.idempotency_key.clone()));
     })

@@ -54,7 +54,7 @@ function chart(svg, values) {
 
 function showOverview(o) {
   const queues = $("queues").tBodies[0];
-  queues.replaceChildren(...o.queues.map(q => row([q.queue, q.name, q.depth, q.groups, q.oldest, q.newest], [2, 3])));
+  queues.replaceChildren(...o.queues.map(q => row([q.queue, q.name, q.depth, q.groups, q.oldest, q.newest, `${Math.round(q.read_ms_ago / 1000)} s ago`], [2, 3])));
   const f = o.fleet;
   $("fleet").textContent = f.reachable
     ? `fleet: ${f.live_pods ?? "?"} live pod(s), this pod's share ${f.rate_limit_share_per_minute ?? "?"}/min` +

@@ -1,0 +1,271 @@
+//! `make bench`: the operator console with a large dead-letter queue (issue #31: "fast with
+//! 100,000 dead letters").
+//!
+//! Fills the worker DLQ of a fresh set of queues with `BENCH_CONSOLE_DEAD_LETTERS` messages
+//! (default 100,000) in three failure groups, starts `session-worker console` (the release
+//! binary, its own process, no worker), and times what an operator's browser asks for: the
+//! page, the overview (first: the console reads the queue; again within and after the
+//! snapshot's freshness), the groups, a group's first page and the next one behind the cursor,
+//! a key lookup, and a replay plan of one group. Prints the console's peak RSS. Nothing here
+//! asserts timing.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{env_or, free_port, TestEnv};
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::BasicProperties;
+use serde_json::Value;
+use session_worker::sim::Faults;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const VIEWER: &str = "viewer-token-for-bench-0123";
+const OPERATOR: &str = "operator-token-for-bench-0123";
+const REASONS: [(&str, &str); 3] = [
+    ("invalid_request", "routing_queue_id: not a UUID"),
+    (
+        "permanent_api_error",
+        "Genesys answered 400: queue 7 not found",
+    ),
+    (
+        "poison_message",
+        "body is not JSON: expected value at line 1",
+    ),
+];
+
+/// Publish `n` dead letters (with the worker's failure headers) straight to the worker DLQ.
+async fn fill(env: &TestEnv, n: usize) {
+    let a = &env.settings.amqp;
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let (reason, detail) = REASONS[i % REASONS.len()];
+        let key = format!("bench-dl-{i:08}");
+        let body = common::request(&key);
+        let headers: FieldTable = [
+            ("x-failure-reason", reason.to_string()),
+            ("x-failure-detail", detail.to_string()),
+            (
+                "x-failed-at",
+                format!("2026-12-05T10:{:02}:{:02}Z", (i / 60) % 60, i % 60),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (ShortString::from(k), AMQPValue::LongString(v.into())))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into();
+        let props = BasicProperties::default()
+            .with_message_id(key.into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let confirm = env
+            .ch
+            .basic_publish(
+                a.dead_letter_exchange.as_str().into(),
+                a.dead_letter_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+            .expect("publish a dead letter");
+        pending.push(confirm);
+        if pending.len() == 2_000 {
+            for c in pending.drain(..) {
+                c.await.expect("confirm");
+            }
+        }
+    }
+    for c in pending {
+        c.await.expect("confirm");
+    }
+}
+
+struct Console {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Console {
+    fn start(config: &std::path::Path) -> Console {
+        let port = free_port();
+        let bin = std::env::var("BENCH_WORKER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-worker").to_string());
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .args(["console", "--listen", &format!("127.0.0.1:{port}")])
+            .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
+            .env("SESSION_WORKER_CONSOLE_VIEWER_TOKEN", VIEWER)
+            .env("SESSION_WORKER_CONSOLE_OPERATOR_TOKEN", OPERATOR)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the console");
+        Console {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(600))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    async fn up(&self) {
+        for _ in 0..200 {
+            if self.http.get(&self.base).send().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the console did not start listening");
+    }
+
+    /// Time one request; its status and JSON body.
+    async fn timed(&self, post: Option<Value>, path: &str) -> (f64, u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let req = match post {
+            Some(body) => self
+                .http
+                .post(url)
+                .bearer_auth(OPERATOR)
+                .header("X-Operator", "bench")
+                .header("Content-Type", "application/json")
+                .body(body.to_string()),
+            None => self.http.get(url).bearer_auth(VIEWER),
+        };
+        let t = Instant::now();
+        let res = req.send().await.expect("console answers");
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap_or_default();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        (
+            ms,
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+        )
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        common::terminate(&mut self.child);
+    }
+}
+
+fn row(rows: &mut Vec<String>, what: &str, ms: f64, status: u16, note: String) {
+    rows.push(format!("| {what} | {ms:.1} | {status} | {note} |"));
+}
+
+async fn measure(n: usize) -> Vec<String> {
+    let env = TestEnv::new(Faults::default(), |_| {}).await;
+    let t = Instant::now();
+    fill(&env, n).await;
+    eprintln!(
+        "filled the DLQ with {n} dead letters in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let config = env.config_file();
+    let console = Console::start(config.path());
+    console.up().await;
+    let mut rows = Vec::new();
+    let (ms, st, _) = console.timed(None, "/").await;
+    row(&mut rows, "page `/`", ms, st, String::new());
+    let (ms, st, v) = console.timed(None, "/api/overview").await;
+    let depth = v["queues"][0]["depth"].as_u64().unwrap_or(0);
+    row(
+        &mut rows,
+        "overview, first (reads the queue)",
+        ms,
+        st,
+        format!("depth {depth}"),
+    );
+    let (ms, st, _) = console.timed(None, "/api/overview").await;
+    row(&mut rows, "overview, again", ms, st, String::new());
+    let (ms, st, v) = console.timed(None, "/api/groups").await;
+    let groups = v["groups"].as_array().cloned().unwrap_or_default();
+    row(
+        &mut rows,
+        "groups",
+        ms,
+        st,
+        format!("{} groups", groups.len()),
+    );
+    let group = groups
+        .first()
+        .and_then(|g| g["id"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let (ms, st, v) = console
+        .timed(None, &format!("/api/messages?group={group}&limit=50"))
+        .await;
+    let cursor = v["next_cursor"].as_str().unwrap_or_default().to_string();
+    row(&mut rows, "group, first page of 50", ms, st, String::new());
+    let (ms, st, v) = console
+        .timed(
+            None,
+            &format!("/api/messages?group={group}&limit=50&cursor={cursor}"),
+        )
+        .await;
+    let got = v["messages"].as_array().map_or(0, Vec::len);
+    row(
+        &mut rows,
+        "group, next page (cursor)",
+        ms,
+        st,
+        format!("{got} messages"),
+    );
+    let key = format!("bench-dl-{:08}", n / 2);
+    let (ms, st, _) = console.timed(None, &format!("/api/keys/{key}")).await;
+    row(&mut rows, "key lookup", ms, st, String::new());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (ms, st, v) = console.timed(None, "/api/overview").await;
+    let age = v["queues"][0]["read_ms_ago"]
+        .as_u64()
+        .map(|a| format!("snapshot {a} ms old"))
+        .unwrap_or_default();
+    row(&mut rows, "overview, 6 s later", ms, st, age);
+    let (ms, st, v) = console
+        .timed(Some(serde_json::json!({ "group": group })), "/api/plans")
+        .await;
+    let planned = v["total"].as_u64().unwrap_or(0);
+    row(
+        &mut rows,
+        "replay plan of the group (reads the queue)",
+        ms,
+        st,
+        format!("{planned} messages"),
+    );
+    if let Some(kib) = common::peak_rss_kib(console.child.id()) {
+        rows.push(format!(
+            "| console peak RSS | {:.1} MiB | | |",
+            kib as f64 / 1024.0
+        ));
+    }
+    rows
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let n = env_or::<usize>("BENCH_CONSOLE_DEAD_LETTERS", 100_000);
+        let profile = if cfg!(debug_assertions) {
+            "debug build: figures not representative"
+        } else {
+            "release build"
+        };
+        eprintln!("console with {n} dead letters ({profile})");
+        let rows = measure(n).await;
+        println!("\n## console, {n} dead letters in 3 groups\n");
+        println!("| request | ms | status | |");
+        println!("|---|---:|---:|---|");
+        for r in rows {
+            println!("{r}");
+        }
+    });
+}

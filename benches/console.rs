@@ -12,17 +12,16 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{env_or, free_port, TestEnv};
+use common::{env_or, TestEnv};
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 use serde_json::Value;
 use session_worker::sim::Faults;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-const VIEWER: &str = "viewer-token-for-bench-0123";
-const OPERATOR: &str = "operator-token-for-bench-0123";
+use common::console::{OPERATOR, VIEWER};
 const REASONS: [(&str, &str); 3] = [
     ("invalid_request", "routing_queue_id: not a UUID"),
     (
@@ -90,22 +89,12 @@ struct Console {
 
 impl Console {
     fn start(config: &std::path::Path) -> Console {
-        let port = free_port();
         let bin = std::env::var("BENCH_WORKER_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-worker").to_string());
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(config)
-            .args(["console", "--listen", &format!("127.0.0.1:{port}")])
-            .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
-            .env("SESSION_WORKER_CONSOLE_VIEWER_TOKEN", VIEWER)
-            .env("SESSION_WORKER_CONSOLE_OPERATOR_TOKEN", OPERATOR)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start the console");
+        let (child, base) = common::console::spawn(&bin, config);
         Console {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(600))
                 .build()

@@ -4,14 +4,13 @@
 
 mod common;
 
-use common::{free_port, request, Pod, TestEnv};
+use common::{request, Pod, TestEnv};
 use serde_json::Value;
 use session_worker::sim::Faults;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const VIEWER: &str = "viewer-token-for-tests-0123";
-const OPERATOR: &str = "operator-token-for-tests-0123";
+use common::console::{OPERATOR, VIEWER};
 
 struct Console {
     child: Child,
@@ -21,20 +20,11 @@ struct Console {
 
 impl Console {
     fn start(pod: &Pod) -> Console {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_session-worker"))
-            .arg("--config")
-            .arg(pod.config_path())
-            .args(["console", "--listen", &format!("127.0.0.1:{port}")])
-            .env("SESSION_WORKER__AMQP__URL", common::AMQP_URL)
-            .env("SESSION_WORKER_CONSOLE_VIEWER_TOKEN", VIEWER)
-            .env("SESSION_WORKER_CONSOLE_OPERATOR_TOKEN", OPERATOR)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start the console");
+        let (child, base) =
+            common::console::spawn(env!("CARGO_BIN_EXE_session-worker"), pod.config_path());
         Console {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base,
             http: reqwest::Client::new(),
         }
     }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+pub mod console;
 pub mod ledger;
 pub mod raw_amqp;
 

@@ -16,7 +16,7 @@ use crate::dlq::{self, DlqKind, DlqMessage};
 use lapin::Connection;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -82,6 +82,19 @@ struct Inner {
     broker: Mutex<Option<Connection>>,
     slots: std::sync::Mutex<BTreeMap<&'static str, Slot>>,
     generation: AtomicU64,
+    /// Replays this console runs now: while one runs, the last readings are served as they
+    /// are, since a reading holds every message it has not yet returned and the replay's
+    /// `basic.get` would take the queue for empty and end early.
+    replays: AtomicUsize,
+}
+
+/// Held while one of this console's replays runs (see [`DlqView::replaying`]).
+pub struct Replaying(Arc<Inner>);
+
+impl Drop for Replaying {
+    fn drop(&mut self) {
+        self.0.replays.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What is known of one DLQ.
@@ -101,6 +114,7 @@ impl DlqView {
                 broker: Mutex::new(None),
                 slots: std::sync::Mutex::new(BTreeMap::new()),
                 generation: AtomicU64::new(0),
+                replays: AtomicUsize::new(0),
             }),
         }
     }
@@ -116,6 +130,13 @@ impl DlqView {
     /// purge) reads a DLQ: two passes at once each see the messages the other holds as gone.
     pub async fn turn(&self) -> tokio::sync::MutexGuard<'_, Option<Connection>> {
         self.inner.broker.lock().await
+    }
+
+    /// A replay of this console starts: no reading of the queues until the guard is dropped
+    /// (the last readings are served, however old), unless there is none yet.
+    pub fn replaying(&self) -> Replaying {
+        self.inner.replays.fetch_add(1, Ordering::Relaxed);
+        Replaying(self.inner.clone())
     }
 
     /// Forget the snapshots (after a replay or a purge changed the queues).
@@ -140,7 +161,8 @@ impl DlqView {
             let slot = slots.entry(label).or_default();
             if let Some(s) = slot.current.clone() {
                 let age = s.taken.elapsed();
-                if age < FRESH_FOR {
+                let replaying = self.inner.replays.load(Ordering::Relaxed) > 0;
+                if age < FRESH_FOR || replaying {
                     return Ok(s);
                 }
                 if age < STALE_FOR {

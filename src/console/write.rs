@@ -201,6 +201,7 @@ pub async fn replay(
     let (progress_tx, progress) = watch::channel(first.clone());
     runs.insert(plan.id.clone(), RunHandle { control, progress });
     let console = c.clone();
+    let replaying = c.dlq.replaying();
     tokio::spawn(async move {
         let settings = console.settings.clone();
         paced::run(
@@ -214,6 +215,7 @@ pub async fn replay(
         )
         .await;
         let _ = conn.close(200, "done".into()).await;
+        drop(replaying);
         console.dlq.forget().await;
     });
     Ok((StatusCode::ACCEPTED, Json(first)))

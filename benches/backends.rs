@@ -5,31 +5,23 @@
 //! alternate the two backends, each on fresh queues, a fresh store and a fresh simulator: N
 //! requests through `session-worker run` (the release binary, its own process), counted from
 //! the worker's start to the last result event. Printed: sessions per second per backend (median
-//! of the rounds), the ratio web_messaging ÷ conversations (goal ≥ 0.8), the worker's CPU per
-//! request, and the duplicates the simulator saw (0 with either backend here: no faults).
+//! of the rounds), the ratio web_messaging ÷ conversations (goal ≥ 0.8), the CPU per
+//! request (worker, simulator, broker), and the duplicates the simulator saw (0 with either backend here: no faults).
 //!
 //! Nothing here asserts timing.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::cpu::{per_msg_us, CpuMeter, CpuSpent};
 use common::{bodies, env_or, median, web_messaging_on, TestEnv};
 use session_worker::config::Settings;
 use session_worker::sim::Faults;
 use std::time::{Duration, Instant};
 
-/// CPU time (user + system) a process has used so far.
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_secs_f64(ticks as f64 / 100.0))
-}
-
 struct Run {
     rate: f64,
-    worker_cpu_us: f64,
+    cpu: CpuSpent,
     duplicates: u64,
 }
 
@@ -56,6 +48,7 @@ async fn one_run(n: usize, latency_ms: u64, concurrency: usize, web: bool) -> Ru
         .await;
     let file = env.config_file();
     let started = Instant::now();
+    let meter = CpuMeter::start();
     let mut child = common::spawn_worker_binary(file.path(), "warn");
     loop {
         let done = env.queue_len(&a.webhook_queue).await as usize;
@@ -68,12 +61,12 @@ async fn one_run(n: usize, latency_ms: u64, concurrency: usize, web: bool) -> Ru
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    let cpu = cpu_time(child.id()).unwrap_or_default();
+    let cpu = meter.stop(Some(child.id()));
     common::terminate(&mut child);
     let stats = env.sim.sim.stats();
     Run {
         rate,
-        worker_cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
+        cpu,
         duplicates: stats.duplicate_sessions + stats.web_messaging.repeated_conversations,
     }
 }
@@ -110,12 +103,16 @@ fn main() {
                     w.rate / c.rate
                 );
                 notes.push(format!(
-                    "| {latency} ms | {round} | {:.0}/s | {:.0}/s | {:.2} | {:.0} µs | {:.0} µs | {} | {} |",
+                    "| {latency} ms | {round} | {:.0}/s | {:.0}/s | {:.2} | {} / {} / {} | {} / {} / {} | {} | {} |",
                     c.rate,
                     w.rate,
                     w.rate / c.rate,
-                    c.worker_cpu_us,
-                    w.worker_cpu_us,
+                    per_msg_us(c.cpu.worker, n),
+                    per_msg_us(c.cpu.here, n),
+                    per_msg_us(c.cpu.broker, n),
+                    per_msg_us(w.cpu.worker, n),
+                    per_msg_us(w.cpu.here, n),
+                    per_msg_us(w.cpu.broker, n),
                     c.duplicates,
                     w.duplicates
                 ));
@@ -127,9 +124,9 @@ fn main() {
             rows.push(format!("| web_messaging end to end, simulator at {latency} ms, {n} requests (median of {rounds}) | {w:.0} sessions/s | {c:.0} sessions/s (conversations, same run) | {r:.2} | ≥ 0.8 |"));
         }
         common::print_scenarios(&rows);
-        println!("Per round (worker CPU per request; duplicates seen by the simulator):");
+        println!("Per round (CPU per request: worker / simulator (this process) / broker; duplicates seen by the simulator):");
         println!();
-        println!("| latency | round | conversations | web_messaging | ratio | CPU, conversations | CPU, web_messaging | dup., conversations | dup., web_messaging |");
+        println!("| latency | round | conversations | web_messaging | ratio | CPU, conversations (worker / sim / broker) | CPU, web_messaging (worker / sim / broker) | dup., conversations | dup., web_messaging |");
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for n in &notes {
             println!("{n}");

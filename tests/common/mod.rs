@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 pub mod console;
+pub mod cpu;
 pub mod ledger;
 pub mod raw_amqp;
 

@@ -18,10 +18,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 use serde_json::Value;
 use session_worker::sim::Faults;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::console::{OPERATOR, VIEWER};
+use common::console::{Console, OPERATOR, VIEWER};
 const REASONS: [(&str, &str); 3] = [
     ("invalid_request", "routing_queue_id: not a UUID"),
     (
@@ -81,67 +80,35 @@ async fn fill(env: &TestEnv, n: usize) {
     }
 }
 
-struct Console {
-    child: Child,
-    base: String,
-    http: reqwest::Client,
+fn start_console(config: &std::path::Path) -> Console {
+    let bin = std::env::var("BENCH_WORKER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-worker").to_string());
+    Console::start(&bin, config, Duration::from_secs(600))
 }
 
-impl Console {
-    fn start(config: &std::path::Path) -> Console {
-        let bin = std::env::var("BENCH_WORKER_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-worker").to_string());
-        let (child, base) = common::console::spawn(&bin, config);
-        Console {
-            child,
-            base,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(600))
-                .build()
-                .expect("http client"),
-        }
-    }
-
-    async fn up(&self) {
-        for _ in 0..200 {
-            if self.http.get(&self.base).send().await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the console did not start listening");
-    }
-
-    /// Time one request; its status and JSON body.
-    async fn timed(&self, post: Option<Value>, path: &str) -> (f64, u16, Value) {
-        let url = format!("{}{path}", self.base);
-        let req = match post {
-            Some(body) => self
-                .http
-                .post(url)
-                .bearer_auth(OPERATOR)
-                .header("X-Operator", "bench")
-                .header("Content-Type", "application/json")
-                .body(body.to_string()),
-            None => self.http.get(url).bearer_auth(VIEWER),
-        };
-        let t = Instant::now();
-        let res = req.send().await.expect("console answers");
-        let status = res.status().as_u16();
-        let text = res.text().await.unwrap_or_default();
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        (
-            ms,
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::Null),
-        )
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        common::terminate(&mut self.child);
-    }
+/// Time one request; its status and JSON body.
+async fn timed(console: &Console, post: Option<Value>, path: &str) -> (f64, u16, Value) {
+    let url = format!("{}{path}", console.base);
+    let req = match post {
+        Some(body) => console
+            .http
+            .post(url)
+            .bearer_auth(OPERATOR)
+            .header("X-Operator", "bench")
+            .header("Content-Type", "application/json")
+            .body(body.to_string()),
+        None => console.http.get(url).bearer_auth(VIEWER),
+    };
+    let t = Instant::now();
+    let res = req.send().await.expect("console answers");
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap_or_default();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    (
+        ms,
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
 }
 
 fn row(rows: &mut Vec<String>, what: &str, ms: f64, status: u16, note: String) {
@@ -157,12 +124,12 @@ async fn measure(n: usize) -> Vec<String> {
         t.elapsed().as_secs_f64()
     );
     let config = env.config_file();
-    let console = Console::start(config.path());
+    let console = start_console(config.path());
     console.up().await;
     let mut rows = Vec::new();
-    let (ms, st, _) = console.timed(None, "/").await;
+    let (ms, st, _) = timed(&console, None, "/").await;
     row(&mut rows, "page `/`", ms, st, String::new());
-    let (ms, st, v) = console.timed(None, "/api/overview").await;
+    let (ms, st, v) = timed(&console, None, "/api/overview").await;
     let depth = v["queues"][0]["depth"].as_u64().unwrap_or(0);
     row(
         &mut rows,
@@ -171,9 +138,9 @@ async fn measure(n: usize) -> Vec<String> {
         st,
         format!("depth {depth}"),
     );
-    let (ms, st, _) = console.timed(None, "/api/overview").await;
+    let (ms, st, _) = timed(&console, None, "/api/overview").await;
     row(&mut rows, "overview, again", ms, st, String::new());
-    let (ms, st, v) = console.timed(None, "/api/groups").await;
+    let (ms, st, v) = timed(&console, None, "/api/groups").await;
     let groups = v["groups"].as_array().cloned().unwrap_or_default();
     row(
         &mut rows,
@@ -187,17 +154,20 @@ async fn measure(n: usize) -> Vec<String> {
         .and_then(|g| g["id"].as_str())
         .unwrap_or_default()
         .to_string();
-    let (ms, st, v) = console
-        .timed(None, &format!("/api/messages?group={group}&limit=50"))
-        .await;
+    let (ms, st, v) = timed(
+        &console,
+        None,
+        &format!("/api/messages?group={group}&limit=50"),
+    )
+    .await;
     let cursor = v["next_cursor"].as_str().unwrap_or_default().to_string();
     row(&mut rows, "group, first page of 50", ms, st, String::new());
-    let (ms, st, v) = console
-        .timed(
-            None,
-            &format!("/api/messages?group={group}&limit=50&cursor={cursor}"),
-        )
-        .await;
+    let (ms, st, v) = timed(
+        &console,
+        None,
+        &format!("/api/messages?group={group}&limit=50&cursor={cursor}"),
+    )
+    .await;
     let got = v["messages"].as_array().map_or(0, Vec::len);
     row(
         &mut rows,
@@ -207,18 +177,21 @@ async fn measure(n: usize) -> Vec<String> {
         format!("{got} messages"),
     );
     let key = format!("bench-dl-{:08}", n / 2);
-    let (ms, st, _) = console.timed(None, &format!("/api/keys/{key}")).await;
+    let (ms, st, _) = timed(&console, None, &format!("/api/keys/{key}")).await;
     row(&mut rows, "key lookup", ms, st, String::new());
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let (ms, st, v) = console.timed(None, "/api/overview").await;
+    let (ms, st, v) = timed(&console, None, "/api/overview").await;
     let age = v["queues"][0]["read_ms_ago"]
         .as_u64()
         .map(|a| format!("snapshot {a} ms old"))
         .unwrap_or_default();
     row(&mut rows, "overview, 6 s later", ms, st, age);
-    let (ms, st, v) = console
-        .timed(Some(serde_json::json!({ "group": group })), "/api/plans")
-        .await;
+    let (ms, st, v) = timed(
+        &console,
+        Some(serde_json::json!({ "group": group })),
+        "/api/plans",
+    )
+    .await;
     let planned = v["total"].as_u64().unwrap_or(0);
     row(
         &mut rows,

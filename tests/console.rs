@@ -5,56 +5,18 @@
 mod common;
 
 use common::{request, Pod, TestEnv};
-use serde_json::Value;
 use session_worker::sim::Faults;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::console::{OPERATOR, VIEWER};
+use common::console::{Console, OPERATOR, VIEWER};
 
-struct Console {
-    child: Child,
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Console {
-    fn start(pod: &Pod) -> Console {
-        let (child, base) =
-            common::console::spawn(env!("CARGO_BIN_EXE_session-worker"), pod.config_path());
-        Console {
-            child,
-            base,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    async fn up(&self) {
-        for _ in 0..100 {
-            if self.http.get(&self.base).send().await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the console did not start listening");
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.http.get(format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        let text = res.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        common::terminate(&mut self.child);
-    }
+fn start_console(pod: &Pod) -> Console {
+    Console::start(
+        env!("CARGO_BIN_EXE_session-worker"),
+        pod.config_path(),
+        Duration::from_secs(120),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,7 +51,7 @@ async fn the_console_groups_pages_and_looks_up_what_a_worker_dead_lettered() {
     );
     assert_eq!(env.events(1, Duration::from_secs(30)).await.len(), 1);
 
-    let console = Console::start(&pod);
+    let console = start_console(&pod);
     console.up().await;
 
     // The page loads without a token, under a strict policy; the API needs one.
@@ -228,55 +190,6 @@ fn the_console_refuses_to_start_without_a_token() {
     assert_eq!(short.status.code(), Some(2));
 }
 
-impl Console {
-    async fn post(
-        &self,
-        path: &str,
-        token: &str,
-        operator: Option<&str>,
-        body: Value,
-    ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        if let Some(name) = operator {
-            req = req.header("X-Operator", name);
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        let text = res.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    /// Poll a replay until it is over; its last progress.
-    async fn replay_to_the_end(&self, plan_id: &str) -> Value {
-        for _ in 0..600 {
-            let (_, p) = self
-                .get(&format!("/api/replay/{plan_id}"), Some(VIEWER))
-                .await;
-            if ["stopped", "aborted", "done", "failed"].contains(&p["state"].as_str().unwrap_or(""))
-            {
-                return p;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("the replay of {plan_id} did not end in 2 minutes");
-    }
-
-    async fn group_of(&self, reason: &str) -> String {
-        let (_, groups) = self.get("/api/groups", Some(VIEWER)).await;
-        groups["groups"]
-            .as_array()
-            .and_then(|g| g.iter().find(|g| g["reason"] == reason))
-            .and_then(|g| g["id"].as_str())
-            .unwrap_or_else(|| panic!("no {reason} group: {groups}"))
-            .to_string()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_replays_a_group_through_a_plan_in_paced_canary_steps_and_purges_another() {
     let faults = Faults {
@@ -310,7 +223,7 @@ async fn an_operator_replays_a_group_through_a_plan_in_paced_canary_steps_and_pu
         .await,
         "fourteen dead letters"
     );
-    let console = Console::start(&pod);
+    let console = start_console(&pod);
     console.up().await;
     let group = console.group_of("permanent_api_error").await;
     let plan_body = serde_json::json!({ "queue": "worker", "group": group });
@@ -484,7 +397,7 @@ async fn in_headless_chromium_a_viewer_looks_and_an_operator_replays_a_group_thr
     );
     // Fixed in Genesys: the replay will create the sessions.
     env.sim.sim.set_faults(Faults::default());
-    let console = Console::start(&pod);
+    let console = start_console(&pod);
     console.up().await;
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
     let out = Command::new("node")

@@ -258,3 +258,86 @@ async fn a_redirecting_receiver_is_a_failure_and_the_event_goes_nowhere_else() {
         );
     }
 }
+
+/// A webhook replay plan is judged by the forwarder's verdicts (SPEC §7 "Console"): while the
+/// receiver still refuses, the first canary fails again and the run stops by itself; once it
+/// accepts, the plan replays every event and counts each delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_replay_plan_stops_on_a_refusing_receiver_and_finishes_once_it_accepts() {
+    use common::console::{Console, OPERATOR};
+    let (receiver, url) = start_receiver(u32::MAX, 400).await;
+    let env = TestEnv::new(Faults::default(), |s| {
+        s.webhook.url = url.clone();
+        s.rate_limit.requests_per_minute = 600;
+    })
+    .await;
+    let mut pod = common::Pod::new(&env, "forwarder");
+    pod.start_all(&[("ANALYTICS_WEBHOOK_SECRET", SECRET)]);
+    assert!(pod.ready_within(WAIT * 2).await.is_some(), "pod ready");
+    let n = 6;
+    for i in 0..n {
+        env.publish(
+            &request(&format!("hook-{i}")),
+            Some(&format!("hook-key-{i}")),
+        )
+        .await;
+    }
+    let dlq = env.settings.amqp.webhook_dead_letter_queue.clone();
+    assert!(
+        env.wait_for_async(WAIT * 2, || async { env.queue_len(&dlq).await >= n })
+            .await,
+        "{n} events refused into the webhook DLQ"
+    );
+    let bin = env!("CARGO_BIN_EXE_session-worker");
+    let console = Console::start(bin, pod.config_path(), Duration::from_secs(120));
+    console.up().await;
+    let group = console.group_of("webhook_rejected").await;
+    let plan_body = serde_json::json!({ "queue": "webhook", "group": group });
+    let replay_of =
+        |plan: &serde_json::Value| serde_json::json!({ "plan_id": plan["id"], "canary": [1, 2] });
+
+    // Still refused: the first canary's delivery fails again, and the run stops by itself.
+    let (status, plan) = console
+        .post("/api/plans", OPERATOR, Some("alice"), plan_body.clone())
+        .await;
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["total"], n, "{plan}");
+    let (status, _) = console
+        .post("/api/replay", OPERATOR, Some("alice"), replay_of(&plan))
+        .await;
+    assert_eq!(status, 202);
+    let stopped = console
+        .replay_to_the_end(plan["id"].as_str().unwrap())
+        .await;
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert_eq!(stopped["replayed"], 1, "{stopped}");
+    assert_eq!(stopped["refailed"], 1, "{stopped}");
+    assert!(
+        env.wait_for_async(WAIT, || async { env.queue_len(&dlq).await >= n })
+            .await,
+        "the canary is back in the DLQ"
+    );
+
+    // The receiver is fixed: a new plan replays all six, each delivery a verdict.
+    receiver.failures_left.store(0, Ordering::SeqCst);
+    let (_, plan) = console
+        .post("/api/plans", OPERATOR, Some("alice"), plan_body)
+        .await;
+    let (status, _) = console
+        .post("/api/replay", OPERATOR, Some("alice"), replay_of(&plan))
+        .await;
+    assert_eq!(status, 202);
+    let done = console
+        .replay_to_the_end(plan["id"].as_str().unwrap())
+        .await;
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["replayed"], n, "{done}");
+    assert_eq!(done["refailed"], 0, "{done}");
+    assert!(
+        done["succeeded"].as_u64().unwrap_or(0) >= 3,
+        "the canaries' deliveries were counted: {done}"
+    );
+    assert_eq!(env.queue_len(&dlq).await, 0);
+    drop(console);
+    assert_eq!(pod.stop(), Some(0));
+}

@@ -1,14 +1,15 @@
 //! Applying a replay plan (console `POST /api/replay`, `dlq replay --plan ID`): the plan's
 //! messages go back in canary steps (1, then 10, then the rest by default) at the plan's pace.
-//! After each canary step the run waits for the worker's verdict on each replayed key (its
-//! `session_init` audit entry) and stops by itself when more than `stop_ratio` of them failed
-//! again; during the last step it looks again every [`CHECK_EVERY`] messages. It can be
-//! paused, resumed and aborted; each message replayed gets its own audit entry (operator, role,
-//! plan id, key) and the run one more when it ends.
+//! After each canary step the run waits for the verdict on each replayed key and stops by
+//! itself when more than `stop_ratio` of them failed again; during the last step it looks again
+//! every [`CHECK_EVERY`] messages. A verdict is the first audit entry after the replay that
+//! decides the message ([`verdict`]): the worker's `session_init` for a worker plan, the
+//! forwarder's `webhook_delivery` for a webhook plan. It can be paused, resumed and aborted;
+//! each message replayed gets its own audit entry (operator, role, plan id, key) and the run one
+//! more when it ends.
 //!
 //! The loop owns its state and reports through a `watch` channel; it takes orders through
-//! another. A webhook plan is paced the same way but has no verdict to wait for (the forwarder
-//! writes `webhook_delivery` entries, not `session_init`): its canaries are not checked.
+//! another.
 
 use super::plan::{check_unchanged, Plan, PlanError};
 use super::{replay, DlqKind, Filter, ReplayOptions};
@@ -16,7 +17,7 @@ use crate::admin::Operation;
 use crate::audit::AuditAccess;
 use crate::config::Settings;
 use crate::shutdown::Shutdown;
-use crate::store::AuditQuery;
+use crate::store::{AuditEntry, AuditQuery};
 use lapin::Connection;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -147,6 +148,17 @@ pub fn steps(canary: &[usize], total: usize) -> Vec<usize> {
         out.push(left);
     }
     out
+}
+
+/// What an audit entry says of a replayed message of a `kind` plan: succeeded, failed again, or
+/// nothing. A webhook's verdict is the forwarder's first attempt after the replay (a retry
+/// scheduled counts as failed again: the receiver still refuses), not the end of its retries.
+pub fn verdict(kind: DlqKind, e: &AuditEntry) -> Option<bool> {
+    match (kind, e.event_type.as_str()) {
+        (DlqKind::Worker, "session_init") => Some(e.outcome == "started"),
+        (DlqKind::Webhook, "webhook_delivery") => Some(e.outcome == "delivered"),
+        _ => None,
+    }
 }
 
 struct Run<'a> {
@@ -365,9 +377,6 @@ impl Run<'_> {
     /// Read the verdicts in; after a canary step (`wait`), until every replayed key has one or
     /// the timeout passes. `Some` when the ratio of failures again passed the threshold.
     async fn judge(&mut self, wait: bool) -> Result<Option<(RunState, String)>, PlanError> {
-        if self.plan.selection.kind() == DlqKind::Webhook {
-            return Ok(None);
-        }
         let deadline = tokio::time::Instant::now() + self.options.verdict_timeout;
         if wait {
             self.p.state = RunState::Verifying;
@@ -407,7 +416,7 @@ impl Run<'_> {
         Ok(None)
     }
 
-    /// Move the keys whose `session_init` entry came after their replay to the counts.
+    /// Move the keys whose verdict came after their replay to the counts.
     async fn read_verdicts(&mut self) -> Result<(), PlanError> {
         let Some(since) = self.waiting.values().min().copied() else {
             return Ok(());
@@ -420,8 +429,10 @@ impl Run<'_> {
             })
             .await
             .map_err(PlanError::Audit)?;
-        for e in entries.iter().filter(|e| e.event_type == "session_init") {
-            let Some(key) = e.idempotency_key.as_deref() else {
+        let kind = self.plan.selection.kind();
+        for e in &entries {
+            let (Some(key), Some(succeeded)) = (e.idempotency_key.as_deref(), verdict(kind, e))
+            else {
                 continue;
             };
             let at = humantime::parse_rfc3339_weak(&e.timestamp)
@@ -429,7 +440,7 @@ impl Run<'_> {
                 .unwrap_or(0);
             if self.waiting.get(key).is_some_and(|t| at >= *t) {
                 self.waiting.remove(key);
-                if e.outcome == "started" {
+                if succeeded {
                     self.p.succeeded += 1;
                 } else {
                     self.p.refailed += 1;

@@ -84,3 +84,45 @@ fn a_plan_runs_its_canaries_then_the_rest() {
     assert_eq!(super::paced::steps(&[], 7), vec![7]);
     assert_eq!(super::paced::steps(&[0, 3], 7), vec![3, 4]);
 }
+
+#[test]
+fn a_verdict_is_the_entry_that_decides_a_replayed_message_of_its_kind() {
+    use super::paced::verdict;
+    let e = |event: &str, outcome: &str| crate::store::AuditEntry {
+        event_type: event.into(),
+        outcome: outcome.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        verdict(DlqKind::Worker, &e("session_init", "started")),
+        Some(true)
+    );
+    assert_eq!(
+        verdict(DlqKind::Worker, &e("session_init", "dead_lettered")),
+        Some(false)
+    );
+    assert_eq!(
+        verdict(DlqKind::Worker, &e("webhook_delivery", "delivered")),
+        None
+    );
+    assert_eq!(
+        verdict(DlqKind::Webhook, &e("webhook_delivery", "delivered")),
+        Some(true)
+    );
+    assert_eq!(
+        verdict(DlqKind::Webhook, &e("webhook_delivery", "retry_scheduled")),
+        Some(false)
+    );
+    assert_eq!(
+        verdict(DlqKind::Webhook, &e("webhook_delivery", "dead_lettered")),
+        Some(false)
+    );
+    assert_eq!(
+        verdict(DlqKind::Webhook, &e("session_init", "started")),
+        None
+    );
+    assert_eq!(
+        verdict(DlqKind::Webhook, &e("dlq_replay", "replayed")),
+        None
+    );
+}

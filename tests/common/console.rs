@@ -1,6 +1,9 @@
-//! `session-worker console` as its own process, for the console's tests and its bench.
+//! `session-worker console` as its own process, for the console's tests and its bench: start
+//! it, wait for it, and call its API as a viewer or an operator.
 
+use serde_json::Value;
 use std::process::{Child, Command};
+use std::time::Duration;
 
 pub const VIEWER: &str = "viewer-token-for-tests-0123";
 pub const OPERATOR: &str = "operator-token-for-tests-0123";
@@ -20,4 +23,102 @@ pub fn spawn(bin: &str, config: &std::path::Path) -> (Child, String) {
         .spawn()
         .expect("start the console");
     (child, format!("http://127.0.0.1:{port}"))
+}
+
+/// A running console; terminated when dropped.
+pub struct Console {
+    pub child: Child,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Console {
+    /// `bin console` on `config` (a pod's), its requests allowed `timeout` each.
+    pub fn start(bin: &str, config: &std::path::Path, timeout: Duration) -> Console {
+        let (child, base) = spawn(bin, config);
+        Console {
+            child,
+            base,
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    /// Wait until it listens.
+    pub async fn up(&self) {
+        for _ in 0..200 {
+            if self.http.get(&self.base).send().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the console did not start listening");
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        token: &str,
+        operator: Option<&str>,
+        body: Value,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(name) = operator {
+            req = req.header("X-Operator", name);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Poll a replay until it is over; its last progress.
+    pub async fn replay_to_the_end(&self, plan_id: &str) -> Value {
+        for _ in 0..600 {
+            let (_, p) = self
+                .get(&format!("/api/replay/{plan_id}"), Some(VIEWER))
+                .await;
+            if ["stopped", "aborted", "done", "failed"].contains(&p["state"].as_str().unwrap_or(""))
+            {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("the replay of {plan_id} did not end in 2 minutes");
+    }
+
+    /// The id of the failure group of `reason`.
+    pub async fn group_of(&self, reason: &str) -> String {
+        let (_, groups) = self.get("/api/groups", Some(VIEWER)).await;
+        groups["groups"]
+            .as_array()
+            .and_then(|g| g.iter().find(|g| g["reason"] == reason))
+            .and_then(|g| g["id"].as_str())
+            .unwrap_or_else(|| panic!("no {reason} group: {groups}"))
+            .to_string()
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        super::terminate(&mut self.child);
+    }
 }

@@ -511,10 +511,22 @@ pub fn spawn_worker_binary(config: &std::path::Path, rust_log: &str) -> std::pro
 
 /// Start `run --role worker` of a given `session-worker` binary (benchmarks compare builds).
 pub fn spawn_binary(bin: &str, config: &std::path::Path, rust_log: &str) -> std::process::Child {
+    spawn_role(bin, config, rust_log, "worker", &[])
+}
+
+/// Start `run --role ROLE` of `bin` with more environment (a webhook secret, say).
+pub fn spawn_role(
+    bin: &str,
+    config: &std::path::Path,
+    rust_log: &str,
+    role: &str,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     std::process::Command::new(bin)
         .arg("--config")
         .arg(config)
-        .args(["run", "--role", "worker"])
+        .args(["run", "--role", role])
+        .envs(env.iter().copied())
         .env("SESSION_WORKER__AMQP__URL", AMQP_URL)
         .env("GENESYS_CLIENT_SECRET", "local-secret")
         .env("GENESYS_SESSION_TOKEN_SECRET", SESSION_TOKEN_SECRET)
@@ -626,6 +638,18 @@ impl Pod {
         // `POD_LOG` (a `RUST_LOG` filter) shows more of what the pods do; warnings by default.
         let level = std::env::var("POD_LOG").unwrap_or_else(|_| "warn".into());
         self.child = Some(spawn_worker_binary(self.config.path(), &level));
+    }
+
+    /// Start the pod as `run --role all` (worker and webhook forwarder) with more environment.
+    pub fn start_all(&mut self, env: &[(&str, &str)]) {
+        let level = std::env::var("POD_LOG").unwrap_or_else(|_| "warn".into());
+        self.child = Some(spawn_role(
+            env!("CARGO_BIN_EXE_session-worker"),
+            self.config.path(),
+            &level,
+            "all",
+            env,
+        ));
     }
 
     pub fn kill(&mut self) {

@@ -41,7 +41,7 @@ test: broker browser
 ## bench: throughput against a bare-consumer baseline and the pre-ledger build, measured in the
 ## same run; ledger restore rate; fleet rate sharing; web_messaging vs conversations; the console
 ## with 100,000 dead letters (release build)
-bench: broker
+bench: broker browser
 	scripts/build-before.sh $(BENCH_BEFORE_REV) target/bench/session-worker-before
 	BENCH_BEFORE_BIN=$(CURDIR)/target/bench/session-worker-before cargo bench --bench pipeline
 	cargo bench --bench fleet

@@ -186,6 +186,7 @@ async fn measure(n: usize) -> Vec<String> {
         .map(|a| format!("snapshot {a} ms old"))
         .unwrap_or_default();
     row(&mut rows, "overview, 6 s later", ms, st, age);
+    in_the_browser(&console, &mut rows, &key);
     let (ms, st, v) = timed(
         &console,
         Some(serde_json::json!({ "group": group })),
@@ -207,6 +208,56 @@ async fn measure(n: usize) -> Vec<String> {
         ));
     }
     rows
+}
+
+/// The viewer's part of `tests/browser/console.mjs` in headless Chromium against this console:
+/// sign-in to the groups shown, a key lookup, a group's view and its next page.
+fn in_the_browser(console: &Console, rows: &mut Vec<String>, key: &str) {
+    let (chromium, dir) = match common::console::browser_tools() {
+        Ok(tools) => tools,
+        Err(why) => {
+            rows.push(format!("| in the browser | | | not measured: {why} |"));
+            return;
+        }
+    };
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-bench-screenshots");
+    let out = console
+        .browser(
+            &chromium,
+            &dir,
+            &shots,
+            &[
+                ("LOOK_ONLY", "1"),
+                ("LOOKUP_KEY", key),
+                ("LOOKUP_EXPECT", "dead letter"),
+                ("GROUP_REASON", REASONS[0].0),
+            ],
+        )
+        .output();
+    let measured = match out {
+        Ok(o) if o.status.success() => {
+            serde_json::from_slice::<Value>(&o.stdout).unwrap_or(Value::Null)
+        }
+        Ok(o) => {
+            let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+            rows.push(format!("| in the browser | | | failed: {why} |"));
+            return;
+        }
+        Err(e) => {
+            rows.push(format!("| in the browser | | | node did not run: {e} |"));
+            return;
+        }
+    };
+    for (what, field) in [
+        ("browser: sign-in to the groups shown", "page_to_groups_ms"),
+        ("browser: key lookup shown", "lookup_ms"),
+        ("browser: a group's first page shown", "group_view_ms"),
+        ("browser: its next page shown (More)", "next_page_ms"),
+    ] {
+        let ms = measured[field].as_f64().unwrap_or(f64::NAN);
+        rows.push(format!("| {what} | {ms:.0} | | Chromium, headless |"));
+    }
+    rows.push(format!("| browser screenshots | | | {} |", shots.display()));
 }
 
 fn main() {

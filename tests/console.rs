@@ -351,24 +351,9 @@ async fn an_operator_replays_a_group_through_a_plan_in_paced_canary_steps_and_pu
     assert_eq!(pod.stop(), Some(0));
 }
 
-/// What the browser test needs, or why it cannot run (`make test` installs both).
-fn browser_tools() -> (String, std::path::PathBuf) {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    assert!(
-        std::path::Path::new(&chromium).exists(),
-        "the browser test needs Debian's chromium at {chromium}: run `make test` (as root it installs chromium and chromium-driver) or `scripts/ensure-browser.sh`"
-    );
-    assert!(
-        dir.join("node_modules/playwright-core").exists(),
-        "the browser test needs playwright-core in tests/browser/node_modules: run `make test` or `scripts/ensure-browser.sh` (npm ci there)"
-    );
-    (chromium, dir)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_headless_chromium_a_viewer_looks_and_an_operator_replays_a_group_through_a_plan() {
-    let (chromium, dir) = browser_tools();
+    let (chromium, dir) = common::console::browser_tools().unwrap_or_else(|why| panic!("{why}"));
     let faults = Faults {
         reject_queues: vec!["missing-queue".into()],
         ..Default::default()
@@ -400,15 +385,8 @@ async fn in_headless_chromium_a_viewer_looks_and_an_operator_replays_a_group_thr
     let console = start_console(&pod);
     console.up().await;
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
-    let out = Command::new("node")
-        .arg(dir.join("console.mjs"))
-        .current_dir(&dir)
-        .env("BASE_URL", &console.base)
-        .env("VIEWER_TOKEN", VIEWER)
-        .env("OPERATOR_TOKEN", OPERATOR)
-        .env("LOOKUP_KEY", "browser-key-2")
-        .env("SHOTS_DIR", &shots)
-        .env("CHROMIUM", &chromium)
+    let out = console
+        .browser(&chromium, &dir, &shots, &[("LOOKUP_KEY", "browser-key-2")])
         .output()
         .expect("node runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

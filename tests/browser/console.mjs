@@ -4,6 +4,8 @@
 //
 // Environment: BASE_URL, VIEWER_TOKEN, OPERATOR_TOKEN, LOOKUP_KEY (a key in that group),
 // SHOTS_DIR (screenshots of each view), CHROMIUM (default /usr/bin/chromium).
+// LOOK_ONLY=1 (benches/console.rs, 100,000 dead letters): the viewer's part only, timed, with
+// GROUP_REASON (default permanent_api_error) and LOOKUP_EXPECT (default session_init).
 // Prints one JSON line of what it measured; exits 1 with the reason on the first failure.
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
@@ -17,6 +19,9 @@ const env = (name, fallback) => {
 const base = env("BASE_URL");
 const shots = env("SHOTS_DIR");
 const lookupKey = env("LOOKUP_KEY");
+const lookOnly = process.env.LOOK_ONLY === "1";
+const reason = env("GROUP_REASON", "permanent_api_error");
+const lookupExpect = env("LOOKUP_EXPECT", "session_init");
 mkdirSync(shots, { recursive: true });
 
 function check(condition, message) {
@@ -65,13 +70,27 @@ async function main() {
     await signIn(page, "vic", env("VIEWER_TOKEN"));
     measured.page_to_groups_ms = Date.now() - loadStarted;
     await page.screenshot({ path: join(shots, "1-overview.png"), fullPage: true });
+    const lookupStarted = Date.now();
     const timeline = await lookUp(page, lookupKey);
-    check(timeline.includes("session_init"), `the key's timeline shows its call: ${timeline}`);
+    measured.lookup_ms = Date.now() - lookupStarted;
+    check(timeline.includes(lookupExpect), `the key's timeline shows ${lookupExpect}: ${timeline}`);
     await page.screenshot({ path: join(shots, "2-lookup.png"), fullPage: true });
     const groupStarted = Date.now();
-    await openGroup(page, "permanent_api_error");
+    await openGroup(page, reason);
     measured.group_view_ms = Date.now() - groupStarted;
     await page.screenshot({ path: join(shots, "3-group.png"), fullPage: true });
+    if (lookOnly) {
+      const rows = await page.locator("#messages tbody tr").count();
+      const moreStarted = Date.now();
+      await page.click("#more");
+      await page.waitForFunction(n => document.querySelectorAll("#messages tbody tr").length > n, rows);
+      measured.next_page_ms = Date.now() - moreStarted;
+      measured.rows_shown = await page.locator("#messages tbody tr").count();
+      await page.screenshot({ path: join(shots, "3b-next-page.png") });
+      check(violations.length === 0, `no Content-Security-Policy violations: ${violations.join("; ")}`);
+      console.log(JSON.stringify(measured));
+      return;
+    }
     await page.click("#plan");
     await page.waitForFunction(() => document.getElementById("status").textContent.includes("operator token"));
     check(await page.locator("#plan-view").isHidden(), "a viewer gets no plan");
@@ -79,7 +98,7 @@ async function main() {
     // An operator plans the group, replays it, watches it pace and finish.
     await page.click("#sign-out");
     await signIn(page, "alice", env("OPERATOR_TOKEN"));
-    await openGroup(page, "permanent_api_error");
+    await openGroup(page, reason);
     await page.click("#plan");
     await page.waitForSelector("#plan-view:not([hidden])");
     const summary = await page.locator("#plan-summary").innerText();

@@ -25,6 +25,20 @@ pub fn spawn(bin: &str, config: &std::path::Path) -> (Child, String) {
     (child, format!("http://127.0.0.1:{port}"))
 }
 
+/// What the browser scripts need (Debian's chromium, playwright-core), or why they cannot run
+/// (`make test` and `make bench` install both).
+pub fn browser_tools() -> Result<(String, std::path::PathBuf), String> {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    if !std::path::Path::new(&chromium).exists() {
+        return Err(format!("the browser test needs Debian's chromium at {chromium}: run `make test` (as root it installs chromium and chromium-driver) or `scripts/ensure-browser.sh`"));
+    }
+    if !dir.join("node_modules/playwright-core").exists() {
+        return Err("the browser test needs playwright-core in tests/browser/node_modules: run `make test` or `scripts/ensure-browser.sh` (npm ci there)".into());
+    }
+    Ok((chromium, dir))
+}
+
 /// A running console; terminated when dropped.
 pub struct Console {
     pub child: Child,
@@ -88,6 +102,27 @@ impl Console {
         let status = res.status().as_u16();
         let text = res.text().await.unwrap_or_default();
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// `node tests/browser/console.mjs` against this console, screenshots into `shots`, with
+    /// more environment (`LOOKUP_KEY`, `LOOK_ONLY`, …).
+    pub fn browser(
+        &self,
+        chromium: &str,
+        dir: &std::path::Path,
+        shots: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Command {
+        let mut cmd = Command::new("node");
+        cmd.arg(dir.join("console.mjs"))
+            .current_dir(dir)
+            .env("BASE_URL", &self.base)
+            .env("VIEWER_TOKEN", VIEWER)
+            .env("OPERATOR_TOKEN", OPERATOR)
+            .env("SHOTS_DIR", shots)
+            .env("CHROMIUM", chromium)
+            .envs(env.iter().copied());
+        cmd
     }
 
     /// Poll a replay until it is over; its last progress.

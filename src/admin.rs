@@ -9,10 +9,12 @@
 //!   of a `dlq replay` or `dlq purge` (only those two kinds, with the worker's own clock). Nothing
 //!   here can write an arbitrary entry, or alter or delete one.
 
+use crate::fleet::Fleet;
 use crate::shutdown::Shutdown;
 use crate::store::{AuditEntry, AuditQuery, Store};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -20,6 +22,9 @@ use tokio::net::{UnixListener, UnixStream};
 /// The longest request the endpoint reads.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// How long one exchange may take.
+/// Keys per live-claims request, so that one stays under [`MAX_REQUEST`] however its keys
+/// are escaped (a key is at most 255 bytes, six each escaped in JSON).
+const CLAIMS_PER_REQUEST: usize = 40;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +87,16 @@ impl Operation {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Request {
-    AuditQuery { query: AuditQuery },
-    RecordOperation { operation: Operation },
+    AuditQuery {
+        query: AuditQuery,
+    },
+    RecordOperation {
+        operation: Operation,
+    },
+    /// Which of the keys a live fleet claim holds (replay plans).
+    LiveClaims {
+        keys: Vec<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -91,6 +104,8 @@ struct Answer {
     ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     entries: Option<Vec<AuditEntry>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    claims: Option<Vec<(String, String)>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -106,8 +121,10 @@ pub fn socket_path(store_path: &Path) -> PathBuf {
 }
 
 /// Bind the socket (owner-only) and serve until `shutdown`; the socket file is removed after.
+/// `fleet`: the worker's, which answers live-claims requests (none in a forwarder-only pod).
 pub async fn serve(
     store: Store,
+    fleet: Option<Arc<Fleet>>,
     store_path: &Path,
     mut shutdown: Shutdown,
 ) -> Result<(), AdminError> {
@@ -135,8 +152,10 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let store = store.clone();
+                    let fleet = fleet.clone();
                     tokio::spawn(async move {
-                        if tokio::time::timeout(TIMEOUT, answer(stream, &store)).await.is_err() {
+                        let answering = answer(stream, &store, fleet.as_deref());
+                        if tokio::time::timeout(TIMEOUT, answering).await.is_err() {
                             tracing::warn!("an admin request timed out");
                         }
                     });
@@ -152,7 +171,7 @@ pub async fn serve(
     Ok(())
 }
 
-async fn answer(stream: UnixStream, store: &Store) {
+async fn answer(stream: UnixStream, store: &Store, fleet: Option<&Fleet>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
@@ -162,13 +181,13 @@ async fn answer(stream: UnixStream, store: &Store) {
             Err(e) => refuse(format!("not an admin request: {e}")),
             Ok(Request::AuditQuery { query }) => match store.audit_query(&query) {
                 Ok(entries) => Answer {
-                    ok: true,
                     entries: Some(entries),
-                    error: None,
+                    ..Answer::ok()
                 },
                 Err(e) => refuse(e.to_string()),
             },
             Ok(Request::RecordOperation { operation }) => record(store, &operation).await,
+            Ok(Request::LiveClaims { keys }) => live_claims(fleet, keys).await,
         },
     };
     let mut bytes = serde_json::to_vec(&answer).unwrap_or_default();
@@ -190,20 +209,40 @@ async fn record(store: &Store, operation: &Operation) -> Answer {
         Err(e) => Err(e),
     };
     match written {
-        Ok(()) => Answer {
-            ok: true,
-            entries: None,
-            error: None,
+        Ok(()) => Answer::ok(),
+        Err(e) => refuse(e.to_string()),
+    }
+}
+
+async fn live_claims(fleet: Option<&Fleet>, keys: Vec<String>) -> Answer {
+    let Some(fleet) = fleet else {
+        return refuse("this process runs no worker, so it holds no fleet claims".into());
+    };
+    match fleet.live_claims(keys).await {
+        Ok(holders) => Answer {
+            claims: Some(holders),
+            ..Answer::ok()
         },
         Err(e) => refuse(e.to_string()),
+    }
+}
+
+impl Answer {
+    fn ok() -> Self {
+        Answer {
+            ok: true,
+            entries: None,
+            claims: None,
+            error: None,
+        }
     }
 }
 
 fn refuse(error: String) -> Answer {
     Answer {
         ok: false,
-        entries: None,
         error: Some(error),
+        ..Answer::ok()
     }
 }
 
@@ -234,6 +273,21 @@ impl AdminClient {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Which of `keys` a live fleet claim holds, and by which pod (asked in parts that fit
+    /// a request).
+    pub async fn live_claims(&self, keys: &[String]) -> Result<Vec<(String, String)>, AdminError> {
+        let mut out = Vec::new();
+        for part in keys.chunks(CLAIMS_PER_REQUEST) {
+            let answer = self
+                .ask(&Request::LiveClaims {
+                    keys: part.to_vec(),
+                })
+                .await?;
+            out.extend(answer.claims.unwrap_or_default());
+        }
+        Ok(out)
     }
 
     async fn ask(&self, request: &Request) -> Result<Answer, AdminError> {
@@ -289,7 +343,7 @@ mod tests {
         let server = tokio::spawn({
             let store = store.clone();
             let path = store_path.clone();
-            async move { serve(store, &path, shutdown).await }
+            async move { serve(store, None, &path, shutdown).await }
         });
         let client = AdminClient::new(&store_path);
         let mut entries = Err(AdminError::Refused(String::new()));
@@ -334,6 +388,14 @@ mod tests {
             Err(AdminError::Refused(_))
         ));
         assert_eq!(store.audit_len(), 2, "only the dlq_replay entry was added");
+        assert!(
+            matches!(
+                client.live_claims(&["k".to_string()]).await,
+                Err(AdminError::Refused(e)) if e.contains("no worker")
+            ),
+            "no fleet, no claims to tell"
+        );
+        assert!(client.live_claims(&[]).await.unwrap().is_empty());
         trigger.fire();
         server.await.unwrap().unwrap();
         assert!(

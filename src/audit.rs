@@ -54,6 +54,20 @@ impl AuditAccess {
         }
     }
 
+    /// Which of `keys` a live fleet claim holds, by pod: the running worker's view (through
+    /// its admin endpoint), or, with no worker on this store, the claims it saved last.
+    pub async fn live_claims(
+        &self,
+        keys: &[String],
+    ) -> Result<BTreeMap<String, String>, AuditError> {
+        let holders = match self {
+            AuditAccess::Local(store) => crate::fleet::claims::Claims::load(store)?
+                .holders(keys.to_vec(), crate::store::now_ms()),
+            AuditAccess::Remote(client) => client.live_claims(keys).await?,
+        };
+        Ok(holders.into_iter().collect())
+    }
+
     /// Record an operator action (`dlq replay`, `dlq purge`) in the trail.
     pub async fn record(&self, operation: &Operation) -> Result<(), AuditError> {
         match self {

@@ -254,16 +254,6 @@ async fn run_worker(
     if let Some(tokens) = console {
         console_cmd::spawn_in_run(settings.clone(), tokens, shutdown.clone());
     }
-    let admin = {
-        let store = store.clone();
-        let path = settings.store.path.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::admin::serve(store, &path, shutdown).await {
-                tracing::error!(error = %e, "the admin endpoint is not available; audit and dlq commands beside this worker will fail");
-            }
-        })
-    };
     let forwarder = match role {
         Role::Worker => None,
         _ if !crate::webhook::enabled(&settings) => {
@@ -278,7 +268,21 @@ async fn run_worker(
     };
     let worker = match role {
         Role::Forwarder => None,
-        _ => Some(Arc::new(Worker::new(settings, store, health)?)),
+        _ => Some(Arc::new(Worker::new(
+            settings.clone(),
+            store.clone(),
+            health,
+        )?)),
+    };
+    let admin = {
+        let fleet = worker.as_ref().map(|w| w.fleet());
+        let path = settings.store.path.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(store, fleet, &path, shutdown).await {
+                tracing::error!(error = %e, "the admin endpoint is not available; audit and dlq commands beside this worker will fail");
+            }
+        })
     };
     let forwarding = forwarder.map(|f| tokio::spawn(f.run(shutdown.clone())));
     if let Some(worker) = worker {

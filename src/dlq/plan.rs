@@ -7,8 +7,10 @@
 //! Each message gets one class:
 //! - `needs_force`: failed `outcome_unknown` (Genesys may have created the session; SPEC §5);
 //!   moved only when the replay is forced;
-//! - `held`: another copy of the same key is ahead of it in the plan: the fleet claim holds it
-//!   until that copy's outcome is stored, which it then replays (no second call);
+//! - `held`: a fleet claim holds its key: a live claim of a pod working on another copy of
+//!   it now (`held_by` names the pod; the running worker's view, through its admin endpoint),
+//!   or another copy ahead of it in this plan. Either way it waits for that copy's outcome
+//!   and replays it (no second call);
 //! - `replay_stored`: the audit trail has this key's session started, so the worker replays
 //!   that stored outcome (webhook dead letters too: they go back to the forwarder, not to
 //!   Genesys);
@@ -105,6 +107,9 @@ pub struct Planned {
     pub reason: Option<String>,
     pub failed_at: Option<String>,
     pub class: Class,
+    /// The pod whose live claim holds the key, when that is why it is `held`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,18 +174,35 @@ pub async fn make(
         .filter_map(|t| humantime::parse_rfc3339_weak(t).ok())
         .map(crate::audit::micros)
         .min();
-    let stored = match (audit, oldest_us, kind) {
+    let (stored, claimed) = match (audit, oldest_us, kind) {
         (Some(a), Some(oldest), DlqKind::Worker) => {
-            started_keys(a, oldest.saturating_sub(STORED_LOOKBACK_US)).await?
+            let keys: Vec<String> = found
+                .iter()
+                .filter_map(|m| m.idempotency_key.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            (
+                started_keys(a, oldest.saturating_sub(STORED_LOOKBACK_US)).await?,
+                a.live_claims(&keys).await?,
+            )
         }
-        _ => BTreeSet::new(),
+        _ => Default::default(),
     };
     let mut seen = BTreeSet::new();
     let messages: Vec<Planned> = found
         .into_iter()
         .map(|m| {
             let key = m.idempotency_key.clone();
-            let class = classify(kind, m.reason.as_deref(), key.as_deref(), &seen, &stored);
+            let k = key.as_deref();
+            let ahead = Ahead {
+                in_plan: &seen,
+                claimed: &claimed,
+            };
+            let class = classify(kind, m.reason.as_deref(), k, &ahead, &stored);
+            let held_by = k
+                .filter(|_| class == Class::Held)
+                .and_then(|k| claimed.get(k).cloned());
             if let Some(k) = &key {
                 seen.insert(k.clone());
             }
@@ -190,6 +212,7 @@ pub async fn make(
                 reason: m.reason,
                 failed_at: m.failed_at,
                 class,
+                held_by,
             }
         })
         .collect();
@@ -213,11 +236,24 @@ pub async fn make(
     })
 }
 
+/// What holds a key ahead of a message: a copy earlier in the plan, or a live fleet claim
+/// (key → the pod holding it).
+struct Ahead<'a> {
+    in_plan: &'a BTreeSet<String>,
+    claimed: &'a BTreeMap<String, String>,
+}
+
+impl Ahead<'_> {
+    fn holds(&self, key: &str) -> bool {
+        self.in_plan.contains(key) || self.claimed.contains_key(key)
+    }
+}
+
 fn classify(
     kind: DlqKind,
     reason: Option<&str>,
     key: Option<&str>,
-    ahead: &BTreeSet<String>,
+    ahead: &Ahead<'_>,
     stored: &BTreeSet<String>,
 ) -> Class {
     if kind == DlqKind::Webhook {
@@ -227,7 +263,7 @@ fn classify(
         return Class::NeedsForce;
     }
     match key {
-        Some(k) if ahead.contains(k) => Class::Held,
+        Some(k) if ahead.holds(k) => Class::Held,
         Some(k) if stored.contains(k) => Class::ReplayStored,
         _ => Class::Call,
     }
@@ -322,28 +358,46 @@ mod tests {
     #[test]
     fn each_message_gets_the_class_the_worker_will_give_it() {
         let stored: BTreeSet<String> = ["done".to_string()].into();
-        let mut ahead = BTreeSet::new();
-        let c = |reason, key, ahead: &BTreeSet<String>| {
-            classify(DlqKind::Worker, reason, key, ahead, &stored)
+        let claimed: BTreeMap<String, String> = [("busy".to_string(), "pod-b".to_string())].into();
+        let mut in_plan = BTreeSet::new();
+        let c = |reason, key, in_plan: &BTreeSet<String>| {
+            let ahead = Ahead {
+                in_plan,
+                claimed: &claimed,
+            };
+            classify(DlqKind::Worker, reason, key, &ahead, &stored)
         };
         assert_eq!(
-            c(Some("outcome_unknown"), Some("k"), &ahead),
+            c(Some("permanent_api_error"), Some("busy"), &in_plan),
+            Class::Held,
+            "a live claim of another pod holds it"
+        );
+        assert_eq!(
+            c(Some("outcome_unknown"), Some("busy"), &in_plan),
             Class::NeedsForce
         );
         assert_eq!(
-            c(Some("permanent_api_error"), Some("k"), &ahead),
+            c(Some("outcome_unknown"), Some("k"), &in_plan),
+            Class::NeedsForce
+        );
+        assert_eq!(
+            c(Some("permanent_api_error"), Some("k"), &in_plan),
             Class::Call
         );
         assert_eq!(
-            c(Some("permanent_api_error"), Some("done"), &ahead),
+            c(Some("permanent_api_error"), Some("done"), &in_plan),
             Class::ReplayStored
         );
-        assert_eq!(c(Some("invalid_request"), None, &ahead), Class::Call);
-        ahead.insert("k".to_string());
+        assert_eq!(c(Some("invalid_request"), None, &in_plan), Class::Call);
+        in_plan.insert("k".to_string());
         assert_eq!(
-            c(Some("permanent_api_error"), Some("k"), &ahead),
+            c(Some("permanent_api_error"), Some("k"), &in_plan),
             Class::Held
         );
+        let ahead = Ahead {
+            in_plan: &in_plan,
+            claimed: &claimed,
+        };
         assert_eq!(
             classify(
                 DlqKind::Webhook,

@@ -62,6 +62,17 @@ impl Claims {
         self.live.get(key)
     }
 
+    /// Which of `keys` a claim live at `now_ms` holds, with the pod holding it.
+    pub fn holders(&self, keys: Vec<String>, now_ms: u64) -> Vec<(String, String)> {
+        keys.into_iter()
+            .filter_map(|k| {
+                let holder = self.live.get(&k).filter(|c| c.live_at(now_ms))?;
+                let pod = holder.worker_id.clone();
+                Some((k, pod))
+            })
+            .collect()
+    }
+
     pub fn insert(&mut self, key: &str, claim: FleetClaim) {
         match self.live.get_mut(key) {
             Some(held) => *held = claim,

@@ -136,6 +136,22 @@ impl Fleet {
             .map_or(true, |a| a.unwrap_or(true))
     }
 
+    /// Which of `keys` a live fleet claim holds now, and by which pod (replay plans ask,
+    /// through the admin endpoint).
+    pub async fn live_claims(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<Vec<(String, String)>, FleetError> {
+        let (answer, rx) = oneshot::channel();
+        self.commands
+            .send(Command::LiveClaims { keys, answer })
+            .map_err(|_| FleetError::ReaderGone)?;
+        match tokio::time::timeout(CLAIM_TIMEOUT, rx).await {
+            Ok(Ok(holders)) => Ok(holders),
+            _ => Err(FleetError::ReaderGone),
+        }
+    }
+
     /// Resolves once the reader has applied everything appended before it connected.
     /// Returns false if shutdown came first.
     pub async fn caught_up(&self, shutdown: &mut Shutdown) -> bool {

@@ -13,10 +13,13 @@
 //! so the loop always knows it before the record comes back through the ledger. What the
 //! loop knows without reading the store is in one place, [`known`].
 
+mod command;
 mod feed;
 pub mod known;
 
-use super::apply::{apply, Applied, Decision, Known};
+pub use command::Command;
+
+use super::apply::{apply, Applied, Known};
 use super::claims::{Claims, SNAPSHOT_EVERY};
 use super::record::Json;
 use super::record::{OutcomeRecord, Record};
@@ -35,7 +38,7 @@ use known::{Knowledge, Progress};
 use lapin::message::Delivery;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 /// Stream deliveries the broker may push ahead of the reader (a stream consumer needs one).
 const PREFETCH: u16 = 200;
@@ -43,36 +46,6 @@ const PREFETCH: u16 = 200;
 /// How often a pod restoring a new store saves its offset (and so stores its current run of
 /// records, `super::run`): a crash then reads at most this much of the ledger again.
 const RESTORE_SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// What the worker asks of the reader (through [`super::Fleet`]).
-pub enum Command {
-    /// A claim of this pod's is about to be appended; its decision goes to `decision`.
-    Claim {
-        key: String,
-        claim_id: String,
-        /// The reader's progress read before the worker found the key `in_progress` for this
-        /// claim in its store (see [`known`]); `None` if it found anything else.
-        open_since: Option<u64>,
-        decision: oneshot::Sender<Decision>,
-    },
-    /// The claim's task stopped waiting for it.
-    Abandon { key: String, claim_id: String },
-    /// An own outcome is about to be appended; `stored`: the store holds it already.
-    Tell {
-        key: String,
-        updated_at_ms: u64,
-        stored: bool,
-    },
-    /// The told outcome did not reach the ledger.
-    Untell { key: String, updated_at_ms: u64 },
-    /// The told outcome is in the store now.
-    Stored { key: String, updated_at_ms: u64 },
-    /// Whether the fleet's view still has a claim of this pod's on the key.
-    Unheard {
-        key: String,
-        answer: oneshot::Sender<bool>,
-    },
-}
 
 /// The reader as handed out by [`super::Fleet::new`], to be run once.
 pub struct LedgerReader {
@@ -218,6 +191,9 @@ impl Reading {
             Command::Unheard { key, answer } => {
                 let mine = self.claims.get(&key);
                 let _ = answer.send(mine.is_some_and(|c| c.worker_id == self.worker_id));
+            }
+            Command::LiveClaims { keys, answer } => {
+                let _ = answer.send(self.claims.holders(keys, crate::store::now_ms()));
             }
         }
     }

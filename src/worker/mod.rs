@@ -100,6 +100,11 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// This pod's fleet handle (the admin endpoint asks it for live claims).
+    pub fn fleet(&self) -> Arc<Fleet> {
+        self.fleet.clone()
+    }
+
     pub fn new(
         settings: Arc<Settings>,
         store: Store,

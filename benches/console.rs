@@ -252,6 +252,10 @@ fn in_the_browser(console: &Console, rows: &mut Vec<String>, key: &str) {
         ("browser: sign-in to the groups shown", "page_to_groups_ms"),
         ("browser: key lookup shown", "lookup_ms"),
         ("browser: a group's first page shown", "group_view_ms"),
+        (
+            "browser: a message whole (headers, body, its key's timeline)",
+            "message_view_ms",
+        ),
         ("browser: its next page shown (More)", "next_page_ms"),
     ] {
         let ms = measured[field].as_f64().unwrap_or(f64::NAN);

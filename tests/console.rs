@@ -164,6 +164,36 @@ async fn the_console_groups_pages_and_looks_up_what_a_worker_dead_lettered() {
         "{dead}"
     );
 
+    // One message whole: every header and the body, read from the queue, and its key's
+    // timeline.
+    let id = page["messages"][0]["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/api/messages/{id}?queue=worker");
+    assert_eq!(console.get(&path, None).await.0, 401);
+    let (status, whole) = console.get(&path, Some(VIEWER)).await;
+    assert_eq!(status, 200, "{whole}");
+    let m = &whole["message"];
+    assert_eq!(
+        m["headers"]["x-failure-reason"], "permanent_api_error",
+        "{whole}"
+    );
+    assert!(m["headers"]["x-failed-at"].is_string(), "{whole}");
+    assert!(
+        m["body"].as_str().unwrap_or("").contains("queue_id"),
+        "{whole}"
+    );
+    assert_eq!(whole["key"]["keys"][0], key.as_str(), "{whole}");
+    let (status, _) = console
+        .get("/api/messages/no-such-message?queue=worker", Some(VIEWER))
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = console
+        .get(&format!("/api/messages/{id}?queue=elsewhere"), Some(VIEWER))
+        .await;
+    assert_eq!(status, 400);
+
     // Nothing was consumed: the DLQ holds the five still.
     assert_eq!(env.queue_len(&dlq).await, 5);
     drop(console);

@@ -1,10 +1,11 @@
 //! The console's read API (SPEC §7): `GET /api/overview`, `/api/groups`,
-//! `/api/messages?group=&cursor=&limit=`, `/api/keys/{key}`. JSON in, JSON out; an error is
+//! `/api/messages?group=&cursor=&limit=`, `/api/messages/{id}?queue=`, `/api/keys/{key}`. JSON in, JSON out; an error is
 //! `{"error": "..."}` with a status that says whose fault it is.
 
 use super::dlq_view::{queue_label, ViewError};
 use super::Console;
 use crate::audit::AuditError;
+use crate::dlq::DlqKind;
 use crate::event::Reason;
 use crate::store::{AuditEntry, AuditQuery};
 use axum::extract::{Path, Query, State};
@@ -74,6 +75,60 @@ pub async fn messages(
         .page(&q.group, q.cursor.as_deref(), q.limit.unwrap_or(50))
         .await?;
     Ok(Json(page))
+}
+
+#[derive(Deserialize)]
+pub struct MessageQuery {
+    queue: Option<String>,
+}
+
+/// `GET /api/messages/{id}?queue=worker|webhook`: one dead letter whole, read from the queue
+/// (its properties, every header, its body), and its key's timeline. A reading stops at the
+/// message, so one near the head of a large DLQ comes back at once.
+pub async fn message(
+    State(c): State<Arc<Console>>,
+    Path(id): Path<String>,
+    Query(q): Query<MessageQuery>,
+) -> Api<Value> {
+    let kind = match q.queue.as_deref().unwrap_or("worker") {
+        "worker" => DlqKind::Worker,
+        "webhook" => DlqKind::Webhook,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("queue must be worker or webhook, not {other:?}"),
+            ))
+        }
+    };
+    if c.dlq.is_replaying() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "a replay of this console is running: reading a message would hold the messages it replays; look again when it is over",
+        ));
+    }
+    let queue = crate::dlq::queue_name(&c.settings, kind).to_string();
+    let conn = c.connect().await?;
+    let turn = c.dlq.turn().await;
+    let shown = crate::dlq::show(&conn, &queue, &id).await;
+    drop(turn);
+    let _ = conn.close(200, "done".into()).await;
+    let shown = shown.map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let Some(message) = shown else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no message {id:?} in the {} DLQ now (replayed or purged since?)",
+                queue_label(kind)
+            ),
+        ));
+    };
+    let timeline = match message["idempotency_key"].as_str() {
+        Some(key) => key_timeline(&c, key.to_string()).await?,
+        None => Value::Null,
+    };
+    Ok(Json(
+        json!({ "queue": queue_label(kind), "message": message, "key": timeline }),
+    ))
 }
 
 /// `GET /api/overview`: the DLQs, this pod's view of the fleet, and the last hour.
@@ -157,6 +212,10 @@ impl LastHour {
 /// conversation or correlation id belongs to (searched over the last
 /// `store.idempotency_ttl`): audit entries and dead letters, oldest first.
 pub async fn key(State(c): State<Arc<Console>>, Path(id): Path<String>) -> Api<Value> {
+    Ok(Json(key_timeline(&c, id).await?))
+}
+
+async fn key_timeline(c: &Console, id: String) -> Result<Value, ApiError> {
     let mut entries = c
         .audit_query(&AuditQuery {
             key: Some(id.clone()),
@@ -197,7 +256,7 @@ pub async fn key(State(c): State<Arc<Console>>, Path(id): Path<String>) -> Api<V
     let mut ids: Vec<String> = keys.iter().cloned().collect();
     ids.push(id.clone());
     let dead = c.dlq.find(&ids).await?;
-    Ok(Json(timeline(&id, matched_by, keys, entries, dead)))
+    Ok(timeline(&id, matched_by, keys, entries, dead))
 }
 
 fn timeline(

@@ -139,6 +139,11 @@ impl DlqView {
         Replaying(self.inner.clone())
     }
 
+    /// Whether one of this console's replays runs now.
+    pub fn is_replaying(&self) -> bool {
+        self.inner.replays.load(Ordering::Relaxed) > 0
+    }
+
     /// Forget the snapshots (after a replay or a purge changed the queues).
     pub async fn forget(&self) {
         self.slots().clear();

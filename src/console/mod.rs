@@ -152,6 +152,7 @@ pub fn router(settings: Arc<Settings>, tokens: Tokens) -> Router {
         .route("/api/overview", get(api::overview))
         .route("/api/groups", get(api::groups))
         .route("/api/messages", get(api::messages))
+        .route("/api/messages/{id}", get(api::message))
         .route("/api/keys/{key}", get(api::key))
         .route("/api/plans", post(write::make_plan))
         .route("/api/plans/{id}", get(write::show_plan))

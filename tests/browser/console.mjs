@@ -79,6 +79,14 @@ async function main() {
     await openGroup(page, reason);
     measured.group_view_ms = Date.now() - groupStarted;
     await page.screenshot({ path: join(shots, "3-group.png"), fullPage: true });
+    const messageStarted = Date.now();
+    await page.click("#messages tbody tr:first-child");
+    await page.waitForFunction(() => document.getElementById("message-json").textContent.includes("x-failure-reason"));
+    measured.message_view_ms = Date.now() - messageStarted;
+    const whole = await page.locator("#message-json").innerText();
+    check(whole.includes(`"${reason}"`) && whole.includes("body"), `the message shows its headers and body: ${whole}`);
+    await page.waitForSelector("#timeline li", { timeout: 30000 });
+    await page.screenshot({ path: join(shots, "3c-message.png"), fullPage: true });
     if (lookOnly) {
       const rows = await page.locator("#messages tbody tr").count();
       const moreStarted = Date.now();

@@ -88,6 +88,7 @@ async function openGroup(g) {
   $("group-title").textContent = `${g.queue} · ${g.reason} · ${g.count} message(s)`;
   $("messages").tBodies[0].replaceChildren();
   $("messages-view").hidden = false;
+  $("message-view").hidden = true;
   await morePage();
 }
 
@@ -97,10 +98,31 @@ async function morePage() {
   try {
     const page = await api("/api/messages?" + q);
     const body = $("messages").tBodies[0];
-    page.messages.forEach(m => body.appendChild(
-      row([m.message_id, m.idempotency_key, m.failed_at, m.attempts, m.replay_count, m.detail], [3, 4])));
+    page.messages.forEach(m => {
+      const tr = row([m.message_id, m.idempotency_key, m.failed_at, m.attempts, m.replay_count, m.detail], [3, 4]);
+      tr.className = "clickable";
+      tr.addEventListener("click", () => openMessage(m.message_id));
+      body.appendChild(tr);
+    });
     state.cursor = page.next_cursor || null;
     $("more").hidden = !state.cursor;
+  } catch (e) {
+    status(e.message, true);
+  }
+}
+
+// One dead letter whole (properties, every header, body), and its key's timeline below.
+async function openMessage(id) {
+  try {
+    const q = new URLSearchParams({ queue: state.groupQueue });
+    const r = await api("/api/messages/" + encodeURIComponent(id) + "?" + q);
+    $("message-title").textContent = `${id} in the ${r.queue} DLQ`;
+    $("message-json").textContent = JSON.stringify(r.message, null, 2);
+    $("message-view").hidden = false;
+    if (r.message.idempotency_key) {
+      $("lookup-id").value = r.message.idempotency_key;
+      await lookup(r.message.idempotency_key);
+    }
   } catch (e) {
     status(e.message, true);
   }

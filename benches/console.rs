@@ -201,6 +201,17 @@ async fn measure(n: usize) -> Vec<String> {
         st,
         format!("{planned} messages"),
     );
+    // A message whole, read from the queue with no reading in progress: the head of the
+    // queue, then one halfway down.
+    for (what, i) in [
+        ("a message whole, at the head", 0),
+        ("a message whole, halfway", n / 2),
+    ] {
+        let id = format!("bench-dl-{i:08}");
+        let (ms, st, v) = timed(&console, None, &format!("/api/messages/{id}?queue=worker")).await;
+        let headers = v["message"]["headers"].as_object().map_or(0, |h| h.len());
+        row(&mut rows, what, ms, st, format!("{headers} headers"));
+    }
     if let Some(kib) = common::peak_rss_kib(console.child.id()) {
         rows.push(format!(
             "| console peak RSS | {:.1} MiB | | |",

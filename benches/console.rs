@@ -13,9 +13,6 @@
 mod common;
 
 use common::{env_or, TestEnv};
-use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::BasicProperties;
 use serde_json::Value;
 use session_worker::sim::Faults;
 use std::time::{Duration, Instant};
@@ -36,48 +33,20 @@ const REASONS: [(&str, &str); 3] = [
 /// Publish `n` dead letters (with the worker's failure headers) straight to the worker DLQ.
 async fn fill(env: &TestEnv, n: usize) {
     let a = &env.settings.amqp;
-    let mut pending = Vec::new();
-    for i in 0..n {
+    let messages = (0..n).map(|i| {
         let (reason, detail) = REASONS[i % REASONS.len()];
         let key = format!("bench-dl-{i:08}");
-        let body = common::request(&key);
-        let headers: FieldTable = [
-            ("x-failure-reason", reason.to_string()),
-            ("x-failure-detail", detail.to_string()),
-            (
-                "x-failed-at",
-                format!("2026-12-05T10:{:02}:{:02}Z", (i / 60) % 60, i % 60),
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (ShortString::from(k), AMQPValue::LongString(v.into())))
-        .collect::<std::collections::BTreeMap<_, _>>()
-        .into();
-        let props = BasicProperties::default()
-            .with_message_id(key.into())
-            .with_delivery_mode(2)
-            .with_headers(headers);
-        let confirm = env
-            .ch
-            .basic_publish(
-                a.dead_letter_exchange.as_str().into(),
-                a.dead_letter_queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await
-            .expect("publish a dead letter");
-        pending.push(confirm);
-        if pending.len() == 2_000 {
-            for c in pending.drain(..) {
-                c.await.expect("confirm");
-            }
-        }
-    }
-    for c in pending {
-        c.await.expect("confirm");
-    }
+        let at = format!("2026-12-05T10:{:02}:{:02}Z", (i / 60) % 60, i % 60);
+        let props = common::dlq::dead_letter_props(&key, reason, detail, &at);
+        (common::request(&key), props)
+    });
+    common::dlq::publish_confirmed(
+        &env.ch,
+        &a.dead_letter_exchange,
+        &a.dead_letter_queue,
+        messages,
+    )
+    .await;
 }
 
 fn start_console(config: &std::path::Path) -> Console {

@@ -6,43 +6,25 @@ mod common;
 
 use common::console::{Console, OPERATOR};
 use common::{request, Pod, TestEnv};
-use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::BasicProperties;
 use session_worker::sim::Faults;
 use std::time::Duration;
 
 /// Put a dead letter of `key` straight into the worker DLQ, as the worker would have.
 async fn dead_letter(env: &TestEnv, key: &str) {
     let a = &env.settings.amqp;
-    let headers: FieldTable = [
-        ("x-failure-reason", "permanent_api_error"),
-        (
-            "x-failure-detail",
-            "Genesys answered 400: queue 7 not found",
-        ),
-        ("x-failed-at", "2026-12-05T10:00:00Z"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (ShortString::from(k), AMQPValue::LongString(v.into())))
-    .collect::<std::collections::BTreeMap<_, _>>()
-    .into();
-    let props = BasicProperties::default()
-        .with_message_id(key.into())
-        .with_delivery_mode(2)
-        .with_headers(headers);
-    env.ch
-        .basic_publish(
-            a.dead_letter_exchange.as_str().into(),
-            a.dead_letter_queue.as_str().into(),
-            BasicPublishOptions::default(),
-            &request(key),
-            props,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    let props = common::dlq::dead_letter_props(
+        key,
+        "permanent_api_error",
+        "Genesys answered 400: queue 7 not found",
+        "2026-12-05T10:00:00Z",
+    );
+    common::dlq::publish_confirmed(
+        &env.ch,
+        &a.dead_letter_exchange,
+        &a.dead_letter_queue,
+        [(request(key), props)],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,6 @@
 mod common;
 
 use common::TestEnv;
-use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use session_worker::dlq::scan::{scan, Scanned, Take};
 use session_worker::sim::Faults;
@@ -18,32 +17,13 @@ fn id(i: usize) -> String {
 
 /// Publish `N` small messages, ids in order, straight into `queue`.
 async fn fill(env: &TestEnv, queue: &str) {
-    let mut pending = Vec::new();
-    for i in 0..N {
+    let messages = (0..N).map(|i| {
         let props = BasicProperties::default()
             .with_message_id(id(i).into())
             .with_delivery_mode(2);
-        let confirm = env
-            .ch
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                format!("{{\"n\":{i}}}").as_bytes(),
-                props,
-            )
-            .await
-            .expect("publish");
-        pending.push(confirm);
-        if pending.len() == 2_000 {
-            for c in pending.drain(..) {
-                c.await.expect("confirm");
-            }
-        }
-    }
-    for c in pending {
-        c.await.expect("confirm");
-    }
+        (format!("{{\"n\":{i}}}").into_bytes(), props)
+    });
+    common::dlq::publish_confirmed(&env.ch, "", queue, messages).await;
 }
 
 fn message_id(d: &lapin::message::Delivery) -> String {

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 pub mod console;
 pub mod cpu;
+pub mod dlq;
 pub mod ledger;
 pub mod raw_amqp;
 

@@ -14,6 +14,7 @@ mod console_cmd;
 pub mod exit;
 pub mod ops;
 mod plan_ops;
+mod replay_ops;
 pub mod table;
 
 pub use args::{AuditAction, Cli, Command, DlqAction, DlqFilterArgs, Role, SimArgs};

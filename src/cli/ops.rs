@@ -10,11 +10,8 @@ use crate::audit::{self, AuditAccess};
 use crate::config::Settings;
 use crate::dlq::{self, DlqMessage, Filter, ReplayOptions};
 use crate::store::AuditQuery;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
-use std::time::Duration;
 
-fn to_filter(args: &DlqFilterArgs) -> Result<Filter, audit::AuditError> {
+pub(super) fn to_filter(args: &DlqFilterArgs) -> Result<Filter, audit::AuditError> {
     Ok(Filter {
         reason: args.reason.clone(),
         id: args.id.clone(),
@@ -83,7 +80,7 @@ pub fn describe_filter(args: &DlqFilterArgs) -> String {
 
 /// The DLQ as a table: ids whole (paste them into `dlq show`, `--id`, `audit show`), the
 /// detail wrapped under each row.
-fn dlq_table(messages: &[DlqMessage]) -> Table {
+pub(super) fn dlq_table(messages: &[DlqMessage]) -> Table {
     let mut t = Table::new(&[
         "MESSAGE ID",
         "REASON",
@@ -187,7 +184,7 @@ async fn show_message(settings: &Settings, queue: &str, v: &serde_json::Value) {
     println!("    {body}");
 }
 
-async fn record(settings: &Settings, operation: Operation) {
+pub(super) async fn record(settings: &Settings, operation: Operation) {
     let written = match AuditAccess::open(settings) {
         Ok(access) => access.record(&operation).await,
         Err(e) => Err(e),
@@ -197,7 +194,7 @@ async fn record(settings: &Settings, operation: Operation) {
     }
 }
 
-fn operation(
+pub(super) fn operation(
     kind: &str,
     queue: &str,
     count: usize,
@@ -307,7 +304,8 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
                 dry_run,
                 force,
             };
-            replay(settings, &conn, &filter, options, operator(who.as_deref())).await
+            super::replay_ops::replay(settings, &conn, &filter, options, operator(who.as_deref()))
+                .await
         }
         DlqAction::Purge {
             filter,
@@ -317,170 +315,6 @@ pub async fn dlq_command(settings: &Settings, action: DlqAction) -> i32 {
     };
     let _ = conn.close(200, "done".into()).await;
     code
-}
-
-/// How often a replay without a terminal says how far it is.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-
-async fn replay(
-    settings: &Settings,
-    conn: &lapin::Connection,
-    args: &DlqFilterArgs,
-    options: ReplayOptions,
-    operator: String,
-) -> i32 {
-    let (rate, dry_run) = (options.rate_per_sec, options.dry_run);
-    let filter = match to_filter(args) {
-        Ok(f) => f,
-        Err(e) => return usage(e),
-    };
-    if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return usage("--rate must be a positive number of messages per second");
-    }
-    let queue = dlq::queue_name(settings, args.queue.into()).to_string();
-    let described = describe_filter(args);
-    let terminal = std::io::stderr().is_terminal();
-    let bar = replay_bar(terminal && !dry_run);
-    let mut rehearsed = Vec::new();
-    if !dry_run {
-        eprintln!(
-            "replay {}: {queue}, {described}{}; Ctrl-C stops it after the message in hand",
-            options.run_id,
-            rate.map(|r| format!(", at most {r}/s")).unwrap_or_default()
-        );
-    }
-    let stop = crate::shutdown::Shutdown::on_signals();
-    let started = std::time::Instant::now();
-    let mut last_said = started;
-    let result = dlq::replay(
-        conn,
-        settings,
-        args.queue.into(),
-        &filter,
-        &options,
-        &stop,
-        |m, so_far| {
-            if dry_run {
-                rehearsed.push(m.clone());
-                return;
-            }
-            bar.set_length(u64::from(so_far.depth));
-            bar.set_position(so_far.moved as u64);
-            if !terminal && last_said.elapsed() >= PROGRESS_EVERY {
-                last_said = std::time::Instant::now();
-                eprintln!(
-                    "replay {}: {} replayed, {} of {} looked at, {:.1}/s",
-                    options.run_id,
-                    so_far.moved,
-                    so_far.seen,
-                    so_far.depth,
-                    so_far.moved as f64 / started.elapsed().as_secs_f64().max(0.001)
-                );
-            }
-        },
-    )
-    .await;
-    bar.finish_and_clear();
-    let moved = match result {
-        Ok(moved) => moved,
-        Err(e) => {
-            return fail(format!(
-                "{e}; messages already replayed were removed from the DLQ, the rest stay"
-            ))
-        }
-    };
-    if dry_run {
-        print_rehearsal(&rehearsed, &moved, &queue);
-        return EXIT_OK;
-    }
-    let ending = report_replay(&options, &moved, &queue, started.elapsed().as_secs_f64());
-    let detail = format!(
-        "run {}: {ending}; replayed {} of {} looked at ({} in the queue); filter: {described}{}{}",
-        options.run_id,
-        moved.moved,
-        moved.seen,
-        moved.depth,
-        rate.map(|r| format!("; rate {r}/s")).unwrap_or_default(),
-        if options.force { "; --force" } else { "" },
-    );
-    record(
-        settings,
-        operation(
-            "dlq_replay",
-            &queue,
-            moved.moved,
-            operator,
-            moved.completed,
-            detail,
-        ),
-    )
-    .await;
-    EXIT_OK
-}
-
-/// The replay's last words on stdout; how it ended (for the audit entry).
-fn report_replay(
-    options: &ReplayOptions,
-    moved: &dlq::Moved,
-    queue: &str,
-    elapsed: f64,
-) -> &'static str {
-    let ending = if !moved.completed {
-        "interrupted"
-    } else if moved.met_own_copy {
-        "stopped at a copy it had replayed itself, failed again"
-    } else {
-        "done"
-    };
-    println!(
-        "replay {}: {ending}: replayed {} of {} message(s) in {queue} in {elapsed:.1} s ({:.1}/s); looked at {}; non-matching messages stay in order",
-        options.run_id,
-        moved.moved,
-        moved.depth,
-        moved.moved as f64 / elapsed.max(0.001),
-        moved.seen,
-    );
-    if moved.held_back > 0 {
-        println!(
-            "{} outcome_unknown message(s) stay in {queue}: Genesys Cloud may have created their sessions. Check there, then replay them with --force",
-            moved.held_back
-        );
-    }
-    ending
-}
-
-/// The spinner a replay shows on a terminal (hidden otherwise).
-fn replay_bar(shown: bool) -> ProgressBar {
-    let bar = if shown {
-        ProgressBar::new_spinner()
-    } else {
-        ProgressBar::hidden()
-    };
-    if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} {pos} replayed of {len} in the queue ({per_sec}) {elapsed}",
-    ) {
-        bar.set_style(style);
-    }
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar
-}
-
-/// What a dry run would replay.
-fn print_rehearsal(rehearsed: &[dlq::DlqMessage], moved: &dlq::Moved, queue: &str) {
-    println!("dry run: nothing is moved");
-    if !rehearsed.is_empty() {
-        print!("{}", dlq_table(rehearsed).render(table::width(), false));
-    }
-    println!(
-        "would replay {} of {} message(s) in {queue}",
-        moved.matched, moved.depth
-    );
-    if moved.held_back > 0 {
-        println!(
-            "{} outcome_unknown message(s) would stay: they need --force",
-            moved.held_back
-        );
-    }
 }
 
 async fn purge(

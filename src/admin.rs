@@ -219,9 +219,9 @@ async fn record(store: &Store, operation: &Operation) -> Answer {
 async fn live_claims(store: &Store, fleet: Option<&Fleet>, keys: Vec<String>) -> Answer {
     let holders = match fleet {
         Some(fleet) => fleet.live_claims(keys).await.map_err(|e| e.to_string()),
-        None => crate::fleet::claims::Claims::load(store)
-            .map(|c| c.holders(keys, crate::store::now_ms()))
-            .map_err(|e| e.to_string()),
+        None => {
+            Ok(crate::fleet::claims::Claims::saved(store).holders(keys, crate::store::now_ms()))
+        }
     };
     match holders {
         Ok(holders) => Answer {

@@ -61,7 +61,7 @@ impl AuditAccess {
         keys: &[String],
     ) -> Result<BTreeMap<String, String>, AuditError> {
         let holders = match self {
-            AuditAccess::Local(store) => crate::fleet::claims::Claims::load(store)?
+            AuditAccess::Local(store) => crate::fleet::claims::Claims::saved(store)
                 .holders(keys.to_vec(), crate::store::now_ms()),
             AuditAccess::Remote(client) => client.live_claims(keys).await?,
         };

@@ -49,6 +49,15 @@ impl Claims {
         })
     }
 
+    /// The claims as the store saved them last, for a reader that only looks (replay plans);
+    /// none when they cannot be read, with a warning.
+    pub fn saved(store: &Store) -> Self {
+        Self::load(store).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the saved fleet claims; taking none as held");
+            Self::default()
+        })
+    }
+
     /// The last ledger offset the view reflects (`None`: read the ledger from the start).
     pub fn offset(&self) -> Option<u64> {
         self.offset

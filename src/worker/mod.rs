@@ -14,7 +14,8 @@
 //! - [`finish`]: the one path that carries a plan out, in stages: persist, tell, route.
 //!
 //! [`permit`] is the call permit `call` takes and `finish` lets go once the answer is durable.
-//! [`auth`] pauses consumption when Genesys refuses the credentials. The consume loop,
+//! [`auth`] pauses consumption when Genesys refuses the credentials; `background` holds the
+//! tasks beside the consume loop (fleet tasks that stop it, the store-failure pause, pruning). The consume loop,
 //! reconnects and shutdown are the shared shell in [`crate::amqp::shell`].
 //!
 //! This folder may use the infrastructure (amqp, store, genesys, limiter, health, metrics,
@@ -22,6 +23,8 @@
 //! tools or the command line.
 
 pub mod auth;
+mod background;
+use background::{pause_on_store_failure, prune_loop, stop_for_good, stop_when};
 pub mod call;
 pub mod claim;
 pub mod finish;
@@ -56,7 +59,6 @@ use lapin::Channel;
 use outcome::Outcome;
 use permit::CallPermit;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::field::Empty;
 
@@ -430,72 +432,6 @@ pub fn deliveries_in_flight(worker: &crate::config::WorkerSettings, prefetch: u1
     match worker.concurrency {
         0 | 1 => 1,
         n => (n + n / 2).min(usize::from(prefetch)).max(n),
-    }
-}
-
-/// Run one of the worker's fleet tasks; if it ends with an error, log it and say so on
-/// `gone_for_good`, which stops the consumer.
-async fn stop_for_good<E: std::fmt::Display>(
-    task: impl std::future::Future<Output = Result<(), E>>,
-    what: &'static str,
-    gone_for_good: tokio::sync::mpsc::Sender<()>,
-) -> Result<(), E> {
-    let ended = task.await;
-    if let Err(e) = &ended {
-        tracing::error!(error = %e, "{what}");
-        let _ = gone_for_good.try_send(());
-    }
-    ended
-}
-
-/// Stop taking deliveries whenever the store begins failing writes.
-async fn pause_on_store_failure(
-    mut failures: tokio::sync::watch::Receiver<Option<String>>,
-    interrupt: Arc<Notify>,
-) {
-    while failures.changed().await.is_ok() {
-        if failures.borrow_and_update().is_some() {
-            interrupt.notify_one();
-        }
-    }
-}
-
-/// A shutdown that fires with `outer`, or when a fleet task reports it is gone for good.
-fn stop_when(outer: Shutdown, mut fatal: tokio::sync::mpsc::Receiver<()>) -> Shutdown {
-    let (stop_consumer, shutdown_or_fatal) = Shutdown::new();
-    let mut outer = outer;
-    tokio::spawn(async move {
-        let failed = async {
-            if fatal.recv().await.is_none() {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            _ = outer.requested() => {}
-            _ = failed => {}
-        }
-        stop_consumer.fire();
-    });
-    shutdown_or_fatal
-}
-
-async fn prune_loop(store: Store, audit_retention: Duration) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
-    loop {
-        tick.tick().await;
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.prune(audit_retention)).await {
-            Ok(Ok((records, entries))) if records + entries > 0 => {
-                tracing::info!(
-                    records,
-                    audit_entries = entries,
-                    "pruned expired idempotency records and audit entries"
-                );
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "pruning the store failed"),
-            Err(e) => tracing::error!(error = %e, "pruning task failed"),
-        }
     }
 }
 

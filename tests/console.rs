@@ -314,7 +314,7 @@ async fn an_operator_replays_a_group_through_a_plan_in_paced_canary_steps_and_pu
     // Fixed in Genesys: a new plan replays all twelve, 1 → 3 → 8, paced at 5/s.
     env.sim.sim.set_faults(Faults::default());
     let (_, plan) = console
-        .post("/api/plans", OPERATOR, Some("alice"), plan_body)
+        .post("/api/plans", OPERATOR, Some("alice"), plan_body.clone())
         .await;
     let plan_id = plan["id"].as_str().unwrap().to_string();
     assert_eq!(plan["total"], 12, "{plan}");
@@ -323,6 +323,11 @@ async fn an_operator_replays_a_group_through_a_plan_in_paced_canary_steps_and_pu
         .post("/api/replay", OPERATOR, Some("alice"), replay)
         .await;
     assert_eq!(status, 202);
+    // While it runs (12 at 5/s: seconds), a reading of the queue would hold what it replays.
+    let (status, busy) = console
+        .post("/api/plans", OPERATOR, Some("alice"), plan_body)
+        .await;
+    assert_eq!(status, 409, "{busy}");
     let done = console.replay_to_the_end(&plan_id).await;
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["replayed"], 12, "{done}");

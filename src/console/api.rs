@@ -1,6 +1,6 @@
 //! The console's read API (SPEC §7): `GET /api/overview`, `/api/groups`,
-//! `/api/messages?group=&cursor=&limit=`, `/api/messages/{id}?queue=`, `/api/keys/{key}`. JSON in, JSON out; an error is
-//! `{"error": "..."}` with a status that says whose fault it is.
+//! `/api/messages?group=&cursor=&limit=`, `/api/messages/{id}?queue=`, `/api/keys/{key}`.
+//! JSON in, JSON out; an error is `{"error": "..."}` with a status that says whose fault it is.
 
 use super::dlq_view::{queue_label, ViewError};
 use super::Console;
@@ -40,6 +40,7 @@ impl From<ViewError> for ApiError {
             ViewError::NoGroup(_) => StatusCode::NOT_FOUND,
             ViewError::StaleCursor => StatusCode::CONFLICT,
             ViewError::BadCursor(_) => StatusCode::BAD_REQUEST,
+            ViewError::Replaying(_) => StatusCode::CONFLICT,
         };
         ApiError(status, e.to_string())
     }
@@ -100,15 +101,9 @@ pub async fn message(
             ))
         }
     };
-    if c.dlq.is_replaying() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "a replay of this console is running: reading a message would hold the messages it replays; look again when it is over",
-        ));
-    }
     let queue = crate::dlq::queue_name(&c.settings, kind).to_string();
+    let turn = c.dlq.reading_turn("reading a message").await?;
     let conn = c.connect().await?;
-    let turn = c.dlq.turn().await;
     let shown = crate::dlq::show(&conn, &queue, &id).await;
     drop(turn);
     let _ = conn.close(200, "done".into()).await;

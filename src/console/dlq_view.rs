@@ -68,6 +68,8 @@ pub enum ViewError {
     StaleCursor,
     #[error("{0:?} is not a cursor this console gave out")]
     BadCursor(String),
+    #[error("a replay of this console is running: {0} would read the queue and hold the messages it replays; try again when it is over")]
+    Replaying(String),
 }
 
 /// The DLQs as the console sees them.
@@ -144,6 +146,20 @@ impl DlqView {
         self.inner.replays.load(Ordering::Relaxed) > 0
     }
 
+    /// Take the turn for a reading of a write action or a message view (see [`Self::turn`]),
+    /// refused while one of this console's replays runs: the reading would hold the messages
+    /// the replay takes. Checked in turn, since a replay counts itself before giving it up.
+    pub async fn reading_turn(
+        &self,
+        what: &str,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<Connection>>, ViewError> {
+        let turn = self.turn().await;
+        if self.is_replaying() {
+            return Err(ViewError::Replaying(what.to_string()));
+        }
+        Ok(turn)
+    }
+
     /// Forget the snapshots (after a replay or a purge changed the queues).
     pub async fn forget(&self) {
         self.slots().clear();
@@ -166,8 +182,7 @@ impl DlqView {
             let slot = slots.entry(label).or_default();
             if let Some(s) = slot.current.clone() {
                 let age = s.taken.elapsed();
-                let replaying = self.inner.replays.load(Ordering::Relaxed) > 0;
-                if age < FRESH_FOR || replaying {
+                if age < FRESH_FOR || self.is_replaying() {
                     return Ok(s);
                 }
                 if age < STALE_FOR {
@@ -196,7 +211,9 @@ impl DlqView {
         let label = queue_label(kind);
         let mut broker = self.inner.broker.lock().await;
         let fresh = self.slots().get(label).and_then(|s| s.current.clone());
-        if let Some(s) = fresh.filter(|s| s.taken.elapsed() < FRESH_FOR) {
+        // A replay that began while this reading waited its turn: serve what there is.
+        let replaying = self.is_replaying();
+        if let Some(s) = fresh.filter(|s| replaying || s.taken.elapsed() < FRESH_FOR) {
             return Ok(s);
         }
         let read = Arc::new(self.read(kind, &mut broker).await?);

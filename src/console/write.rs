@@ -124,12 +124,12 @@ pub async fn make_plan(
         max: req.max,
         ..Default::default()
     };
-    let conn = c.connect().await?;
     let access = {
         let _turn = c.audit_turn.lock().await;
         audit(&c)?
     };
-    let turn = c.dlq.turn().await;
+    let turn = c.dlq.reading_turn("a plan").await?;
+    let conn = c.connect().await?;
     let made = plan::make(&conn, &c.settings, selection, Some(&access)).await;
     drop(turn);
     drop(access);
@@ -185,6 +185,8 @@ pub async fn replay(
     let conn = c.connect().await?;
     let turn = c.dlq.turn().await;
     plan::check_unchanged(&conn, &c.settings, &plan).await?;
+    // Counted as replaying before the turn is given up, so no reading starts in between.
+    let replaying = c.dlq.replaying();
     drop(turn);
     let defaults = RunOptions::default();
     let options = RunOptions {
@@ -201,7 +203,6 @@ pub async fn replay(
     let (progress_tx, progress) = watch::channel(first.clone());
     runs.insert(plan.id.clone(), RunHandle { control, progress });
     let console = c.clone();
-    let replaying = c.dlq.replaying();
     tokio::spawn(async move {
         let settings = console.settings.clone();
         paced::run(
@@ -214,8 +215,10 @@ pub async fn replay(
             progress_tx,
         )
         .await;
-        let _ = conn.close(200, "done".into()).await;
+        // Given up as soon as the run's last state is published (no await in between), so a
+        // plan or a purge asked for right after it ended is not refused.
         drop(replaying);
+        let _ = conn.close(200, "done".into()).await;
         console.dlq.forget().await;
     });
     Ok((StatusCode::ACCEPTED, Json(first)))
@@ -302,9 +305,9 @@ pub async fn purge(
         ));
     }
     let filter: Filter = selection.filter();
+    let _turn = c.dlq.reading_turn("a purge").await?;
     let conn = c.connect().await?;
     let mut keys = Vec::new();
-    let _turn = c.dlq.turn().await;
     let purged = dlq::purge(&conn, &queue, &filter, true, |m| {
         keys.push((m.message_id.clone(), m.idempotency_key.clone()));
     })

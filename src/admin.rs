@@ -20,10 +20,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 /// The longest request the endpoint reads.
-const MAX_REQUEST: u64 = 64 * 1024;
+const MAX_REQUEST: u64 = 2 * 1024 * 1024;
 /// Keys per live-claims request, so that one stays under [`MAX_REQUEST`] however its keys
-/// are escaped (a key is at most 255 bytes, six each escaped in JSON).
-const CLAIMS_PER_REQUEST: usize = 40;
+/// are escaped (a key is at most 255 bytes, six each escaped in JSON): a plan of 100,000
+/// keys asks 100 times.
+const CLAIMS_PER_REQUEST: usize = 1_000;
 /// How long one exchange may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -88,41 +88,46 @@ fn a_plan_runs_its_canaries_then_the_rest() {
 #[test]
 fn a_verdict_is_the_entry_that_decides_a_replayed_message_of_its_kind() {
     use super::paced::verdict;
-    let e = |event: &str, outcome: &str| crate::store::AuditEntry {
-        event_type: event.into(),
-        outcome: outcome.into(),
-        ..Default::default()
-    };
-    assert_eq!(
-        verdict(DlqKind::Worker, &e("session_init", "started")),
-        Some(true)
-    );
-    assert_eq!(
-        verdict(DlqKind::Worker, &e("session_init", "dead_lettered")),
-        Some(false)
-    );
-    assert_eq!(
-        verdict(DlqKind::Worker, &e("webhook_delivery", "delivered")),
-        None
-    );
-    assert_eq!(
-        verdict(DlqKind::Webhook, &e("webhook_delivery", "delivered")),
-        Some(true)
-    );
-    assert_eq!(
-        verdict(DlqKind::Webhook, &e("webhook_delivery", "retry_scheduled")),
-        Some(false)
-    );
-    assert_eq!(
-        verdict(DlqKind::Webhook, &e("webhook_delivery", "dead_lettered")),
-        Some(false)
-    );
-    assert_eq!(
-        verdict(DlqKind::Webhook, &e("session_init", "started")),
-        None
-    );
-    assert_eq!(
-        verdict(DlqKind::Webhook, &e("dlq_replay", "replayed")),
-        None
-    );
+    let cases = [
+        (DlqKind::Worker, "session_init", "started", Some(true)),
+        (
+            DlqKind::Worker,
+            "session_init",
+            "dead_lettered",
+            Some(false),
+        ),
+        (DlqKind::Worker, "webhook_delivery", "delivered", None),
+        (
+            DlqKind::Webhook,
+            "webhook_delivery",
+            "delivered",
+            Some(true),
+        ),
+        (
+            DlqKind::Webhook,
+            "webhook_delivery",
+            "retry_scheduled",
+            Some(false),
+        ),
+        (
+            DlqKind::Webhook,
+            "webhook_delivery",
+            "dead_lettered",
+            Some(false),
+        ),
+        (DlqKind::Webhook, "session_init", "started", None),
+        (DlqKind::Webhook, "dlq_replay", "replayed", None),
+    ];
+    for (kind, event, outcome, expected) in cases {
+        let entry = crate::store::AuditEntry {
+            event_type: event.into(),
+            outcome: outcome.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            verdict(kind, &entry),
+            expected,
+            "{kind:?} {event} {outcome}"
+        );
+    }
 }

@@ -112,22 +112,25 @@ async fn end_to_end_with(
     let a = env.settings.amqp.clone();
     env.publish_many(&a.inbound_exchange, &a.inbound_routing_key, bodies)
         .await;
-    // The build before the fleet work does not know the keys added since.
+    // The build before the fleet work does not know the keys added since; another build of
+    // this code (an A/B with `BENCH_BEFORE_CURRENT=1`) takes them all.
+    let current = std::env::var("BENCH_BEFORE_CURRENT").is_ok_and(|v| v == "1");
     let file = match binary {
-        Some(bin) if bin != env!("CARGO_BIN_EXE_session-worker") => env.config_file_without(
-            &[
+        Some(bin) if bin != env!("CARGO_BIN_EXE_session-worker") && !current => env
+            .config_file_without(
                 &[
-                    "amqp.ledger_stream",
-                    "amqp.fleet_exchange",
-                    "worker.claim_lease",
-                    "worker.max_redeliveries",
-                    "genesys.retry_unknown_outcome",
-                ][..],
-                WEB_MESSAGING_KEYS,
-                &["console"][..],
-            ]
-            .concat(),
-        ),
+                    &[
+                        "amqp.ledger_stream",
+                        "amqp.fleet_exchange",
+                        "worker.claim_lease",
+                        "worker.max_redeliveries",
+                        "genesys.retry_unknown_outcome",
+                    ][..],
+                    WEB_MESSAGING_KEYS,
+                    &["console"][..],
+                ]
+                .concat(),
+            ),
         _ => env.config_file(),
     };
     let cpu = CpuMeter::start();

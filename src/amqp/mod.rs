@@ -205,11 +205,47 @@ async fn publish(
     properties: BasicProperties,
     mandatory: bool,
 ) -> Result<(), AmqpError> {
+    let confirm = send(channel, exchange, routing_key, body, properties, mandatory)
+        .await?
+        .await
+        .map_err(|e| AmqpError::op(format!("confirm from {exchange:?}"), e))?;
+    confirmed(confirm, exchange, routing_key)
+}
+
+/// [`publish_routed`] in two steps: the message is sent when this returns, and the future it
+/// gives resolves with the broker's confirm, so one task can keep more than one message in
+/// flight (the fleet ledger's appender).
+pub async fn send_routed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<impl std::future::Future<Output = Result<(), AmqpError>> + Send + 'static, AmqpError> {
+    let confirm = send(channel, exchange, routing_key, body, properties, true).await?;
+    let (exchange, routing_key) = (exchange.to_string(), routing_key.to_string());
+    Ok(async move {
+        let confirm = confirm
+            .await
+            .map_err(|e| AmqpError::op(format!("confirm from {exchange:?}"), e))?;
+        confirmed(confirm, &exchange, &routing_key)
+    })
+}
+
+/// `basic.publish`; the confirm is the caller's to await.
+async fn send(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    mandatory: bool,
+) -> Result<lapin::PublisherConfirm, AmqpError> {
     let options = lapin::options::BasicPublishOptions {
         mandatory,
         ..Default::default()
     };
-    let confirm = channel
+    channel
         .basic_publish(
             exchange.into(),
             routing_key.into(),
@@ -218,9 +254,15 @@ async fn publish(
             properties,
         )
         .await
-        .map_err(|e| AmqpError::op(format!("publish to {exchange:?}"), e))?
-        .await
-        .map_err(|e| AmqpError::op(format!("confirm from {exchange:?}"), e))?;
+        .map_err(|e| AmqpError::op(format!("publish to {exchange:?}"), e))
+}
+
+/// A broker's confirm as a result: a nack, or a mandatory message no queue took, is an error.
+fn confirmed(
+    confirm: lapin::Confirmation,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), AmqpError> {
     if confirm.is_nack() {
         return Err(AmqpError::Nacked {
             exchange: exchange.to_string(),

@@ -10,7 +10,10 @@
 use super::record::{Record, RECORD_TYPE};
 use crate::amqp::shell::SharedConnection;
 use crate::amqp::{self, AmqpError};
+use futures_util::stream::FuturesOrdered;
+use futures_util::StreamExt;
 use lapin::Channel;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +37,22 @@ const MAX_BATCH: usize = 512;
 const LINGER: Duration = Duration::from_millis(1);
 const LINGER_FROM: usize = 4;
 
+/// Batches sent and not yet confirmed. With one, a record waited for the batch ahead of it to
+/// be confirmed before its own was sent: a claim's round trip was up to two confirms.
+const IN_FLIGHT: usize = 2;
+
+/// `first` and whatever else is queued, up to [`MAX_BATCH`].
+fn gather(first: Append, rx: &mut mpsc::UnboundedReceiver<Append>) -> Vec<Append> {
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(a) => batch.push(a),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 /// The appender's state: the stream, the connection and the channel it publishes on.
 pub(super) struct Appender {
     stream: String,
@@ -50,27 +69,36 @@ impl Appender {
         }
     }
 
-    /// Publish batches until every sender is gone.
+    /// Publish batches until every sender is gone. Up to [`IN_FLIGHT`] batches wait for their
+    /// confirms at once; the next one gathers meanwhile.
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Append>) {
+        let mut confirming = FuturesOrdered::new();
         let mut last_len = 0usize;
-        while let Some(first) = rx.recv().await {
-            if last_len >= LINGER_FROM {
-                // Busy: let the batch gather a little longer than one confirm.
-                tokio::time::sleep(LINGER).await;
-            }
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(a) => batch.push(a),
-                    Err(_) => break,
+        loop {
+            tokio::select! {
+                Some(()) = confirming.next(), if !confirming.is_empty() => {}
+                first = rx.recv(), if confirming.len() < IN_FLIGHT => {
+                    let Some(first) = first else { break };
+                    if last_len >= LINGER_FROM {
+                        // Busy: let the batch gather a little longer.
+                        tokio::time::sleep(LINGER).await;
+                    }
+                    let batch = gather(first, &mut rx);
+                    last_len = batch.len();
+                    if !self.channel_open() {
+                        // A new channel: what the old one sent is settled first, so the
+                        // stream keeps this pod's records in the order they were appended.
+                        while confirming.next().await.is_some() {}
+                    }
+                    confirming.push_back(self.publish(batch).await);
                 }
             }
-            last_len = batch.len();
-            self.publish(batch).await;
         }
+        while confirming.next().await.is_some() {}
     }
 
-    async fn publish(&mut self, batch: Vec<Append>) {
+    /// Send one batch; the future answers its senders once the broker confirmed it.
+    async fn publish(&mut self, batch: Vec<Append>) -> impl Future<Output = ()> + use<> {
         let (records, done): (Vec<Record>, Vec<_>) =
             batch.into_iter().map(|a| (a.record, a.done)).unzip();
         let body = if records.len() == 1 {
@@ -79,25 +107,38 @@ impl Appender {
             Record::encode_batch(&records)
         };
         let sent = std::time::Instant::now();
-        let result = match self.channel().await {
+        let sending = match self.channel().await {
             Ok(ch) => {
                 let props = amqp::json_properties().with_type(RECORD_TYPE.into());
-                amqp::publish_routed(&ch, "", &self.stream, &body, props).await
+                amqp::send_routed(&ch, "", &self.stream, &body, props).await
             }
             Err(e) => Err(e),
         };
-        if result.is_err() {
+        if sending.is_err() {
             // Opened again for the next batch if the broker closed it.
             self.channel = self.channel.take().filter(|c| c.status().connected());
         }
-        let m = crate::metrics::metrics();
-        m.ledger_append_seconds
-            .observe(sent.elapsed().as_secs_f64());
-        m.ledger_batch_records.observe(records.len() as f64);
-        let result = result.map_err(|e| e.to_string());
-        for d in done {
-            let _ = d.send(result.clone());
+        let len = records.len();
+        async move {
+            let result = match sending {
+                Ok(confirm) => confirm.await,
+                Err(e) => Err(e),
+            };
+            let m = crate::metrics::metrics();
+            m.ledger_append_seconds
+                .observe(sent.elapsed().as_secs_f64());
+            m.ledger_batch_records.observe(len as f64);
+            let result = result.map_err(|e| e.to_string());
+            for d in done {
+                let _ = d.send(result.clone());
+            }
         }
+    }
+
+    fn channel_open(&self) -> bool {
+        self.channel
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
     }
 
     /// The open publishing channel, opening one (with confirms) if there is none.

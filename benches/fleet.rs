@@ -24,21 +24,7 @@ async fn stream_baseline(env: &TestEnv, n: usize) -> f64 {
     use futures_util::StreamExt;
     let conn = common::broker().await;
     let ch = conn.create_channel().await.expect("channel");
-    ch.basic_qos(2000, Default::default()).await.expect("qos");
-    let mut args = lapin::types::FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        lapin::types::AMQPValue::LongString("first".into()),
-    );
-    let mut consumer = ch
-        .basic_consume(
-            env.settings.amqp.ledger_stream.as_str().into(),
-            "stream-baseline".into(),
-            Default::default(),
-            args,
-        )
-        .await
-        .expect("consume the stream");
+    let mut consumer = common::ledger::read_from_first(env, &ch, "stream-baseline", 2000).await;
     let started = Instant::now();
     let mut seen = 0usize;
     while seen < n {

@@ -515,13 +515,7 @@ async fn an_outcome_the_ledger_never_had_is_told_when_its_key_comes_again() {
             },
         )
         .unwrap();
-    session_worker::amqp::topology::declare_ledger(
-        &env.conn,
-        &env.settings.amqp,
-        env.settings.store.idempotency_ttl,
-    )
-    .await
-    .expect("declare the ledger");
+    common::ledger::declare(&env, &env.conn).await;
     let claim = Record::Claim {
         key: key.clone(),
         claim_id: "claim-before-the-kill".into(),

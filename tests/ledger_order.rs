@@ -20,21 +20,7 @@ const RECORDS: usize = 3_000;
 /// Every record in the stream, message by message, until `n` records are read.
 async fn read_stream(env: &TestEnv, n: usize) -> (Vec<String>, usize) {
     let ch = env.conn.create_channel().await.expect("channel");
-    ch.basic_qos(100, Default::default()).await.expect("qos");
-    let mut args = lapin::types::FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        lapin::types::AMQPValue::LongString("first".into()),
-    );
-    let mut consumer = ch
-        .basic_consume(
-            env.settings.amqp.ledger_stream.as_str().into(),
-            "ledger-order".into(),
-            Default::default(),
-            args,
-        )
-        .await
-        .expect("consume the ledger stream");
+    let mut consumer = common::ledger::read_from_first(env, &ch, "ledger-order", 100).await;
     let (mut keys, mut messages) = (Vec::new(), 0usize);
     while keys.len() < n {
         let next = tokio::time::timeout(Duration::from_secs(20), consumer.next()).await;
@@ -59,13 +45,7 @@ async fn read_stream(env: &TestEnv, n: usize) -> (Vec<String>, usize) {
 #[tokio::test(flavor = "current_thread")]
 async fn a_pods_records_reach_the_ledger_in_the_order_it_appended_them() {
     let env = TestEnv::new(Faults::default(), |_| {}).await;
-    session_worker::amqp::topology::declare_ledger(
-        &env.conn,
-        &env.settings.amqp,
-        env.settings.store.idempotency_ttl,
-    )
-    .await
-    .expect("declare the ledger");
+    common::ledger::declare(&env, &env.conn).await;
     let settings = Arc::new(env.settings.clone());
     let link = SharedConnection::new(&settings.amqp, "ledger-order");
     let health = Arc::new(Health::default());

@@ -182,7 +182,7 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), AmqpError> {
-    publish(channel, exchange, routing_key, body, properties, false).await
+    publish(false, channel, (exchange, routing_key), body, properties).await
 }
 
 /// Publish with confirm to a destination that must exist (a retry queue, a DLQ): a message
@@ -194,22 +194,19 @@ pub async fn publish_routed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), AmqpError> {
-    publish(channel, exchange, routing_key, body, properties, true).await
+    publish(true, channel, (exchange, routing_key), body, properties).await
 }
 
+/// Send, then wait for the confirm.
 async fn publish(
+    mandatory: bool,
     channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
+    (exchange, routing_key): (&str, &str),
     body: &[u8],
     properties: BasicProperties,
-    mandatory: bool,
 ) -> Result<(), AmqpError> {
-    let confirm = send(channel, exchange, routing_key, body, properties, mandatory)
-        .await?
-        .await
-        .map_err(|e| AmqpError::op(format!("confirm from {exchange:?}"), e))?;
-    confirmed(confirm, exchange, routing_key)
+    let confirm = send(channel, exchange, routing_key, body, properties, mandatory).await?;
+    confirmed(confirm.await, exchange, routing_key)
 }
 
 /// [`publish_routed`] in two steps: the message is sent when this returns, and the future it
@@ -224,12 +221,7 @@ pub async fn send_routed(
 ) -> Result<impl std::future::Future<Output = Result<(), AmqpError>> + Send + 'static, AmqpError> {
     let confirm = send(channel, exchange, routing_key, body, properties, true).await?;
     let (exchange, routing_key) = (exchange.to_string(), routing_key.to_string());
-    Ok(async move {
-        let confirm = confirm
-            .await
-            .map_err(|e| AmqpError::op(format!("confirm from {exchange:?}"), e))?;
-        confirmed(confirm, &exchange, &routing_key)
-    })
+    Ok(async move { confirmed(confirm.await, &exchange, &routing_key) })
 }
 
 /// `basic.publish`; the confirm is the caller's to await.
@@ -257,12 +249,14 @@ async fn send(
         .map_err(|e| AmqpError::op(format!("publish to {exchange:?}"), e))
 }
 
-/// A broker's confirm as a result: a nack, or a mandatory message no queue took, is an error.
+/// A broker's confirm as a result: no confirm (the channel closed), a nack, or a mandatory
+/// message no queue took, is an error.
 fn confirmed(
-    confirm: lapin::Confirmation,
+    confirm: Result<lapin::Confirmation, lapin::Error>,
     exchange: &str,
     routing_key: &str,
 ) -> Result<(), AmqpError> {
+    let confirm = confirm.map_err(|e| AmqpError::op(format!("confirm from {exchange:?}"), e))?;
     if confirm.is_nack() {
         return Err(AmqpError::Nacked {
             exchange: exchange.to_string(),

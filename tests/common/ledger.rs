@@ -95,18 +95,48 @@ pub fn outcome_of(i: usize, now: u64) -> Record {
     )
 }
 
-/// Append `n` completed keys to the test's ledger stream as a fleet writes them: each key's
-/// claim, and its outcome a batch later, `per_message` records to a stream message (the
-/// appender's batches: ~40 under load, 1 when a pod is quiet).
-pub async fn fill_ledger(env: &TestEnv, n: usize, per_message: usize) {
-    let conn = super::broker().await;
+/// Declare the test's ledger stream on `conn` (a worker declares it when it starts).
+pub async fn declare(env: &TestEnv, conn: &lapin::Connection) {
     session_worker::amqp::topology::declare_ledger(
-        &conn,
+        conn,
         &env.settings.amqp,
         env.settings.store.idempotency_ttl,
     )
     .await
     .expect("declare the ledger");
+}
+
+/// A consumer of the test's ledger stream from its first message, prefetch `prefetch`.
+pub async fn read_from_first(
+    env: &TestEnv,
+    ch: &lapin::Channel,
+    tag: &str,
+    prefetch: u16,
+) -> lapin::Consumer {
+    ch.basic_qos(prefetch, Default::default())
+        .await
+        .expect("qos");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        lapin::types::AMQPValue::LongString("first".into()),
+    );
+    ch.basic_consume(
+        env.settings.amqp.ledger_stream.as_str().into(),
+        tag.into(),
+        Default::default(),
+        args,
+    )
+    .await
+    .expect("consume the ledger stream")
+}
+
+/// Append `n` completed keys to the test's ledger stream as a fleet writes them: each key's
+/// claim, and its outcome a batch later, `per_message` records to a stream message (the
+/// appender's batches: ~40 under load, 1 when a pod is quiet).
+pub async fn fill_ledger(env: &TestEnv, n: usize, per_message: usize) {
+    let conn = super::broker().await;
+    declare(env, &conn).await;
     let ch = conn.create_channel().await.expect("channel");
     ch.confirm_select(Default::default())
         .await

@@ -44,7 +44,7 @@ done
 # The pods catch up with the fleet ledger and hear each other before they consume.
 sleep 4
 
-echo "==> publishing config/sample-requests.jsonl"
+echo "==> publishing config/sample-requests.jsonl (its line 6 is invalid on purpose: publish refuses it and says why)"
 "$BIN" --config "$CONFIG" publish config/sample-requests.jsonl || true
 if [ "$PODS" -gt 1 ]; then
   echo "==> publishing the same requests again: the fleet answers them without new sessions"

@@ -1,9 +1,11 @@
 //! The ledger's appender: one task that owns this pod's publishing channel to the ledger stream
 //! and publishes what the worker's tasks append, many records per stream message.
 //!
-//! While one batch waits for its confirm, the next one gathers (group commit, as the store does
-//! for fsyncs), so the broker handles one message per batch instead of one per record; under
-//! load a batch also lingers ([`LINGER`]) to hold more. The channel is the appender's own, on
+//! While batches wait for their confirms (up to [`IN_FLIGHT`] at once), the next one gathers
+//! (group commit, as the store does for fsyncs), so the broker handles one message per batch
+//! instead of one per record; under load a batch also lingers ([`LINGER`]) to hold more.
+//! Batches reach the stream in the order they were sent: on one channel the broker keeps it,
+//! and before sending on a new channel the appender waits until the old one's are settled. The channel is the appender's own, on
 //! the worker's shared connection: opened when first needed, and again after the broker
 //! closed it, so no caller hands one in and no batch is split by channel.
 
